@@ -1,0 +1,35 @@
+# The verbs people type. `make test` and `make serve` work on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of this torch lies on local disk on our machines; users elsewhere get it from PyPI.
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.herd-installed
+
+.PHONY: venv test lint format serve clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check herd tests benchmarks scripts
+	$(VENV)/bin/ruff format --check herd tests benchmarks scripts
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix herd tests benchmarks scripts
+	$(VENV)/bin/ruff format herd tests benchmarks scripts
+
+# pytest exits 5 when it collected no test; make treats that as the failure it is.
+test: lint
+	$(PY) -m pytest -q
+
+serve: $(STAMP)
+	$(VENV)/bin/herd serve $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,47 @@
+"""The KV tensors of the paged cache: one pool for global layers, one for chunked layers.
+
+Which block belongs to whom is not decided here (that is the engine's block manager); this
+only owns the memory and says which pool tensor backs each layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from herd.config import ModelConfig
+
+
+class PagedKVStorage:
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        num_full_blocks: int,
+        num_local_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.block_size = block_size
+        shape = (block_size, config.num_kv_heads, config.head_dim)
+        n_local = sum(spec.chunked for spec in config.layers)
+        n_full = config.num_layers - n_local
+        # [layers of the kind, 2 (K, V), blocks, block_size, kv_heads, head_dim]
+        self.full = torch.zeros((n_full, 2, num_full_blocks, *shape), dtype=dtype, device=device)
+        self.local = torch.zeros((n_local, 2, num_local_blocks, *shape), dtype=dtype, device=device)
+        self._where: list[tuple[torch.Tensor, int]] = []
+        counts = {True: 0, False: 0}
+        for spec in config.layers:
+            self._where.append((self.local if spec.chunked else self.full, counts[spec.chunked]))
+            counts[spec.chunked] += 1
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V cache of layer `index`: each [num_blocks, block_size, kv_heads, head_dim]."""
+        pool, i = self._where[index]
+        return pool[i, 0], pool[i, 1]
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype, chunked: bool) -> int:
+        """KV bytes one token costs across all layers of one kind."""
+        layers = sum(spec.chunked == chunked for spec in config.layers)
+        return layers * 2 * config.num_kv_heads * config.head_dim * torch.finfo(dtype).bits // 8

@@ -1,0 +1,48 @@
+"""Rotary position embedding as Llama 4 applies it: on interleaved (even, odd) pairs.
+
+Meta and HF rotate each pair (x[2i], x[2i+1]) as one complex number, not the rotate-half
+layout of Llama 2/3 in HF; the two are not interchangeable without permuting q/k weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from herd.config import RopeScaling
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2], float32, with Llama 3 scaling when given."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    if scaling.high_freq_factor == scaling.low_freq_factor:
+        # Real Scout configs have low == high: there is no band to smooth over (and the
+        # smoothing formula would divide by zero).
+        return scaled
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency: each [T, head_dim // 2], float32."""
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x: [T, n_heads, head_dim] by per-token angles; math in float32 like the reference."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)

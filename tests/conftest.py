@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from checkpoints import MAVERICK_LIKE, SCOUT_LIKE, make_multimodal_checkpoint, make_text_checkpoint
+
+
+@pytest.fixture(scope="session")
+def scout_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """(path, transformers model) of a tiny Scout-like text checkpoint."""
+    path = tmp_path_factory.mktemp("scout")
+    return path, make_text_checkpoint(path, SCOUT_LIKE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def maverick_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    path = tmp_path_factory.mktemp("maverick")
+    return path, make_text_checkpoint(path, MAVERICK_LIKE, seed=1)
+
+
+@pytest.fixture(scope="session")
+def multimodal_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """A Llama4ForConditionalGeneration checkpoint: text weights under `language_model.`."""
+    path = tmp_path_factory.mktemp("multimodal")
+    return path, make_multimodal_checkpoint(path, SCOUT_LIKE, seed=2)

@@ -1,0 +1,77 @@
+"""Drives herd's model with a paged KV cache the simple way: every sequence owns fixed blocks.
+
+Block ids are shuffled so that no sequence's blocks are contiguous, and local-pool blocks a
+chunked layer can no longer see are released (-1) and poisoned with NaN, so a backend that
+reads them fails loudly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from herd.layers.attention import AttentionMetadata, PagedKVStorage, PoolView
+from herd.models.llama4_text import Llama4ForCausalLM
+
+
+class PagedRunner:
+    def __init__(self, model: Llama4ForCausalLM, max_seqs: int, max_len: int, block_size: int = 4) -> None:
+        self.model, self.block_size = model, block_size
+        config = model.config
+        per_seq = math.ceil(max_len / block_size)
+        total = max_seqs * per_seq
+        dtype = next(model.parameters()).dtype
+        self.kv = PagedKVStorage(
+            config, num_full_blocks=total, num_local_blocks=total, block_size=block_size, dtype=dtype
+        )
+        gen = torch.Generator().manual_seed(1234)
+        self.full_ids = torch.randperm(total, generator=gen).view(max_seqs, per_seq).tolist()
+        self.local_ids = torch.randperm(total, generator=gen).view(max_seqs, per_seq).tolist()
+        self.released: list[set[int]] = [set() for _ in range(max_seqs)]
+        self.lens = [0] * max_seqs
+        self.chunk = config.attention_chunk_size
+
+    @torch.no_grad()
+    def step(self, batch: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """Feed new tokens for several sequences at once; returns logits [sum of new tokens, vocab]."""
+        ids, positions, starts, ctx_lens = [], [], [0], []
+        for seq, tokens in batch:
+            first = self.lens[seq]
+            self._release_unseen(seq, first)
+            ids += tokens
+            positions += range(first, first + len(tokens))
+            self.lens[seq] = first + len(tokens)
+            starts.append(starts[-1] + len(tokens))
+            ctx_lens.append(self.lens[seq])
+        seqs = [seq for seq, _ in batch]
+        meta = AttentionMetadata(
+            query_start_loc=starts,
+            context_lens=ctx_lens,
+            block_size=self.block_size,
+            full=self._view(self.full_ids, seqs, positions, starts),
+            local=self._view(self.local_ids, seqs, positions, starts, released=True),
+        )
+        pos = torch.tensor(positions)
+        hidden = self.model(torch.tensor(ids), pos, meta, self.kv)
+        return self.model.compute_logits(hidden).float()
+
+    def _view(self, table, seqs, positions, starts, released=False) -> PoolView:
+        tables, slots = [], []
+        for i, seq in enumerate(seqs):
+            row = [(-1 if released and j in self.released[seq] else b) for j, b in enumerate(table[seq])]
+            tables.append(row)
+            for p in positions[starts[i] : starts[i + 1]]:
+                slots.append(table[seq][p // self.block_size] * self.block_size + p % self.block_size)
+        return PoolView(block_tables=tables, slot_mapping=torch.tensor(slots, dtype=torch.long))
+
+    def _release_unseen(self, seq: int, first_new: int) -> None:
+        """Drop (and poison) local blocks entirely before the chunk of this step's first query."""
+        if self.chunk is None:
+            return
+        chunk_start = (first_new // self.chunk) * self.chunk
+        for j in range(chunk_start // self.block_size):
+            if j not in self.released[seq]:
+                self.released[seq].add(j)
+                physical = self.local_ids[seq][j]
+                self.kv.local[:, :, physical].fill_(float("nan"))
