@@ -111,3 +111,20 @@ def test_bfloat16_close_to_float32(scout_ckpt) -> None:
     # bf16 keeps ~3 significant digits; the argmax should mostly agree.
     agree = (got.argmax(-1) == expected.argmax(-1)).float().mean()
     assert agree >= 0.75
+
+
+def test_batched_decode_of_unequal_contexts(ckpt) -> None:
+    """Several sequences decoding in one step (one padded attention batch) at different lengths."""
+    path, ref = ckpt
+    model = load_model(path, dtype="float32")
+    seqs = [prompt(n, seed=20 + n) for n in (13, CHUNK + 12, 3 * CHUNK + 7)]
+    runner = PagedRunner(model, max_seqs=3, max_len=3 * CHUNK + 7)
+    runner.step([(0, seqs[0][:-10])])
+    runner.step([(1, seqs[1][:-10]), (2, seqs[2][:-10])])
+    got = [[] for _ in seqs]
+    for t in range(10, 0, -1):
+        out = runner.step([(i, [s[-t]]) for i, s in enumerate(seqs)])
+        for i in range(3):
+            got[i].append(out[i])
+    for i, ids in enumerate(seqs):
+        torch.testing.assert_close(torch.stack(got[i]), reference_logits(ref, ids)[-10:], atol=ATOL, rtol=0)

@@ -27,8 +27,8 @@ class PagedKVStorage:
         n_local = sum(spec.chunked for spec in config.layers)
         n_full = config.num_layers - n_local
         # [layers of the kind, 2 (K, V), blocks, block_size, kv_heads, head_dim]
-        self.full = torch.zeros((n_full, 2, num_full_blocks, *shape), dtype=dtype, device=device)
-        self.local = torch.zeros((n_local, 2, num_local_blocks, *shape), dtype=dtype, device=device)
+        self.full = torch.empty((n_full, 2, num_full_blocks, *shape), dtype=dtype, device=device)
+        self.local = torch.empty((n_local, 2, num_local_blocks, *shape), dtype=dtype, device=device)
         self._where: list[tuple[torch.Tensor, int]] = []
         counts = {True: 0, False: 0}
         for spec in config.layers:

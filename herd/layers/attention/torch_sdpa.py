@@ -1,6 +1,8 @@
 """Paged attention in plain PyTorch: gather each sequence's visible KV, then SDPA.
 
-The CPU default and the reference every other backend is tested against.
+The CPU default and the reference every other backend is tested against. Sequences with
+one new token (decode) are gathered into one padded batch and served by a single SDPA call;
+sequences with several new tokens (prefill) are served one at a time with a causal mask.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from herd.layers.attention.base import AttentionBackend, register_backend
-from herd.layers.attention.metadata import AttentionMetadata
+from herd.layers.attention.metadata import AttentionMetadata, PoolView
 
 
 @register_backend("torch_native")
@@ -26,46 +28,94 @@ class TorchSDPABackend(AttentionBackend):
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         pool = meta.pool(chunk_size is not None)
-        block_size = meta.block_size
         # Scatter this step's K/V into their slots: [num_blocks * block_size, kv_heads, head_dim] views.
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, pool.slot_mapping, k)
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, pool.slot_mapping, v)
 
         out = torch.empty_like(q)
+        decode = []
         for i in range(meta.num_seqs):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            n_new, ctx = end - start, meta.context_lens[i]
-            first_q = ctx - n_new
+            if end - start == 1:
+                decode.append(i)
+                continue
+            first_q, ctx = meta.context_lens[i] - (end - start), meta.context_lens[i]
             # Chunked layers: no query of this step can see anything before its own chunk.
             kv_start = (first_q // chunk_size) * chunk_size if chunk_size else 0
-            first_block = kv_start // block_size
-            blocks = pool.block_tables[i][first_block : (ctx + block_size - 1) // block_size]
-            idx = torch.tensor(blocks, dtype=torch.long, device=q.device)
-            offset = kv_start - first_block * block_size
-            keys = k_cache[idx].flatten(0, 1)[offset : offset + ctx - kv_start]  # [L, kv_heads, D]
-            values = v_cache[idx].flatten(0, 1)[offset : offset + ctx - kv_start]
-            mask = _mask(first_q, n_new, kv_start, ctx, chunk_size, q.device)
+            keys, values = _gather(k_cache, v_cache, pool.block_tables[i], kv_start, ctx, meta.block_size)
             o = F.scaled_dot_product_attention(
                 q[start:end].transpose(0, 1),
                 keys.transpose(0, 1),
                 values.transpose(0, 1),
-                attn_mask=mask,
+                attn_mask=_causal_mask(first_q, ctx, kv_start, chunk_size, q.device),
                 scale=scale,
                 enable_gqa=True,
             )
             out[start:end] = o.transpose(0, 1)
+        if decode:
+            rows = torch.tensor([meta.query_start_loc[i] for i in decode], device=q.device)
+            out[rows] = _decode_batch(q[rows], k_cache, v_cache, pool, meta, decode, chunk_size, scale)
         return out
 
 
-def _mask(
-    first_q: int, n_new: int, kv_start: int, ctx: int, chunk_size: int | None, device: torch.device
-) -> torch.Tensor | None:
-    """Boolean [n_new, ctx - kv_start] mask (True = may attend), or None when all may."""
-    if n_new == 1:  # a lone query sees everything gathered for it
-        return None
+def _gather(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, table: list[int], kv_start: int, ctx: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of context positions [kv_start, ctx): each [ctx - kv_start, kv_heads, head_dim]."""
+    first_block = kv_start // block_size
+    idx = torch.tensor(table[first_block : (ctx + block_size - 1) // block_size], device=k_cache.device)
+    offset = kv_start - first_block * block_size
+    span = slice(offset, offset + ctx - kv_start)
+    return k_cache[idx].flatten(0, 1)[span], v_cache[idx].flatten(0, 1)[span]
+
+
+def _causal_mask(first_q: int, ctx: int, kv_start: int, chunk_size: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean [queries, ctx - kv_start] mask, True where a query may attend."""
     q_pos = torch.arange(first_q, ctx, device=device)[:, None]
     k_pos = torch.arange(kv_start, ctx, device=device)[None, :]
     mask = k_pos <= q_pos
     if chunk_size is not None:
         mask &= k_pos >= (q_pos // chunk_size) * chunk_size
     return mask
+
+
+def _decode_batch(
+    q: torch.Tensor,  # [B, n_heads, D], one query per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pool: PoolView,
+    meta: AttentionMetadata,
+    seqs: list[int],
+    chunk_size: int | None,
+    scale: float,
+) -> torch.Tensor:  # [B, n_heads, D]
+    bs = meta.block_size
+    spans = []  # (first logical block, number of blocks, offset of first visible key, visible keys)
+    for i in seqs:
+        ctx = meta.context_lens[i]
+        kv_start = ((ctx - 1) // chunk_size) * chunk_size if chunk_size else 0
+        first = kv_start // bs
+        spans.append((first, (ctx + bs - 1) // bs - first, kv_start - first * bs, ctx - kv_start))
+    width = max(n for _, n, _, _ in spans)
+    table = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, (i, (first, n, _, _)) in enumerate(zip(seqs, spans, strict=True)):
+        table[row, :n] = torch.tensor(pool.block_tables[i][first : first + n])
+    table = table.to(q.device)
+    keys = k_cache[table].flatten(1, 2)  # [B, width * bs, kv_heads, D]
+    values = v_cache[table].flatten(1, 2)
+    pos = torch.arange(width * bs, device=q.device)[None, :]
+    offsets = torch.tensor([s[2] for s in spans], device=q.device)[:, None]
+    lengths = torch.tensor([s[3] for s in spans], device=q.device)[:, None]
+    valid = (pos >= offsets) & (pos < offsets + lengths)  # [B, width * bs]
+    # Padding reads blocks this sequence does not own: zero them so stale values (even NaN) cannot leak.
+    keys = keys.masked_fill(~valid[:, :, None, None], 0)
+    values = values.masked_fill(~valid[:, :, None, None], 0)
+    o = F.scaled_dot_product_attention(
+        q[:, :, None, :],  # [B, n_heads, 1, D]
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=valid[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o[:, :, 0, :]
