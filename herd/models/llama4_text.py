@@ -38,9 +38,9 @@ class Llama4Attention(nn.Module):
             config.num_heads * config.head_dim,
             config.num_kv_heads * config.head_dim,
         )
-        self.q_proj = nn.Linear(hidden, q_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=bias)
+        self.q_dim, self.kv_dim = q_dim, kv_dim
+        # q, k and v in one matmul; the loader fills the three row blocks from q_proj, k_proj, v_proj.
+        self.qkv_proj = nn.Linear(hidden, q_dim + 2 * kv_dim, bias=bias)
         self.o_proj = nn.Linear(q_dim, hidden, bias=bias)
 
     def forward(
@@ -51,9 +51,10 @@ class Llama4Attention(nn.Module):
         meta: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # [T, n_heads, D]
-        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, n_kv_heads, D]
-        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        q, k, v = self.qkv_proj(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # [T, n_heads, D]
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, n_kv_heads, D]
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.spec.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.spec.use_qk_norm:  # after RoPE, as the reference does
@@ -69,12 +70,13 @@ class Llama4Attention(nn.Module):
 class Llama4MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        # gate and up in one matmul; the loader fills the two row blocks from gate_proj and up_proj.
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Llama4Experts(nn.Module):

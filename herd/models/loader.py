@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -30,7 +29,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 # Tensors of a multimodal checkpoint that the text model does not use.
 VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
-_PER_EXPERT = re.compile(r"(model\.layers\.\d+\.feed_forward\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
 
 
 class CheckpointError(ValueError):
@@ -98,45 +96,81 @@ def init_dummy_weights(model: nn.Module, config: ModelConfig, seed: int = 0) -> 
                 param.copy_(noise * config.initializer_range)
 
 
-def load_weights(model: nn.Module, config: ModelConfig, path: Path) -> None:
-    params = dict(model.named_parameters())
+def load_weights(model: Llama4ForCausalLM, config: ModelConfig, path: Path) -> None:
+    slots = checkpoint_slots(model)
+    expert_slots = per_expert_slots(model)
     loaded: set[str] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
-    expert_parts: dict[str, set[tuple[int, str]]] = {}
     with ExitStack() as stack:
         tensors = list(_checkpoint_tensors(path, stack))
         for ckpt_name, get in tqdm(tensors, desc="Loading weights", unit="tensor", leave=False):
-            name = _param_name(ckpt_name, config)
+            name = _strip_prefix(ckpt_name, config)
             if name is None:
                 continue
-            if match := _PER_EXPERT.fullmatch(name):
-                prefix, expert, proj = match.group(1), int(match.group(2)), match.group(3)
-                problem = _load_expert_part(params, prefix, expert, proj, get())
-                if problem:
-                    (unexpected if problem == "unknown" else mismatched).append(f"{ckpt_name} {problem}")
-                else:
-                    expert_parts.setdefault(prefix, set()).add((expert, proj))
-                continue
-            if name not in params:
+            target = slots.get(name)
+            transpose = False
+            if target is None and name in expert_slots:
+                (target, fused), transpose = expert_slots[name], True
+            if target is None:
                 unexpected.append(ckpt_name)
                 continue
             tensor = get()
-            if tuple(tensor.shape) != tuple(params[name].shape):
-                mismatched.append(f"{ckpt_name}: checkpoint {list(tensor.shape)} vs model {list(params[name].shape)}")
+            shape = tuple(tensor.t().shape if transpose else tensor.shape)
+            if shape != tuple(target.shape):
+                want = list(target.t().shape if transpose else target.shape)
+                mismatched.append(f"{ckpt_name}: checkpoint {list(tensor.shape)} vs model {want}")
                 continue
             with torch.no_grad():
-                params[name].copy_(tensor)
-            loaded.add(name)
-    for prefix, parts in expert_parts.items():
-        if len(parts) == 3 * config.num_experts:
-            loaded.update({f"{prefix}.gate_up_proj", f"{prefix}.down_proj"})
+                target.copy_(tensor.t() if transpose else tensor)
+            loaded.add(fused if transpose else name)
+    # A fused expert tensor counts as loaded once every expert's slice of it was.
+    for fused in {f for _, f in expert_slots.values()}:
+        parts = [n for n, (_, f) in expert_slots.items() if f == fused]
+        if sum(p in loaded for p in parts) == len(parts) or fused in loaded:
+            loaded.add(fused)
+    loaded = {n for n in loaded if n in slots}
     if config.tie_word_embeddings and "lm_head.weight" not in loaded:
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
-    missing = sorted(set(params) - loaded)
-    _raise_if_bad(path, missing, unexpected, mismatched, config.weight_prefix)
-    logger.info("loaded %d tensors from %s", len(loaded), path)
+    _raise_if_bad(path, sorted(set(slots) - loaded), unexpected, mismatched, config.weight_prefix)
+    logger.info("loaded %d tensors from %s", len(tensors), path)
+
+
+def checkpoint_slots(model: Llama4ForCausalLM) -> dict[str, torch.Tensor]:
+    """Checkpoint tensor name (HF, without prefix) -> the parameter, or the slice of a fused one, it fills."""
+    slots: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        base, _, leaf = name.rpartition(".")
+        if base.endswith("qkv_proj"):
+            attn = model.get_submodule(base.removesuffix(".qkv_proj"))
+            parts = param.split([attn.q_dim, attn.kv_dim, attn.kv_dim], dim=0)
+            prefix = base.removesuffix("qkv_proj")
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts, strict=True):
+                slots[f"{prefix}{proj}.{leaf}"] = part
+        elif base.endswith("gate_up_proj") and leaf == "weight":
+            prefix = base.removesuffix("gate_up_proj")
+            gate, up = param.chunk(2, dim=0)
+            slots[f"{prefix}gate_proj.weight"], slots[f"{prefix}up_proj.weight"] = gate, up
+        else:
+            slots[name] = param
+    return slots
+
+
+def per_expert_slots(model: Llama4ForCausalLM) -> dict[str, tuple[torch.Tensor, str]]:
+    """Per-expert checkpoint names (`experts.<e>.gate_proj.weight` ...) -> (transposed target, fused name)."""
+    slots: dict[str, tuple[torch.Tensor, str]] = {}
+    for name, param in model.named_parameters():
+        if name.endswith("experts.gate_up_proj"):
+            prefix, inter = name.removesuffix("gate_up_proj"), param.shape[2] // 2
+            for e in range(param.shape[0]):
+                slots[f"{prefix}{e}.gate_proj.weight"] = (param[e, :, :inter], name)
+                slots[f"{prefix}{e}.up_proj.weight"] = (param[e, :, inter:], name)
+        elif name.endswith("experts.down_proj"):
+            prefix = name.removesuffix("down_proj")
+            for e in range(param.shape[0]):
+                slots[f"{prefix}{e}.down_proj.weight"] = (param[e], name)
+    return slots
 
 
 def _checkpoint_tensors(path: Path, stack: ExitStack) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
@@ -157,35 +191,14 @@ def _checkpoint_tensors(path: Path, stack: ExitStack) -> Iterator[tuple[str, Cal
             yield key, (lambda h=handle, k=key: h.get_tensor(k))
 
 
-def _param_name(ckpt_name: str, config: ModelConfig) -> str | None:
-    """Model parameter name for a checkpoint tensor; None for tensors the text model skips."""
+def _strip_prefix(ckpt_name: str, config: ModelConfig) -> str | None:
+    """Name without the multimodal prefix; None for tensors the text model skips."""
     prefix = config.weight_prefix
-    if prefix:
-        if ckpt_name.startswith(VISION_PREFIXES):
-            return None
-        if not ckpt_name.startswith(prefix):
-            return ckpt_name  # reported as unexpected
-        return ckpt_name[len(prefix) :]
-    return ckpt_name
-
-
-def _load_expert_part(
-    params: dict[str, nn.Parameter], prefix: str, expert: int, proj: str, weight: torch.Tensor
-) -> str | None:
-    """Copy one per-expert nn.Linear weight into the fused tensors; a problem string on failure."""
-    gate_up, down = params.get(f"{prefix}.gate_up_proj"), params.get(f"{prefix}.down_proj")
-    if gate_up is None or down is None or expert >= gate_up.shape[0]:
-        return "unknown"
-    inter = down.shape[1]
-    if proj == "down":
-        target = down[expert]  # [I, H]; the linear weight is [H, I]
-    else:
-        target = gate_up[expert, :, :inter] if proj == "gate" else gate_up[expert, :, inter:]  # [H, I]
-    if tuple(weight.t().shape) != tuple(target.shape):
-        return f"checkpoint {list(weight.shape)} vs model {list(target.t().shape)}"
-    with torch.no_grad():
-        target.copy_(weight.t())
-    return None
+    if not prefix:
+        return ckpt_name
+    if ckpt_name.startswith(VISION_PREFIXES):
+        return None
+    return ckpt_name[len(prefix) :] if ckpt_name.startswith(prefix) else ckpt_name
 
 
 def _raise_if_bad(path: Path, missing: list[str], unexpected: list[str], mismatched: list[str], prefix: str) -> None:

@@ -11,7 +11,8 @@ logical order (block j holds context positions `j*block_size ...`); the local ta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,6 +32,8 @@ class AttentionMetadata:
     block_size: int
     full: PoolView
     local: PoolView
+    # What a backend derives from this metadata once per step and reuses in every layer.
+    derived: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

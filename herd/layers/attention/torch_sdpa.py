@@ -53,7 +53,9 @@ class TorchSDPABackend(AttentionBackend):
             )
             out[start:end] = o.transpose(0, 1)
         if decode:
-            rows = torch.tensor([meta.query_start_loc[i] for i in decode], device=q.device)
+            if ("rows", None) not in meta.derived:
+                meta.derived[("rows", None)] = torch.tensor([meta.query_start_loc[i] for i in decode], device=q.device)
+            rows = meta.derived[("rows", None)]
             out[rows] = _decode_batch(q[rows], k_cache, v_cache, pool, meta, decode, chunk_size, scale)
         return out
 
@@ -89,24 +91,12 @@ def _decode_batch(
     chunk_size: int | None,
     scale: float,
 ) -> torch.Tensor:  # [B, n_heads, D]
-    bs = meta.block_size
-    spans = []  # (first logical block, number of blocks, offset of first visible key, visible keys)
-    for i in seqs:
-        ctx = meta.context_lens[i]
-        kv_start = ((ctx - 1) // chunk_size) * chunk_size if chunk_size else 0
-        first = kv_start // bs
-        spans.append((first, (ctx + bs - 1) // bs - first, kv_start - first * bs, ctx - kv_start))
-    width = max(n for _, n, _, _ in spans)
-    table = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, (i, (first, n, _, _)) in enumerate(zip(seqs, spans, strict=True)):
-        table[row, :n] = torch.tensor(pool.block_tables[i][first : first + n])
-    table = table.to(q.device)
-    keys = k_cache[table].flatten(1, 2)  # [B, width * bs, kv_heads, D]
+    key = ("decode", chunk_size)
+    if key not in meta.derived:
+        meta.derived[key] = _decode_layout(pool, meta, seqs, chunk_size, q.device)
+    table, valid = meta.derived[key]
+    keys = k_cache[table].flatten(1, 2)  # [B, width * block_size, kv_heads, D]
     values = v_cache[table].flatten(1, 2)
-    pos = torch.arange(width * bs, device=q.device)[None, :]
-    offsets = torch.tensor([s[2] for s in spans], device=q.device)[:, None]
-    lengths = torch.tensor([s[3] for s in spans], device=q.device)[:, None]
-    valid = (pos >= offsets) & (pos < offsets + lengths)  # [B, width * bs]
     # Padding reads blocks this sequence does not own: zero them so stale values (even NaN) cannot leak.
     keys = keys.masked_fill(~valid[:, :, None, None], 0)
     values = values.masked_fill(~valid[:, :, None, None], 0)
@@ -119,3 +109,24 @@ def _decode_batch(
         enable_gqa=True,
     )
     return o[:, :, 0, :]
+
+
+def _decode_layout(
+    pool: PoolView, meta: AttentionMetadata, seqs: list[int], chunk_size: int | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded block table [B, width] of the visible blocks, and which of their slots are visible."""
+    bs = meta.block_size
+    rows, offsets, lengths = [], [], []
+    for i in seqs:
+        ctx = meta.context_lens[i]
+        kv_start = ((ctx - 1) // chunk_size) * chunk_size if chunk_size else 0
+        first = kv_start // bs
+        rows.append(pool.block_tables[i][first : (ctx + bs - 1) // bs])
+        offsets.append(kv_start - first * bs)
+        lengths.append(ctx - kv_start)
+    width = max(map(len, rows))
+    table = torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
+    pos = torch.arange(width * bs, device=device)[None, :]
+    start = torch.tensor(offsets, device=device)[:, None]
+    valid = (pos >= start) & (pos < start + torch.tensor(lengths, device=device)[:, None])
+    return table, valid
