@@ -8,6 +8,7 @@ interleaved dense/MoE (Maverick-like), and weights wide enough that routing diff
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -113,3 +114,32 @@ def make_multimodal_checkpoint(path: Path, text_config: dict, seed: int = 0) -> 
 def reference_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     """transformers' logits for one sequence, [len(ids), vocab]."""
     return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+LLAMA4_VOCAB = 202048
+
+
+def llama4_tokenizer_model() -> Path:
+    """Meta's Llama 4 tokenizer.model, shipped in the llama-models package."""
+    import llama_models
+
+    return Path(llama_models.__file__).parent / "llama4" / "tokenizer.model"
+
+
+def make_real_vocab_checkpoint(path: Path, seed: int = 0) -> Llama4ForCausalLM:
+    """A tiny Scout-like model over the real Llama 4 vocabulary, with Meta's tokenizer.model beside it."""
+    model = make_text_checkpoint(
+        path,
+        {
+            **SCOUT_LIKE,
+            "vocab_size": LLAMA4_VOCAB,
+            "hidden_size": 32,
+            "head_dim": 8,
+            "bos_token_id": 200000,
+            "eos_token_id": [200001, 200007, 200008],
+            "pad_token_id": 200018,
+        },
+        seed=seed,
+    )
+    shutil.copy(llama4_tokenizer_model(), path / "tokenizer.model")
+    return model

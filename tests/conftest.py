@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from checkpoints import MAVERICK_LIKE, SCOUT_LIKE, make_multimodal_checkpoint, make_text_checkpoint
+from checkpoints import (
+    MAVERICK_LIKE,
+    SCOUT_LIKE,
+    make_multimodal_checkpoint,
+    make_real_vocab_checkpoint,
+    make_text_checkpoint,
+)
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +31,10 @@ def multimodal_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, obj
     """A Llama4ForConditionalGeneration checkpoint: text weights under `language_model.`."""
     path = tmp_path_factory.mktemp("multimodal")
     return path, make_multimodal_checkpoint(path, SCOUT_LIKE, seed=2)
+
+
+@pytest.fixture(scope="session")
+def real_vocab_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """A tiny checkpoint over the real Llama 4 vocabulary with Meta's tokenizer.model: text in, text out."""
+    path = tmp_path_factory.mktemp("real_vocab")
+    return path, make_real_vocab_checkpoint(path, seed=3)
