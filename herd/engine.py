@@ -18,6 +18,7 @@ from herd.detokenizer import IncrementalDetokenizer
 from herd.kv_cache import KVCacheManager
 from herd.kv_sizing import plan_kv_cache
 from herd.layers.attention import PagedKVStorage
+from herd.layers.cpu_packing import pack_for_cpu, packing_available
 from herd.model_runner import ModelRunner
 from herd.models.loader import load_model, resolve_dtype
 from herd.prefix_cache import PrefixCache
@@ -85,11 +86,14 @@ class Engine:
             seed=args.seed,
         )
         self.config = self.model.config
+        weight_bytes = _param_bytes(self.model)
+        dtype = resolve_dtype(args.dtype, self.config)
+        if packing_available(self.device) and dtype in (torch.bfloat16, torch.float32):
+            pack_for_cpu(self.model)
         self.tokenizer = self._load_tokenizer()
         self.context_length = args.context_length or self.config.max_position_embeddings
 
-        dtype = resolve_dtype(args.dtype, self.config)
-        plan = plan_kv_cache(args, self.config, dtype, self.device, _param_bytes(self.model))
+        plan = plan_kv_cache(args, self.config, dtype, self.device, weight_bytes)
         self.kv = KVCacheManager(plan.num_full_blocks, plan.num_local_blocks, plan.block_size, plan.chunk_size)
         storage = PagedKVStorage(
             self.config,
@@ -102,7 +106,7 @@ class Engine:
         self.prefix_cache = None if args.disable_radix_cache else PrefixCache(self.kv)
         max_running = args.max_running_requests or 128
         self.scheduler = Scheduler(self.kv, self.prefix_cache, max_running, args.chunked_prefill_size)
-        self.runner = ModelRunner(self.model, storage, self.device)
+        self.runner = ModelRunner(self.model, storage, self.kv, self.device)
         self.sampler = Sampler()
         self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids)
         self._requests: dict[str, _Request] = {}

@@ -21,6 +21,10 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self._free = deque(range(num_blocks))
+        # Blocks handed out for the first time, whose memory may hold garbage until zeroed. Fresh blocks
+        # leave the free list in increasing order before any recycled one (those go to the back).
+        self._high_water = 0
+        self.fresh: list[int] = []
 
     @property
     def num_free(self) -> int:
@@ -33,7 +37,14 @@ class BlockPool:
     def allocate(self) -> int:
         block = self._free.popleft()
         self.ref_counts[block] = 1
+        if block >= self._high_water:
+            self._high_water = block + 1
+            self.fresh.append(block)
         return block
+
+    def take_fresh(self) -> list[int]:
+        fresh, self.fresh = self.fresh, []
+        return fresh
 
     def share(self, block: int) -> None:
         self.ref_counts[block] += 1

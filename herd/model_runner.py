@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from herd.kv_cache import KVCacheManager
 from herd.layers.attention import AttentionMetadata, PagedKVStorage, PoolView
 from herd.models.llama4_text import Llama4ForCausalLM
 from herd.scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: Llama4ForCausalLM, kv_storage: PagedKVStorage, device: torch.device) -> None:
+    def __init__(
+        self, model: Llama4ForCausalLM, kv_storage: PagedKVStorage, kv: KVCacheManager, device: torch.device
+    ) -> None:
         self.model = model
+        self.kv = kv
         self.kv_storage = kv_storage
         self.block_size = kv_storage.block_size
         self.device = device
@@ -39,6 +43,7 @@ class ModelRunner:
             full=PoolView(full_tables, self._slots(full_tables, out)),
             local=PoolView(local_tables, self._slots(local_tables, out)),
         )
+        self.kv_storage.zero_blocks(self.kv.full.take_fresh(), self.kv.local.take_fresh())
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, positions.to(self.device), meta, self.kv_storage)
         if not sample_rows:

@@ -100,7 +100,9 @@ class Scheduler:
             n = self._next_tokens(seq, budget)
             if n == 0:
                 continue
-            while not self.kv.allocate(seq.blocks, seq.num_computed, seq.num_computed + n):
+            while not self._has_room(seq, n) and not self.kv.allocate(
+                seq.blocks, seq.num_computed, seq.num_computed + n
+            ):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
@@ -116,6 +118,11 @@ class Scheduler:
         if not preempted:
             scheduled += self._admit(budget)
         return SchedulerOutput(scheduled, preempted)
+
+    def _has_room(self, seq: Sequence, n: int) -> bool:
+        """Whether one more token fits the blocks the sequence holds (the common decode step: no pool work)."""
+        pos, chunk = seq.num_computed, self.kv.chunk_size
+        return n == 1 and pos % self.kv.block_size != 0 and (chunk is None or pos % chunk != 0)
 
     def _next_tokens(self, seq: Sequence, budget: int) -> int:
         remaining = seq.num_tokens - seq.num_computed

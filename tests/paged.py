@@ -25,6 +25,9 @@ class PagedRunner:
         self.kv = PagedKVStorage(
             config, num_full_blocks=total, num_local_blocks=total, block_size=block_size, dtype=dtype
         )
+        # The engine zeroes blocks on first use; these blocks are all in use from the start.
+        self.kv.full.zero_()
+        self.kv.local.zero_()
         gen = torch.Generator().manual_seed(1234)
         self.full_ids = torch.randperm(total, generator=gen).view(max_seqs, per_seq).tolist()
         self.local_ids = torch.randperm(total, generator=gen).view(max_seqs, per_seq).tolist()

@@ -9,7 +9,7 @@ from transformers import Llama4TextConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from herd.config import ModelConfig
-from herd.layers.moe import grouped_experts
+from herd.layers.moe import grouped_experts, swiglu_expert
 from herd.layers.rotary import rope_inv_freq
 from herd.models.llama4_text import Llama4MoE
 
@@ -88,7 +88,7 @@ def test_moe_matches_dense_reference() -> None:
 def test_grouped_experts_with_idle_experts() -> None:
     gate_up, down = torch.randn(4, 8, 12), torch.randn(4, 6, 8)
     x, ids = torch.randn(5, 8), torch.tensor([3, 3, 0, 3, 0])
-    out = grouped_experts(x, ids, gate_up, down)
+    out = grouped_experts(x, ids, lambda e, rows: swiglu_expert(rows, gate_up[e], down[e]))
     for t in range(5):
         gate, up = (x[t] @ gate_up[ids[t]]).chunk(2)
         torch.testing.assert_close(out[t], (torch.nn.functional.silu(gate) * up) @ down[ids[t]])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -9,12 +11,13 @@ import torch.nn.functional as F
 def grouped_experts(
     x: torch.Tensor,  # [T, H], already scaled by each token's router score, one row per (token, choice)
     expert_ids: torch.Tensor,  # [T] int64: the expert each row goes to
-    gate_up: torch.Tensor,  # [E, H, 2I]: gate in the first I columns, up in the last I
-    down: torch.Tensor,  # [E, I, H]
+    expert: Callable[[int, torch.Tensor], torch.Tensor],  # (e, rows [n, H]) -> expert e's output [n, H]
 ) -> torch.Tensor:  # [T, H]
-    """SwiGLU experts, one matmul pair per expert that has rows: never all experts on all rows."""
+    """Run each expert once on the rows that chose it: never all experts on all rows."""
+    if x.shape[0] == 1:  # one decoding sequence: skip the grouping
+        return expert(int(expert_ids), x)
     order = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=gate_up.shape[0]).tolist()
+    counts = torch.bincount(expert_ids).tolist()
     x_sorted = x[order]
     out_sorted = torch.empty_like(x_sorted)
     start = 0
@@ -22,9 +25,14 @@ def grouped_experts(
         if count == 0:
             continue
         rows = slice(start, start + count)
-        gate, up = (x_sorted[rows] @ gate_up[e]).chunk(2, dim=-1)
-        out_sorted[rows] = (F.silu(gate) * up) @ down[e]
+        out_sorted[rows] = expert(e, x_sorted[rows])
         start += count
     out = torch.empty_like(out_sorted)
     out[order] = out_sorted
     return out
+
+
+def swiglu_expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert in HF's fused layout: gate_up [H, 2I] (gate first), down [I, H]."""
+    gate, up = (x @ gate_up).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ down

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weightless RMS norm; Llama 4's qk-norm ("L2 norm") is exactly this."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
 
 class RMSNorm(nn.Module):

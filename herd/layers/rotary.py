@@ -33,16 +33,13 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency: each [T, head_dim // 2], float32."""
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """e^(i * position * frequency) per token: complex64 [T, head_dim // 2]."""
     freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
-    return freqs.cos(), freqs.sin()
+    return torch.polar(torch.ones_like(freqs), freqs)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: [T, n_heads, head_dim] by per-token angles; math in float32 like the reference."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate x: [T, n_heads, head_dim], each (even, odd) pair as one complex number, in float32."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * angles[:, None, :]).flatten(-2).type_as(x)

