@@ -105,7 +105,9 @@ class Engine:
         )
         self.prefix_cache = None if args.disable_radix_cache else PrefixCache(self.kv)
         max_running = args.max_running_requests or 128
-        self.scheduler = Scheduler(self.kv, self.prefix_cache, max_running, args.chunked_prefill_size)
+        # SGLang's -1: no chunking, a whole prompt per step (the context length bounds it).
+        prefill_budget = args.chunked_prefill_size if args.chunked_prefill_size > 0 else self.context_length
+        self.scheduler = Scheduler(self.kv, self.prefix_cache, max_running, prefill_budget)
         self.runner = ModelRunner(self.model, storage, self.kv, self.device)
         self.sampler = Sampler()
         self.eos_token_ids = set(self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids)

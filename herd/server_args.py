@@ -11,10 +11,30 @@ import argparse
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from herd.layers.attention import available_backends
 from herd.models.loader import DTYPES, LOAD_FORMATS
+from herd.tool_parser import TOOL_PARSERS
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# SGLang flags for features herd does not have yet, with the value that means "off". Setting one fails at
+# start: a command line copied from SGLang must not silently run something else than it asks for.
+NOT_YET: dict[str, Any] = {
+    "speculative_algorithm": None,
+    "speculative_draft_model_path": None,
+    "speculative_num_steps": None,
+    "speculative_eagle_topk": None,
+    "speculative_num_draft_tokens": None,
+    "quantization": None,
+    "kv_cache_dtype": "auto",
+    "dp_size": 1,
+    "ep_size": 1,
+    "enable_torch_compile": False,
+    "lora_paths": None,
+}
 
 
 class ArgumentError(ValueError):
@@ -23,7 +43,7 @@ class ArgumentError(ValueError):
 
 @dataclass
 class ServerArgs:
-    model_path: str
+    model_path: str = field(metadata={"aliases": ("--model",), "help": "checkpoint folder (Hugging Face layout)"})
     tokenizer_path: str | None = None
     skip_tokenizer_init: bool = False
     chat_template: str | None = None
@@ -40,11 +60,38 @@ class ServerArgs:
     swa_full_tokens_ratio: float = 0.8
     page_size: int = 16
     max_running_requests: int | None = None
-    chunked_prefill_size: int = 8192
+    chunked_prefill_size: int = field(default=8192, metadata={"help": "prompt tokens per step; -1: no chunking"})
     disable_radix_cache: bool = False
-    seed: int = 0
+    seed: int = field(default=0, metadata={"aliases": ("--random-seed",)})
+    # -- server -------------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 30000
+    tp_size: int = field(default=1, metadata={"aliases": ("--tp",), "help": "tensor parallel size (only 1 yet)"})
+    served_model_name: str | None = field(default=None, metadata={"help": "model id in the API (default: the path)"})
+    api_key: str | None = field(default=None, metadata={"help": "require `Authorization: Bearer KEY`"})
+    tool_call_parser: str | None = field(
+        default=None, metadata={"help": "tool-call format of the model's output (default: llama4, both shapes)"}
+    )
+    enable_multimodal: bool = False
+    trust_remote_code: bool = field(default=False, metadata={"help": "accepted for SGLang compatibility; no effect"})
+    enable_metrics: bool = field(default=False, metadata={"help": "accepted for SGLang compatibility: always on"})
+    log_level: str | None = field(default=None, metadata={"help": "default: info for serve, warning for generate"})
+    # -- not supported yet (see NOT_YET) --------------------------------------------------------------------
+    speculative_algorithm: str | None = None
+    speculative_draft_model_path: str | None = None
+    speculative_num_steps: int | None = None
+    speculative_eagle_topk: int | None = None
+    speculative_num_draft_tokens: int | None = None
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    dp_size: int = field(default=1, metadata={"aliases": ("--dp",)})
+    ep_size: int = field(default=1, metadata={"aliases": ("--ep",)})
+    enable_torch_compile: bool = False
+    lora_paths: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_not_yet()
+        self._check_server()
         self._check_choice("dtype", ("auto", *DTYPES))
         self._check_choice("load_format", LOAD_FORMATS)
         if self.attention_backend is not None:
@@ -55,16 +102,43 @@ class ServerArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ArgumentError(f"{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("page_size", "chunked_prefill_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ArgumentError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        if not isinstance(self.page_size, int) or self.page_size < 1:
+            raise ArgumentError(f"--page-size must be a positive integer, got {self.page_size!r}")
+        if not isinstance(self.chunked_prefill_size, int) or not (
+            self.chunked_prefill_size >= 1 or self.chunked_prefill_size == -1
+        ):
+            raise ArgumentError(
+                "--chunked-prefill-size must be a positive integer or -1 (no chunking), "
+                f"got {self.chunked_prefill_size!r}"
+            )
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
             raise ArgumentError(f"--mem-fraction-static must be in (0, 1], got {self.mem_fraction_static}")
         if not (self.swa_full_tokens_ratio > 0 and math.isfinite(self.swa_full_tokens_ratio)):
             raise ArgumentError(f"--swa-full-tokens-ratio must be a positive number, got {self.swa_full_tokens_ratio}")
         if self.cpu_memory_budget_gb <= 0:
             raise ArgumentError(f"--cpu-memory-budget-gb must be positive, got {self.cpu_memory_budget_gb}")
+
+    def _check_not_yet(self) -> None:
+        for name, off in NOT_YET.items():
+            value = getattr(self, name)
+            if value != off:
+                raise ArgumentError(f"{_flag(name)} {value!r}: not supported yet")
+        if self.tp_size != 1:
+            raise ArgumentError(f"--tp-size {self.tp_size}: tensor parallelism is not supported yet (only 1)")
+
+    def _check_server(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ArgumentError(f"--port must be in [0, 65535], got {self.port!r}")
+        if not self.host:
+            raise ArgumentError("--host must not be empty")
+        if self.tool_call_parser is not None:
+            self._check_choice("tool_call_parser", sorted(TOOL_PARSERS))
+        if self.log_level is not None:
+            self._check_choice("log_level", LOG_LEVELS)
+        if self.api_key == "":
+            raise ArgumentError("--api-key must not be empty")
+        if self.served_model_name == "":
+            raise ArgumentError("--served-model-name must not be empty")
 
     def _check_choice(self, name: str, choices: tuple[str, ...] | list[str]) -> None:
         value = getattr(self, name)
@@ -84,14 +158,15 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     """One flag per ServerArgs field, `--field-name`, typed as the field."""
     hints = typing.get_type_hints(ServerArgs)
     for f in dataclasses.fields(ServerArgs):
-        flag, hint = _flag(f.name), hints[f.name]
+        flags, hint = (_flag(f.name), *f.metadata.get("aliases", ())), hints[f.name]
         required = f.default is dataclasses.MISSING
+        help_ = "not supported yet" if f.name in NOT_YET else f.metadata.get("help")
         if hint is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata.get("help"))
+            parser.add_argument(*flags, dest=f.name, action="store_true", help=help_)
             continue
         kind = next((t for t in (int, float, str) if t is hint or t in typing.get_args(hint)), str)
         default = None if required else f.default
-        parser.add_argument(flag, type=kind, default=default, required=required, help=f.metadata.get("help"))
+        parser.add_argument(*flags, dest=f.name, type=kind, default=default, required=required, help=help_)
 
 
 def server_args_from(namespace: argparse.Namespace) -> ServerArgs:

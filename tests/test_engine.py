@@ -88,8 +88,9 @@ def test_batched_greedy_matches_transformers(ckpt, make_llm) -> None:
         {"disable_radix_cache": True},
         {"chunked_prefill_size": 7},
         {"chunked_prefill_size": 4096, "page_size": 4},
+        {"chunked_prefill_size": -1},
     ],
-    ids=["no-prefix-cache", "prefill-7", "prefill-4096"],
+    ids=["no-prefix-cache", "prefill-7", "prefill-4096", "no-chunking"],
 )
 def test_engine_options_do_not_change_tokens(scout_ckpt, make_llm, engine_args: dict) -> None:
     batch = prompts(seed=2, shared_prefix=13)  # long shared prefixes: the prefix cache gets hits

@@ -67,7 +67,7 @@ def test_weights_that_leave_no_room_are_a_clear_error() -> None:
         ({"mem_fraction_static": 1.5}, "--mem-fraction-static"),
         ({"swa_full_tokens_ratio": 0.0}, "--swa-full-tokens-ratio"),
         ({"page_size": 0}, "--page-size"),
-        ({"chunked_prefill_size": -1}, "--chunked-prefill-size"),
+        ({"chunked_prefill_size": -2}, "--chunked-prefill-size"),
         ({"dtype": "int4"}, "--dtype"),
         ({"attention_backend": "fa9"}, "--attention-backend"),
     ],

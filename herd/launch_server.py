@@ -1,0 +1,107 @@
+"""`python -m herd.launch_server ...` (alias `herd serve ...`): SGLang's command line, herd's server.
+
+Start-up order: check every flag (a bad one fails naming it), bind the port (a busy one fails before
+minutes of weight loading), load the model, then serve with uvicorn until SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import socket
+import sys
+from typing import NoReturn
+
+import uvicorn
+
+from herd.async_engine import AsyncEngine
+from herd.engine import Engine
+from herd.server import build_app
+from herd.server_args import ArgumentError, ServerArgs, add_server_args, server_args_from
+
+logger = logging.getLogger(__name__)
+
+MODEL_PATH_HINT = (
+    "; herd has no built-in demo model yet: give a Llama 4 checkpoint folder, e.g. "
+    '`herd serve --model-path /models/Llama-4-Scout-17B-16E-Instruct` (or `make serve ARGS="--model-path ..."`)'
+)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        if "--model-path" in message and "required" in message:
+            message += MODEL_PATH_HINT
+        super().error(message)
+
+
+def build_parser(prog: str = "herd serve") -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog,
+        usage=f"{prog} --model-path PATH [flags] (all flags: {prog} --help)",
+        description="Serve a Llama 4 checkpoint over an OpenAI-compatible HTTP API (SGLang's flags).",
+    )
+    add_server_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None, prog: str = "herd serve") -> ServerArgs:
+    """ServerArgs from a command line; exits with status 2 and a message naming the flag if one is bad."""
+    parser = build_parser(prog)
+    namespace = parser.parse_args(argv)
+    try:
+        return server_args_from(namespace)
+    except ArgumentError as e:
+        parser.error(str(e))
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now so that a busy port fails at once (port 0: any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def make_server(args: ServerArgs, engine: Engine, sock: socket.socket) -> uvicorn.Server:
+    """A uvicorn server for `engine`; run it with `server.run(sockets=[sock])`."""
+    app = build_app(args, AsyncEngine(engine), url=url_of(sock))
+    level = (args.log_level or "info").lower()
+    # log_config=None: uvicorn's loggers go through the root handler, in herd's format.
+    config = uvicorn.Config(app, log_config=None, log_level=level, timeout_graceful_shutdown=10)
+    return uvicorn.Server(config)
+
+
+def main(argv: list[str] | None = None, prog: str = "herd serve") -> int:
+    args = parse_args(argv, prog)
+    logging.basicConfig(level=(args.log_level or "info").upper(), format=LOG_FORMAT)
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        logger.error("cannot listen on --host %s --port %d: %s", args.host, args.port, e)
+        return 1
+    try:
+        engine = Engine(args)
+    except (ValueError, OSError) as e:  # a missing or unreadable checkpoint, a bad --chat-template, ...
+        logger.error("cannot load the model at --model-path %s: %s", args.model_path, e)
+        return 1
+    # uvicorn re-raises the Ctrl-C it caught once it has shut down cleanly: that is a normal exit.
+    with contextlib.suppress(KeyboardInterrupt):
+        make_server(args, engine, sock).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m herd.launch_server"))

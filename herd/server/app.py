@@ -1,0 +1,115 @@
+"""The FastAPI app: OpenAI-compatible routes, SGLang's native ones, health and metrics.
+
+`build_app(args, engine)` wires them to one `AsyncEngine`, whose thread the app's lifespan starts and
+stops. Handlers only translate between HTTP and the engine; the endpoint modules hold the logic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from herd.async_engine import AsyncEngine
+from herd.server.auth import APIKeyMiddleware
+from herd.server.chat import create_chat_completion
+from herd.server.completions import create_completion
+from herd.server.context import ServerContext
+from herd.server.errors import APIError, error_response, install_error_handlers
+from herd.server.native import GenerateRequest, generate
+from herd.server.protocol import ChatCompletionRequest, CompletionRequest
+from herd.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(args: ServerArgs, engine: AsyncEngine, url: str | None = None) -> FastAPI:
+    """The app for `engine`; `url` is only for the startup log line."""
+    ctx = ServerContext.build(args, engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        logger.info("herd is serving %s at %s (OpenAI API under /v1)", ctx.model_name, url or "(in process)")
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="herd", lifespan=lifespan)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    if args.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
+    _add_openai_routes(app, ctx)
+    _add_native_routes(app, ctx)
+    return app
+
+
+def _add_openai_routes(app: FastAPI, ctx: ServerContext) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(ctx, body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(ctx, body, request)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(ctx)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        ctx.check_model(model)
+        return _model_card(ctx)
+
+
+def _add_native_routes(app: FastAPI, ctx: ServerContext) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        # 200 only while the engine thread runs: a load balancer must stop sending work to a dead engine.
+        if not ctx.engine.healthy:
+            return error_response(503, f"the engine is not running: {ctx.engine.error}")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)
+
+    @app.post("/generate")
+    async def native_generate(body: GenerateRequest, request: Request) -> Response:
+        return await generate(ctx, body, request)
+
+    @app.get("/get_model_info")
+    async def model_info() -> dict[str, Any]:
+        tokenizer_path = ctx.args.tokenizer_path or ctx.args.model_path
+        return {"model_path": ctx.args.model_path, "tokenizer_path": tokenizer_path, "is_generation": True}
+
+    @app.post("/flush_cache")
+    async def flush_cache() -> Response:
+        """Drop the prefix cache (SGLang's route); refused while requests run, as in SGLang."""
+        if not await ctx.engine.call(_flush_prefix_cache):
+            raise APIError(400, "cache not flushed: requests are running")
+        return JSONResponse({"message": "cache flushed"})
+
+
+def _flush_prefix_cache(engine: Any) -> bool:
+    if engine.has_unfinished_requests():
+        return False
+    if engine.prefix_cache is not None:
+        engine.prefix_cache.clear()
+    return True
+
+
+def _model_card(ctx: ServerContext) -> dict[str, Any]:
+    return {
+        "id": ctx.model_name,
+        "object": "model",
+        "created": ctx.created,
+        "owned_by": "herd",
+        "root": ctx.args.model_path,
+        "max_model_len": ctx.context_length,
+    }

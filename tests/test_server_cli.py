@@ -1,0 +1,137 @@
+"""`herd serve` / `python -m herd.launch_server`: SGLang's flags, refused values named, a real launch."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from herd.cli import main as herd_main
+from herd.launch_server import main as launch_main
+from herd.launch_server import parse_args
+
+
+def test_sglang_command_line_is_accepted() -> None:
+    args = parse_args(
+        [
+            "--model", "/models/scout",
+            "--tp", "1",
+            "--host", "0.0.0.0",
+            "--port", "8000",
+            "--context-length", "1000000",
+            "--chat-template", "llama-4",
+            "--mem-fraction-static", "0.8",
+            "--tool-call-parser", "pythonic",
+            "--enable-multimodal",
+            "--trust-remote-code",
+            "--enable-metrics",
+            "--random-seed", "7",
+            "--served-model-name", "scout",
+            "--api-key", "k",
+            "--log-level", "warning",
+        ]
+    )  # fmt: skip
+    assert (args.model_path, args.tp_size, args.host, args.port) == ("/models/scout", 1, "0.0.0.0", 8000)
+    assert (args.context_length, args.seed, args.tool_call_parser, args.served_model_name) == (
+        1000000,
+        7,
+        "pythonic",
+        "scout",
+    )
+    assert args.enable_multimodal and args.trust_remote_code and args.api_key == "k" and args.log_level == "warning"
+    defaults = parse_args(["--model-path", "m"])
+    assert (defaults.host, defaults.port, defaults.tp_size) == ("127.0.0.1", 30000, 1)
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--tp", "2"], ["--tp-size 2", "not supported yet"]),
+        (["--speculative-algorithm", "EAGLE3"], ["--speculative-algorithm", "not supported yet"]),
+        (["--speculative-num-steps", "3"], ["--speculative-num-steps", "not supported yet"]),
+        (["--quantization", "fp8"], ["--quantization", "not supported yet"]),
+        (["--dp", "2"], ["--dp-size", "not supported yet"]),
+        (["--port", "http"], ["--port", "invalid int"]),
+        (["--port", "70000"], ["--port", "65535"]),
+        (["--tool-call-parser", "hermes"], ["--tool-call-parser", "pythonic"]),
+        (["--log-level", "loud"], ["--log-level", "debug"]),
+        (["--dtype", "fp64"], ["--dtype", "bfloat16"]),
+        (["--mem-fraction-static", "1.5"], ["--mem-fraction-static"]),
+        (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+    ],
+)
+def test_bad_flags_fail_at_start_naming_the_flag(flags: list[str], words: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--model-path", "m", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, err
+
+
+def test_model_path_is_required_with_a_hint(capsys) -> None:
+    with pytest.raises(SystemExit):
+        herd_main(["serve"])
+    err = capsys.readouterr().err
+    assert "--model-path" in err and "make serve ARGS=" in err
+
+
+def test_help_lists_the_flags(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        herd_main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--tp-size" in out and "--tool-call-parser" in out and "--speculative-algorithm" in out
+
+
+def test_missing_checkpoint_fails_cleanly(tmp_path: Path, caplog) -> None:
+    assert launch_main(["--model-path", str(tmp_path / "absent"), "--port", "0"]) == 1
+    assert "--model-path" in caplog.text
+
+
+def test_busy_port_fails_before_loading(tmp_path: Path, caplog) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert launch_main(["--model-path", str(tmp_path / "absent"), "--port", str(port)]) == 1
+    assert f"--port {port}" in caplog.text
+
+
+def test_launch_server_process(real_vocab_ckpt) -> None:
+    """The real command line in its own process: startup line with the URL, a chat, a clean SIGINT stop."""
+    cmd = [sys.executable, "-m", "herd.launch_server", "--model-path", str(real_vocab_ckpt[0]), "--port", "0"]
+    cmd += ["--dtype", "float32", "--max-total-tokens", "1024", "--served-model-name", "cli-test"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        url = None
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if match := re.search(r"serving cli-test at (http://\S+)", line):
+                url = match.group(1)
+                break
+        assert url is not None, "no startup line"
+        assert httpx.get(f"{url}/health").status_code == 200
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        out = client.chat.completions.create(
+            model="cli-test", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
+        )
+        assert out.usage.completion_tokens <= 3
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[1]
+        assert proc.returncode == 0, rest
+        assert re.search(r"chatcmpl-\w+ finished \(\w+\): prompt \d+ tokens", rest), rest  # the per-request line
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
