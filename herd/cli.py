@@ -1,4 +1,8 @@
-"""The `herd` command line: `herd generate | serve | ...`."""
+"""The `herd` command line: `herd serve | generate | bench serving`.
+
+`herd serve` takes SGLang's `launch_server` flags (see `herd/launch_server.py`); `herd generate` runs
+prompts offline with the same engine flags.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,7 @@ import argparse
 import logging
 import sys
 
-NOT_YET = {
-    "serve": "the HTTP server is not implemented yet (issue 5)",
-}
+from herd.launch_server import LOG_FORMAT
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -33,9 +35,14 @@ def _generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from herd.server_args import ArgumentError, add_server_args
 
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="herd", description="Llama 4 inference and serving engine")
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
+    # serve parses its own flags (launch_server), so that `herd serve` and `python -m herd.launch_server`
+    # are one command line; `herd serve --help` lists them.
+    sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", add_help=False)
+    # `herd bench serving` is `python -m herd.bench_serving` (sglang.bench_serving's flags).
+    sub.add_parser("bench", help="benchmarks: `herd bench serving ...`", add_help=False)
     gen = sub.add_parser("generate", help="generate text for one or more prompts, offline")
     add_server_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
@@ -44,15 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--sampling-seed", type=int, default=None)
-    for name, why in NOT_YET.items():
-        sub.add_parser(name, help=f"(not yet: {why})", add_help=False)
-    args, extra = parser.parse_known_args(argv)
-    if args.command in NOT_YET:
-        print(f"herd {args.command}: not supported yet: {NOT_YET[args.command]}.", file=sys.stderr)
-        return 2
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv[:1] == ["serve"]:
+        from herd.launch_server import main as serve
+
+        return serve(argv[1:], prog="herd serve")
+    if argv[:2] == ["bench", "serving"]:
+        from herd.bench_serving import main as bench_serving
+
+        return bench_serving(argv[2:], prog="herd bench serving")
+    if argv[:1] == ["bench"]:
+        parser.error("herd bench: choose a benchmark: `herd bench serving ...`")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=(args.log_level or "warning").upper(), format=LOG_FORMAT)
     try:
         return _generate(args)
     except (ArgumentError, ValueError) as e:
