@@ -76,9 +76,10 @@ async def _client(base: str, batch: list[list[int]], output_len: int, concurrenc
         return time.perf_counter() - start
 
 
-def served(path: Path, batch: list[list[int]], output_len: int, concurrency: int, threads: int) -> float:
+def served(path: Path, batch: list[list[int]], output_len: int, concurrency: int, threads: int | None) -> float:
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # Without --server-threads the server picks its own thread count (one core left to HTTP on a CPU host).
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     cmd = [sys.executable, "-m", "herd.launch_server", "--model-path", str(path), "--port", str(port)]
     server = subprocess.Popen([*cmd, "--dtype", "bfloat16", "--log-level", "warning"], env=env)
     try:
@@ -103,7 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=["tiny", "scout_mini"], default="tiny")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/herd-bench"))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the offline engine")
+    parser.add_argument("--server-threads", type=int, default=None, help="default: the server's own choice")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=32)
@@ -111,9 +113,12 @@ def main() -> None:
     args = parser.parse_args()
     path = make_checkpoint(args.config, args.workdir)
     batch = prompts(args.num_prompts, args.input_len, 32000)
-    http = served(path, batch, args.output_len, args.concurrency, args.threads)
+    http = served(path, batch, args.output_len, args.concurrency, args.server_threads)
     local = offline(path, batch, args.output_len, args.concurrency, args.threads)
-    print(f"config={args.config} prompts={args.num_prompts} concurrency={args.concurrency} threads={args.threads}")
+    print(
+        f"config={args.config} prompts={args.num_prompts} concurrency={args.concurrency} "
+        f"offline threads={args.threads} server threads={args.server_threads or 'default'}"
+    )
     print(f"output tok/s  server {http:.1f}  offline {local:.1f}  server/offline {http / local:.2f}")
 
 

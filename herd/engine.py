@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,8 +67,7 @@ class _Request:
     seqs: list[Sequence]
     states: list[SamplingState]
     detokenizers: list[IncrementalDetokenizer | None]
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
+    started: bool = False  # has produced its first token
 
 
 class Engine:
@@ -233,11 +231,10 @@ class Engine:
         states = [self._owner(seq)[0].states[self._owner(seq)[1]] for seq in sampling]
         results = self.sampler(logits, states)
         touched: dict[str, _Request] = {}
-        now = time.monotonic()
         for seq, result in zip(sampling, results, strict=True):
             request, index = self._owner(seq)
-            if request.first_token_time is None:
-                request.first_token_time = now
+            if not request.started:
+                request.started = True
                 request.output.num_cached_tokens = request.seqs[0].num_cached_tokens
             self._append(request, index, seq, result)
             touched[request.output.request_id] = request
