@@ -44,3 +44,11 @@ class ChatTemplate(ABC):
     ) -> str:
         pieces = self.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
         return "".join(p.text for p in pieces)
+
+
+def continue_final_message(kwargs: dict[str, Any], add_generation_prompt: bool) -> bool:
+    """HF's `continue_final_message` flag, which cannot go with a generation prompt."""
+    continue_final = bool(kwargs.get("continue_final_message", False))
+    if continue_final and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+    return continue_final

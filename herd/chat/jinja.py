@@ -19,7 +19,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from herd.chat.base import ChatTemplate, Piece
+from herd.chat.base import ChatTemplate, Piece, continue_final_message
 
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
@@ -46,9 +46,8 @@ class JinjaChatTemplate(ChatTemplate):
         add_generation_prompt: bool = True,
         **kwargs: Any,
     ) -> list[Piece]:
-        continue_final = bool(kwargs.pop("continue_final_message", False))
-        if continue_final and add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+        continue_final = continue_final_message(kwargs, add_generation_prompt)
+        kwargs.pop("continue_final_message", None)
         # Like transformers: drop None-valued keys (OpenAI clients send content=None, tool_calls=None),
         # and hand the template plain data only.
         chat = [{k: _plain(v) for k, v in m.items() if v is not None} for m in messages]

@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from herd.chat.base import ChatTemplate, Piece
+from herd.chat.base import ChatTemplate, Piece, continue_final_message
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 IMAGE = "<|image|>"
@@ -83,9 +83,7 @@ class Llama4ChatTemplate(ChatTemplate):
         **kwargs: Any,
     ) -> list[Piece]:
         # Other kwargs are template variables meant for jinja templates (bos_token, ...): not used here.
-        continue_final = bool(kwargs.get("continue_final_message", False))
-        if continue_final and add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+        continue_final = continue_final_message(kwargs, add_generation_prompt)
         messages = list(messages)
         pieces = [Piece(BEGIN_OF_TEXT, trusted=True)]
         if tools:
