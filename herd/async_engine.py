@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from herd.engine import Engine, RequestError, RequestOutput
+from herd.engine_process import EngineProcess
 from herd.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class RequestStream:
 class AsyncEngine:
     """Runs `engine` in a thread; `start()` it from inside the event loop that will use it."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine | EngineProcess) -> None:
         self.engine = engine
         self.stats = EngineStats()  # replaced (never mutated) by the engine thread; read from anywhere
         self.error: BaseException | None = None

@@ -9,16 +9,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import socket
 import sys
 from typing import NoReturn
 
-import torch
 import uvicorn
 
 from herd.async_engine import AsyncEngine
 from herd.engine import Engine
+from herd.engine_process import EngineProcess
 from herd.server import build_app
 from herd.server_args import ArgumentError, ServerArgs, add_server_args, server_args_from
 
@@ -77,25 +76,13 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def make_server(args: ServerArgs, engine: Engine, sock: socket.socket) -> uvicorn.Server:
+def make_server(args: ServerArgs, engine: Engine | EngineProcess, sock: socket.socket) -> uvicorn.Server:
     """A uvicorn server for `engine`; run it with `server.run(sockets=[sock])`."""
     app = build_app(args, AsyncEngine(engine), url=url_of(sock))
     level = (args.log_level or "info").lower()
     # log_config=None: uvicorn's loggers go through the root handler, in herd's format.
     config = uvicorn.Config(app, log_config=None, log_level=level, timeout_graceful_shutdown=10)
     return uvicorn.Server(config)
-
-
-def _leave_a_core_for_http() -> None:
-    """On a CPU host torch's intra-op threads default to every core; the HTTP side (event loop, SSE) then
-    preempts one of them mid-operation while the others wait at its barrier. Keep a core for it unless the
-    user chose (OMP_NUM_THREADS). On 2 cores this took serving from 859 to 1096 tok/s (benchmarks/RESULTS.md)."""
-    if "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
-        return
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(threads - 1)
-        logger.info("torch uses %d CPU threads; one core is left to the HTTP front end", threads - 1)
 
 
 def main(argv: list[str] | None = None, prog: str = "herd serve") -> int:
@@ -106,15 +93,18 @@ def main(argv: list[str] | None = None, prog: str = "herd serve") -> int:
     except OSError as e:
         logger.error("cannot listen on --host %s --port %d: %s", args.host, args.port, e)
         return 1
-    _leave_a_core_for_http()
     try:
-        engine = Engine(args)
+        # The engine runs in a process of its own: the HTTP side then takes none of its GIL or cores.
+        engine = EngineProcess(args)
     except (ValueError, OSError) as e:  # a missing or unreadable checkpoint, a bad --chat-template, ...
         logger.error("cannot load the model at --model-path %s: %s", args.model_path, e)
         return 1
     # uvicorn re-raises the Ctrl-C it caught once it has shut down cleanly: that is a normal exit.
-    with contextlib.suppress(KeyboardInterrupt):
-        make_server(args, engine, sock).run(sockets=[sock])
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            make_server(args, engine, sock).run(sockets=[sock])
+    finally:
+        engine.close()
     return 0
 
 
