@@ -1,0 +1,163 @@
+"""The demo model's synthetic data and tokenizer (herd/demo): deterministic, disjoint splits, correct answers,
+and a tokenizer whose jinja chat template gives the same ids as herd's built-in llama-4 template."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from herd.chat.llama4 import format_tool_calls
+from herd.demo import data, images
+from herd.demo.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer, training_texts
+from herd.demo.tools import TOOLS
+from herd.tokenizer import Tokenizer, load_tokenizer
+from herd.tool_parser import get_tool_parser
+
+COUNTS = dict.fromkeys(data.TASKS, 60)
+
+
+@pytest.fixture(scope="module")
+def splits() -> dict[str, list[dict[str, Any]]]:
+    return {split: data.generate(split, COUNTS, seed=0) for split in ("train", "heldout")}
+
+
+@pytest.fixture(scope="module")
+def tok_folder(tmp_path_factory: pytest.TempPathFactory, splits: dict[str, list[dict[str, Any]]]) -> Path:
+    tokenizer = train_tokenizer(training_texts(splits["train"]), vocab_size=800)
+    return save_tokenizer(tokenizer, tmp_path_factory.mktemp("demo_tokenizer"))
+
+
+def _by_task(records: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+    return [r for r in records if r["task"] == task]
+
+
+def test_generation_is_deterministic_for_a_seed() -> None:
+    counts = dict.fromkeys(data.TASKS, 5)
+    assert data.generate("train", counts, seed=3) == data.generate("train", counts, seed=3)
+    assert data.generate("train", counts, seed=3) != data.generate("train", counts, seed=4)
+
+
+def test_every_task_in_both_splits(splits: dict[str, list[dict[str, Any]]]) -> None:
+    for records in splits.values():
+        assert {r["task"] for r in records} == set(data.TASKS)
+        assert all(r["messages"][-1]["role"] == "assistant" for r in records)
+
+
+def test_heldout_does_not_overlap_train(splits: dict[str, list[dict[str, Any]]]) -> None:
+    train, heldout = splits["train"], splits["heldout"]
+    heldout_keys = {r["key"] for r in heldout}
+    # No training record is, or contains (first turn, refused question, tool call), a held-out sample.
+    train_keys = {k for r in train for k in [r["key"], *r.get("uses", [])]}
+    assert not train_keys & heldout_keys
+    # Nor is any held-out conversation (with its picture) a training one, whatever the keys say.
+    train_dialogs = {json.dumps([r["messages"], r.get("image")]) for r in train}
+    assert not any(json.dumps([r["messages"], r.get("image")]) in train_dialogs for r in heldout)
+
+
+def test_arithmetic_answers_are_correct(splits: dict[str, list[dict[str, Any]]]) -> None:
+    for record in _by_task(splits["train"] + splits["heldout"], "arithmetic"):
+        a, b = map(int, re.findall(r"\d+", record["messages"][0]["content"]))
+        expected = {"add": a + b, "subtract": a - b, "multiply": a * b}[record["subtask"]]
+        answer = record["messages"][-1]["content"]
+        assert re.fullmatch(rf"{a} [-+*] {b} = {expected}\.", answer), (record, answer)
+        assert record["digits"] == max(len(str(a)), len(str(b)))
+    assert data.equation("add", 37, 48) == "37 + 48 = 85."
+
+
+def test_tool_calls_parse_into_the_intended_call(splits: dict[str, list[dict[str, Any]]]) -> None:
+    records = splits["train"] + splits["heldout"]
+    for record in _by_task(records, "tool_call") + _by_task(records, "tool_answer"):
+        call = record["messages"][1]["tool_calls"][0]["function"]
+        offered = [t["function"]["name"] for t in record["tools"]]
+        assert call["name"] in offered and 2 <= len(offered) <= 4
+        parsed = get_tool_parser("pythonic").parse(format_tool_calls(record["messages"][1]["tool_calls"]))
+        assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == [(call["name"], call["arguments"])]
+    for record in _by_task(records, "tool_none"):
+        assert not get_tool_parser("pythonic").parse(record["messages"][-1]["content"]).tool_calls
+        if record["subtask"] == "unavailable":
+            assert record["refused"] not in [t["function"]["name"] for t in record["tools"]]
+        assert 2 <= len(record["tools"]) <= 4
+
+
+def test_answers_after_a_tool_result_use_its_values(splits: dict[str, list[dict[str, Any]]]) -> None:
+    for record in _by_task(splits["train"] + splits["heldout"], "tool_answer"):
+        tool_msg, answer = record["messages"][2], record["messages"][3]["content"]
+        assert tool_msg["role"] == "tool"
+        for value in json.loads(tool_msg["content"]).values():
+            assert str(value) in answer, (value, answer)
+
+
+def test_image_specs_render_their_named_colors(splits: dict[str, list[dict[str, Any]]]) -> None:
+    for record in _by_task(splits["train"] + splits["heldout"], "image")[:40]:
+        spec = record["image"]
+        pixels = np.asarray(images.render(spec, size=96)).reshape(-1, 3)
+        colors = {tuple(int(c) for c in p) for p in np.unique(pixels, axis=0)}
+        named = {images.COLORS[s["color"]] for s in spec["shapes"]} | {images.BACKGROUNDS[spec["background"]]}
+        assert colors == named, record
+        answer = record["messages"][-1]["content"]
+        if record["subtask"] == "count":
+            assert str(len(spec["shapes"])) in answer
+        else:
+            assert any(f"The {s['kind']} is {s['color']}." == answer for s in spec["shapes"])
+
+
+def test_tokenizer_round_trips_and_keeps_special_tokens_whole(tok_folder: Path) -> None:
+    tok = load_tokenizer(tok_folder)
+    for text in ["What is 37+48?", "Héllo, 東京 🙂\n\n\tend", '[get_weather(location="Paris", unit="celsius")]']:
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    for special in SPECIAL_TOKENS:
+        ids = tok.encode(special, add_special_tokens=False)
+        assert len(ids) == 1 and ids[0] in tok.all_special_ids, special
+    assert tok.encode("hi")[0] == tok.bos_token_id == tok.token_to_id("<|begin_of_text|>")
+    assert (tok.eos_token_id, tok.pad_token_id) == (
+        tok.token_to_id("<|eot|>"),
+        tok.token_to_id("<|finetune_right_pad|>"),
+    )
+    # Numbers split into single digits (see SPLIT_PATTERN).
+    assert [tok.decode([i]) for i in tok.encode("12345", add_special_tokens=False)] == list("12345")
+
+
+EDGE_DIALOGS: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]] = [
+    (
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo?"}],
+        [TOOLS["get_weather"].schema(), {"name": "bare", "description": None, "parameters": {}}],
+    ),
+    (
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Shapes?"}]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"function": {"name": "f", "arguments": {"a": True, "b": None, "c": 2.5, "d": [1], "e": {"k": 0}}}},
+                {"function": {"name": "g", "arguments": {}}},
+            ]},
+            {"role": "tool", "content": {"ok": "ja", "n": 3}},
+            {"role": "ipython", "content": "plain"},
+        ],
+        [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "d": {"type": "array", "items": {"type": "string"}}, "e": {"type": "object"}}}}}],
+    ),
+    ([{"role": "system", "content": [{"type": "text", "text": "Sys"}]}, {"role": "user", "content": "hi"}], None),
+]  # fmt: skip
+
+
+def _prompts(records: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None, bool]]:
+    # Each record as a prompt (generation prompt after the last user/tool turn) and as a whole training dialog.
+    out = [(r["messages"][:-1], r.get("tools"), True) for r in records]
+    return out + [(r["messages"], r.get("tools"), False) for r in records]
+
+
+def test_jinja_chat_template_equals_builtin_llama4(tok_folder: Path, splits: dict[str, list[dict[str, Any]]]) -> None:
+    jinja: Tokenizer = load_tokenizer(tok_folder)
+    builtin: Tokenizer = load_tokenizer(tok_folder, chat_template="llama-4")
+    assert jinja.chat_template.name == "checkpoint" and builtin.chat_template.name == "llama-4"
+    sample = [r for task in data.TASKS for r in _by_task(splits["train"] + splits["heldout"], task)[::10]]
+    edge = [(m, t, g) for m, t in EDGE_DIALOGS for g in (True, False)]
+    for messages, tools, gen in _prompts(sample) + edge:
+        kwargs: dict[str, Any] = {"tools": tools, "add_generation_prompt": gen}
+        text = builtin.apply_chat_template(messages, tokenize=False, **kwargs)
+        assert jinja.apply_chat_template(messages, tokenize=False, **kwargs) == text
+        assert jinja.apply_chat_template(messages, **kwargs) == builtin.apply_chat_template(messages, **kwargs)
