@@ -44,7 +44,7 @@ class PrefixCache:
         self._clock = itertools.count(1)
         self.num_nodes = 0
         kv.evict = self.evict
-        # Running totals for the hit-rate metric.
+        # Running totals for the hit-rate metric, over admitted sequences (see `record`).
         self.queried_tokens = 0
         self.hit_tokens = 0
 
@@ -80,9 +80,12 @@ class PrefixCache:
         for j in range(first_local, len(path)):
             local[j] = path[j].local_block
             self.kv.local.share(local[j])
-        self.queried_tokens += len(tokens)
-        self.hit_tokens += num
         return PrefixHit(num_tokens=num, full_blocks=[n.full_block for n in path], local_blocks=local)
+
+    def record(self, num_tokens: int, num_hit: int) -> None:
+        """Count a match that was used: an admission that failed for lack of blocks is retried, not counted twice."""
+        self.queried_tokens += num_tokens
+        self.hit_tokens += num_hit
 
     def insert(self, tokens: list[int], blocks: SeqBlocks, num_computed: int) -> None:
         """Cache the full blocks of the first `num_computed` tokens (whose KV is written)."""

@@ -150,6 +150,8 @@ class Scheduler:
                 self._release(seq)
                 break
             self.waiting.popleft()
+            if self.prefix_cache is not None:
+                self.prefix_cache.record(seq.num_tokens, seq.num_computed)
             seq.status = SeqStatus.RUNNING
             seq.admitted_order = next(self._admissions)
             self.running.append(seq)

@@ -103,6 +103,10 @@ def test_engine_options_do_not_change_tokens(scout_ckpt, make_llm, engine_args: 
         assert cached == 0
     else:
         assert cached >= 8 * len(rest)  # at least one chunk of the shared prefix per prompt
+        cache = llm.engine.prefix_cache
+        # The hit-rate counters count each admitted prompt once.
+        assert cache.hit_tokens == sum(o.num_cached_tokens for o in first + rest)
+        assert cache.queried_tokens == sum(map(len, batch))
 
 
 def test_preemption_under_a_tiny_kv_budget(scout_ckpt, make_llm) -> None:
