@@ -1,0 +1,389 @@
+"""Train the tiny demo Llama 4 (issue 7) with `transformers`, the numerical reference, on CPU.
+
+The model is a `Llama4ForConditionalGeneration` small enough to train on two cores, yet with every Llama 4
+feature live, so that herd's engine is exercised on all of them when it serves this checkpoint:
+chunked local attention (chunk smaller than the tool dialogs, so training crosses chunk boundaries), a
+global NoPE layer with attention temperature tuning (a small floor_scale, so the scale actually changes
+within our sequence lengths), qk-norm, llama3 rope scaling, a MoE with a shared expert in every layer, and a
+vision tower with pixel shuffle and projector fed Llama 4 image tiles.
+
+Images are kept to one tile: a picture is rendered at exactly the tile size, so Llama4ImageProcessor's
+resize/pad are identities and its output is one (3, tile, tile) tile normalized with mean = std = 0.5; the
+prompt then carries `<|image_start|><|image|>` + N x `<|patch|>` + `<|image_end|>` (no tile separators for
+a single tile), N the tokens per tile after pixel shuffle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from herd.chat.llama4 import Llama4ChatTemplate
+from herd.demo import images
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """The knobs that set the model's size; the rest of the config is fixed Llama 4 structure."""
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    expert_size: int = 384  # intermediate size of each routed expert and of the shared expert
+    num_experts: int = 4
+    attention_chunk_size: int = 128  # tool dialogs are 200-500 tokens, so they cross chunk boundaries
+    floor_scale: int = 32  # NoPE temperature tuning steps every 32 positions instead of every 8192
+    tile_size: int = 64
+    patch_size: int = 8
+    vision_hidden_size: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 4
+    max_position_embeddings: int = 8192
+
+    @property
+    def patches_per_tile(self) -> int:
+        """Image tokens per tile: (tile/patch)^2 patches, 4 to a token after pixel shuffle (ratio 0.5)."""
+        return (self.tile_size // self.patch_size) ** 2 // 4
+
+
+FULL = ModelSize()
+TINY = ModelSize(
+    hidden_size=64,
+    num_layers=4,
+    num_heads=2,
+    num_kv_heads=1,
+    expert_size=64,
+    attention_chunk_size=32,
+    floor_scale=8,
+    tile_size=32,
+    patch_size=8,
+    vision_hidden_size=32,
+    vision_layers=1,
+    vision_heads=2,
+)
+
+
+def build_config(size: ModelSize, tokenizer: Tokenizer) -> Any:
+    from transformers import Llama4Config
+
+    def tid(token: str) -> int:
+        i = tokenizer.token_to_id(token)
+        if i is None:
+            raise ValueError(f"tokenizer has no {token}")
+        return i
+
+    eos = [tid("<|end_of_text|>"), tid("<|eom|>"), tid("<|eot|>")]
+    head_dim = size.hidden_size // size.num_heads
+    # Every 4th layer (index 3, 7, ...) is a global NoPE layer, the rest chunked rope layers, as in Llama 4;
+    # with 4 layers that is exactly one NoPE layer, the last.
+    no_rope_layers = [int((i + 1) % 4 != 0) for i in range(size.num_layers)]
+    text = {
+        "vocab_size": tokenizer.get_vocab_size(),
+        "hidden_size": size.hidden_size,
+        "intermediate_size": size.expert_size,
+        "intermediate_size_mlp": size.expert_size * 2,  # dense-layer MLP; unused since every layer is MoE
+        "num_hidden_layers": size.num_layers,
+        "num_attention_heads": size.num_heads,
+        "num_key_value_heads": size.num_kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": size.max_position_embeddings,
+        "bos_token_id": tid("<|begin_of_text|>"),
+        "eos_token_id": eos,
+        "pad_token_id": tid("<|finetune_right_pad|>"),
+        "num_local_experts": size.num_experts,
+        "num_experts_per_tok": 1,
+        "interleave_moe_layer_step": 1,  # MoE (routed + shared expert) in every layer
+        "use_qk_norm": True,
+        "no_rope_layers": no_rope_layers,
+        "attention_chunk_size": size.attention_chunk_size,
+        "attn_temperature_tuning": True,
+        "floor_scale": size.floor_scale,
+        "attn_scale": 0.1,
+        # llama3 scaling with a small original context (1024): with theta 500k, frequencies whose wavelength
+        # passes 256 tokens are smoothed or divided by 8, so the scaling shapes positions we train on.
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 1024,
+        },
+        "tie_word_embeddings": False,
+    }
+    vh = size.vision_hidden_size
+    vision = {
+        "hidden_size": vh,
+        "num_hidden_layers": size.vision_layers,
+        "num_attention_heads": size.vision_heads,
+        # Pixel shuffle (ratio 0.5) turns vh channels into 4*vh, which the adapter's fc1 takes as input.
+        "intermediate_size": 4 * vh,
+        "image_size": size.tile_size,
+        "patch_size": size.patch_size,
+        "pixel_shuffle_ratio": 0.5,
+        "projector_input_dim": 2 * vh,
+        "projector_output_dim": 2 * vh,
+        "vision_output_dim": 2 * vh,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }
+    return Llama4Config(
+        text_config=text,
+        vision_config=vision,
+        boi_token_index=tid("<|image_start|>"),
+        eoi_token_index=tid("<|image_end|>"),
+        image_token_index=tid("<|patch|>"),  # the features replace the <|patch|> embeddings
+        tie_word_embeddings=False,
+    )
+
+
+def image_tile(spec: dict[str, Any], tile_size: int) -> torch.Tensor:
+    """Llama4ImageProcessor's output for a one-tile picture: (1, 3, tile, tile), (x/255 - 0.5) / 0.5.
+
+    The processor rescales and normalizes in bfloat16 (as Meta's code does), so we round through bfloat16
+    too: the model then trains on exactly the values the processor would give it at inference.
+    """
+    image = images.render(spec, size=tile_size)
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(tile_size, tile_size, 3)
+    x = pixels.permute(2, 0, 1).to(torch.bfloat16) * (1 / 255)
+    x = (x - 0.5) / 0.5
+    return x.float().unsqueeze(0)
+
+
+def image_prompt(patches_per_tile: int) -> str:
+    """What one single-tile image becomes in the prompt (Llama4Processor._prompt_split_image, 1x1 tiles)."""
+    return "<|image_start|><|image|>" + "<|patch|>" * patches_per_tile + "<|image_end|>"
+
+
+def encode_record(record: dict[str, Any], tokenizer: Tokenizer, patches_per_tile: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for a dialog: labels are the ids on assistant turns (answer + <|eot|>/<|eom|>) and
+    IGNORE everywhere else (system, user, tool results, and the assistant header, which the server writes).
+
+    The dialog is tokenized piece by piece at the turn boundaries, exactly as at inference, where the prompt
+    (ending in the assistant header) is encoded alone and the answer's ids are appended to it.
+    """
+    template = Llama4ChatTemplate()
+    messages, tools = record["messages"], record.get("tools")
+    expansion = image_prompt(patches_per_tile)
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # the text encoded so far; every later render must extend it
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = template.render_text(messages[:i], tools=tools, add_generation_prompt=True)
+        full = template.render_text(messages[: i + 1], tools=tools, add_generation_prompt=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError(f"chat template is not prefix-stable on record {record.get('key')}")
+        context = prompt[len(done) :].replace("<|image|>", expansion)
+        context_ids = tokenizer.encode(context, add_special_tokens=False).ids
+        answer_ids = tokenizer.encode(full[len(prompt) :], add_special_tokens=False).ids
+        ids += context_ids + answer_ids
+        labels += [IGNORE] * len(context_ids) + answer_ids
+        done = full
+    return ids, labels
+
+
+@dataclasses.dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    image: dict[str, Any] | None
+
+
+def encode_records(
+    records: Sequence[dict[str, Any]], tokenizer: Tokenizer, size: ModelSize, max_len: int
+) -> list[Example]:
+    out = []
+    for record in records:
+        ids, labels = encode_record(record, tokenizer, size.patches_per_tile)
+        if len(ids) <= max_len:
+            out.append(Example(ids, labels, record.get("image")))
+    if len(out) < len(records):
+        logger.warning("dropped %d records longer than %d tokens", len(records) - len(out), max_len)
+    return out
+
+
+def collate(batch: Sequence[Example], pad_id: int, tile_size: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, labels and attention mask; pixel_values for the batch's images, in prompt order."""
+    width = max(len(e.input_ids) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    tiles = [image_tile(e.image, tile_size) for e in batch if e.image is not None]
+    if tiles:
+        out["pixel_values"] = torch.cat(tiles)
+    return out
+
+
+def batches(examples: Sequence[Example], batch_size: int, rng: random.Random) -> Iterator[list[Example]]:
+    """Endless seeded epochs of batches of similar length (sorted within pools of 64 batches) to cut padding."""
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        pool = 64 * batch_size
+        epoch: list[list[Example]] = []
+        for start in range(0, len(order), pool):
+            chunk = sorted(order[start : start + pool], key=lambda i: len(examples[i].input_ids))
+            epoch += [[examples[i] for i in chunk[j : j + batch_size]] for j in range(0, len(chunk), batch_size)]
+        rng.shuffle(epoch)
+        yield from epoch
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    max_steps: int = 1000  # ~16k dialogs, about 3.5M tokens: what 45 minutes on 2 cores holds (~1.2k tok/s)
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+    max_len: int = 1024
+    log_every: int = 50
+    threads: int | None = None
+
+
+def lr_at(step: int, args: TrainArgs) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(size: ModelSize, tokenizer: Tokenizer, seed: int) -> Any:
+    from transformers import Llama4ForConditionalGeneration
+
+    seed_everything(seed)  # the initial weights depend on the seed only
+    model = Llama4ForConditionalGeneration(build_config(size, tokenizer))
+    return model.float()
+
+
+def train(
+    model: Any,
+    examples: Sequence[Example],
+    args: TrainArgs,
+    pad_id: int,
+    tile_size: int,
+    fixed_batch: Sequence[Example] | None = None,
+) -> list[float]:
+    """Train in place; returns the loss of every step. `fixed_batch` repeats one batch (for tests)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    rng = random.Random(args.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    stream = batches(examples, args.batch_size, rng) if fixed_batch is None else None
+    model.train()
+    losses: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(range(args.max_steps), desc="train", unit="step", dynamic_ncols=True, disable=None)
+    for step in bar:
+        batch = list(fixed_batch) if stream is None else next(stream)
+        inputs = collate(batch, pad_id, tile_size)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss = model(**inputs).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value} at step {step}")
+        losses.append(value)
+        tokens += int(inputs["attention_mask"].sum())
+        bar.set_postfix(loss=f"{value:.3f}")
+        if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+            recent = losses[-args.log_every :]
+            elapsed = time.perf_counter() - start
+            logger.info(
+                "step %d/%d loss %.4f (mean of last %d) lr %.2e %.0f tok/s",
+                step + 1,
+                args.max_steps,
+                sum(recent) / len(recent),
+                len(recent),
+                lr_at(step, args),
+                tokens / elapsed,
+            )
+    model.eval()
+    return losses
+
+
+def save(model: Any, out: Path, tokenizer_dir: Path) -> Path:
+    """bfloat16 safetensors + config.json + generation_config.json (Meta's sampling defaults) + tokenizer."""
+    from transformers import GenerationConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = model.config.text_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=text.bos_token_id,
+        eos_token_id=text.eos_token_id,
+        pad_token_id=text.pad_token_id,
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.9,
+    )
+    # Cast a copy of the weights rather than the model: model.to(bfloat16) would also cast the vision rope's
+    # complex frequency buffer to real, breaking the in-memory model.
+    state = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
+    model.save_pretrained(out, state_dict=state)
+    # save_pretrained records the dtype of the (float32) parameters; the file holds bfloat16, so say so, and
+    # from_pretrained then loads bfloat16 by default.
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    for sub in (config, config.get("text_config") or {}, config.get("vision_config") or {}):
+        if "dtype" in sub:
+            sub["dtype"] = "bfloat16"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir / name, out / name)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    logger.info("saved %s (%.1f MB of weights)", out, size / 1e6)
+    return out
+
+
+def read_jsonl(path: Path, limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """The records of a .jsonl file; with `limit`, a seeded sample (the file is ordered by task)."""
+    with path.open(encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return records if limit is None or limit >= len(records) else random.Random(seed).sample(records, limit)
+
+
+def parameter_count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,72 @@
+"""Train the tiny demo Llama 4 (issue 7) with transformers on the demo data; save it in Hugging Face layout.
+
+    .venv/bin/python scripts/make_demo_data.py --out /tmp/herd-demo/data
+    .venv/bin/python scripts/make_demo_tokenizer.py --data /tmp/herd-demo/data --out /tmp/herd-demo/tokenizer
+    .venv/bin/python scripts/train_demo_model.py --data /tmp/herd-demo/data --tokenizer /tmp/herd-demo/tokenizer \\
+        --out /tmp/herd-demo/model --threads 2
+
+Smoke run: add `--max-steps 5 --limit 200`. The logic lives in herd.demo.train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from herd.demo.train import FULL, TrainArgs, build_model, encode_records, parameter_count, read_jsonl, save, train
+
+
+def main() -> None:
+    defaults = TrainArgs()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("/tmp/herd-demo/data"), help="folder with train.jsonl")
+    parser.add_argument("--tokenizer", type=Path, default=Path("/tmp/herd-demo/tokenizer"))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/herd-demo/model"))
+    parser.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--max-len", type=int, default=defaults.max_len, help="drop longer dialogs")
+    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--limit", type=int, default=None, help="train on a seeded sample of this many records")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    tokenizer = Tokenizer.from_file(str(args.tokenizer / "tokenizer.json"))
+    records = read_jsonl(args.data / "train.jsonl", args.limit, args.seed)
+    examples = encode_records(records, tokenizer, FULL, args.max_len)
+    lengths = sorted(len(e.input_ids) for e in examples)
+    logging.info(
+        "%d dialogs, %d tokens (median %d, max %d), %d with labels on tokens past the %d-token chunk",
+        len(examples),
+        sum(lengths),
+        lengths[len(lengths) // 2],
+        lengths[-1],
+        sum(n > FULL.attention_chunk_size for n in lengths),
+        FULL.attention_chunk_size,
+    )
+    model = build_model(FULL, tokenizer, args.seed)
+    n = parameter_count(model)
+    logging.info("parameters: %d (%.1f M, %.1f MB in bfloat16)", n, n / 1e6, 2 * n / 1e6)
+    train_args = TrainArgs(
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=min(args.warmup_steps, max(1, args.max_steps // 10)),
+        seed=args.seed,
+        max_len=args.max_len,
+        log_every=args.log_every,
+        threads=args.threads,
+    )
+    pad_id = tokenizer.token_to_id("<|finetune_right_pad|>")
+    train(model, examples, train_args, pad_id, FULL.tile_size)
+    save(model, args.out, args.tokenizer)
+
+
+if __name__ == "__main__":
+    main()

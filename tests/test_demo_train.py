@@ -1,0 +1,136 @@
+"""The demo model's trainer (herd.demo.train): assistant-only labels, single-tile image prompts, a loss that
+falls on a repeated batch, and a bfloat16 checkpoint that transformers reloads and generates with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from herd.demo import data
+from herd.demo.tokenizer import save_tokenizer, train_tokenizer, training_texts
+from herd.demo.train import (
+    IGNORE,
+    TINY,
+    TrainArgs,
+    build_model,
+    collate,
+    encode_record,
+    encode_records,
+    image_prompt,
+    image_tile,
+    save,
+    train,
+)
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict[str, Any]]:
+    return data.generate("train", dict.fromkeys(data.TASKS, 4), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory, records: list[dict[str, Any]]) -> Path:
+    more = data.generate("train", dict.fromkeys(data.TASKS, 30), seed=1)
+    return save_tokenizer(train_tokenizer(training_texts(more), vocab_size=600), tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tok_dir: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+
+
+def _first(records: list[dict[str, Any]], task: str) -> dict[str, Any]:
+    return next(r for r in records if r["task"] == task)
+
+
+def test_labels_cover_exactly_the_assistant_turns(records: list[dict[str, Any]], tokenizer: Tokenizer) -> None:
+    for task in ("arithmetic", "multiturn", "tool_answer", "image"):
+        record = _first(records, task)
+        ids, labels = encode_record(record, tokenizer, TINY.patches_per_tile)
+        assert len(ids) == len(labels)
+        # The labelled spans, decoded, are the assistant turns with their end token, in order.
+        spans: list[list[int]] = []
+        for i, label in enumerate(labels):
+            if label == IGNORE:
+                continue
+            assert label == ids[i]
+            if i == 0 or labels[i - 1] == IGNORE:
+                spans.append([])
+            spans[-1].append(label)
+        turns = [m for m in record["messages"] if m["role"] == "assistant"]
+        assert len(spans) == len(turns)
+        for span, turn in zip(spans, turns, strict=True):
+            text = tokenizer.decode(span, skip_special_tokens=False)
+            end = "<|eom|>" if turn.get("tool_calls") else "<|eot|>"
+            assert text.endswith(end)
+            if turn.get("content"):
+                assert text == turn["content"] + end
+        # Headers, user text and tool results are never trained on.
+        for token in ("<|header_start|>", "<|header_end|>", "<|begin_of_text|>", "<|patch|>"):
+            assert tokenizer.token_to_id(token) not in [label for label in labels if label != IGNORE]
+
+
+def test_image_prompt_has_one_tile_of_patch_tokens(records: list[dict[str, Any]], tokenizer: Tokenizer) -> None:
+    record = _first(records, "image")
+    ids, _ = encode_record(record, tokenizer, TINY.patches_per_tile)
+    patch, image = tokenizer.token_to_id("<|patch|>"), tokenizer.token_to_id("<|image|>")
+    assert TINY.patches_per_tile == (32 // 8) ** 2 // 4 == 4
+    assert ids.count(patch) == TINY.patches_per_tile and ids.count(image) == 1
+    expected = tokenizer.encode(image_prompt(TINY.patches_per_tile), add_special_tokens=False).ids
+    start = ids.index(tokenizer.token_to_id("<|image_start|>"))
+    assert ids[start : start + len(expected)] == expected
+    tile = image_tile(record["image"], TINY.tile_size)
+    assert tile.shape == (1, 3, TINY.tile_size, TINY.tile_size)
+    assert tile.min() >= -1.0 and tile.max() <= 1.0
+
+
+def test_trains_and_checkpoint_reloads(
+    records: list[dict[str, Any]], tok_dir: Path, tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    from transformers import Llama4ForConditionalGeneration
+
+    pad = tokenizer.token_to_id("<|finetune_right_pad|>")
+    examples = encode_records(records, tokenizer, TINY, max_len=2048)
+    # A fixed batch with an image and a dialog longer than the attention chunk, so every path is trained.
+    batch = [e for e in examples if e.image is not None][:2] + sorted(examples, key=lambda e: -len(e.input_ids))[:2]
+    assert max(len(e.input_ids) for e in batch) > TINY.attention_chunk_size
+    model = build_model(TINY, tokenizer, seed=0)
+    args = TrainArgs(max_steps=12, batch_size=4, lr=1e-2, warmup_steps=1, log_every=4, threads=2)
+    losses = train(model, examples, args, pad, TINY.tile_size, fixed_batch=batch)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+    # Same seed, same losses: training is reproducible.
+    again = train(build_model(TINY, tokenizer, seed=0), examples, TrainArgs(**{**vars(args), "max_steps": 3}), pad,
+                  TINY.tile_size, fixed_batch=batch)  # fmt: skip
+    assert again == pytest.approx(losses[:3], rel=1e-4)
+
+    out = save(model, tmp_path / "model", tok_dir)
+    assert {p.name for p in out.iterdir()} >= {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["temperature"], generation["top_p"]) == (0.6, 0.9)
+    assert tokenizer.token_to_id("<|eot|>") in generation["eos_token_id"]
+
+    loaded = Llama4ForConditionalGeneration.from_pretrained(out)
+    assert loaded.dtype == torch.bfloat16
+    inputs = collate(batch[:1], pad, TINY.tile_size)
+    with torch.no_grad():
+        reference = model(**inputs).loss
+        reloaded = loaded.float()(**inputs).loss
+    assert reloaded.item() == pytest.approx(reference.item(), rel=0.05)  # bfloat16 rounding only
+    prompt = inputs["input_ids"][:, :8]
+    generated = loaded.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > prompt.shape[1]
