@@ -16,7 +16,17 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from herd.demo.train import FULL, TrainArgs, build_model, encode_records, parameter_count, read_jsonl, save, train
+from herd.demo.train import (
+    FULL,
+    TrainArgs,
+    build_model,
+    encode_records,
+    parameter_count,
+    read_jsonl,
+    save,
+    train,
+    use_routed_experts,
+)
 
 
 def main() -> None:
@@ -33,13 +43,14 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=defaults.max_len, help="drop longer dialogs")
     parser.add_argument("--log-every", type=int, default=defaults.log_every)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--answers-only", action="store_true", help="loss on the assistant turns only")
     parser.add_argument("--limit", type=int, default=None, help="train on a seeded sample of this many records")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     tokenizer = Tokenizer.from_file(str(args.tokenizer / "tokenizer.json"))
     records = read_jsonl(args.data / "train.jsonl", args.limit, args.seed)
-    examples = encode_records(records, tokenizer, FULL, args.max_len)
+    examples = encode_records(records, tokenizer, FULL, args.max_len, prompt_loss=not args.answers_only)
     lengths = sorted(len(e.input_ids) for e in examples)
     logging.info(
         "%d dialogs, %d tokens (median %d, max %d), %d with labels on tokens past the %d-token chunk",
@@ -51,6 +62,7 @@ def main() -> None:
         FULL.attention_chunk_size,
     )
     model = build_model(FULL, tokenizer, args.seed)
+    use_routed_experts(model)
     n = parameter_count(model)
     logging.info("parameters: %d (%.1f M, %.1f MB in bfloat16)", n, n / 1e6, 2 * n / 1e6)
     train_args = TrainArgs(

@@ -64,9 +64,14 @@ def test_arithmetic_answers_are_correct(splits: dict[str, list[dict[str, Any]]])
         a, b = map(int, re.findall(r"\d+", record["messages"][0]["content"]))
         expected = {"add": a + b, "subtract": a - b, "multiply": a * b}[record["subtask"]]
         answer = record["messages"][-1]["content"]
-        assert re.fullmatch(rf"{a} [-+*] {b} = {expected}\.", answer), (record, answer)
+        assert re.fullmatch(rf"{a} [-+*] {b} = (.* = )?{expected}\.", answer), (record, answer)
+        assert eval(answer.replace("=", "==").rstrip(".")) is True  # every step of a worked product holds
         assert record["digits"] == max(len(str(a)), len(str(b)))
     assert data.equation("add", 37, 48) == "37 + 48 = 85."
+    assert data.equation("multiply", 37, 8) == "37 * 8 = 296."
+    assert data.equation("multiply", 37, 40) == "37 * 40 = 1480."
+    assert data.equation("multiply", 37, 48) == "37 * 48 = 37 * 40 + 37 * 8 = 1480 + 296 = 1776."
+    assert data.equation("multiply", 12, 305) == "12 * 305 = 12 * 300 + 12 * 5 = 3600 + 60 = 3660."
 
 
 def test_tool_calls_parse_into_the_intended_call(splits: dict[str, list[dict[str, Any]]]) -> None:

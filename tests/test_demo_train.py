@@ -23,8 +23,10 @@ from herd.demo.train import (
     encode_records,
     image_prompt,
     image_tile,
+    prompt_labels,
     save,
     train,
+    use_routed_experts,
 )
 
 pytest.importorskip("transformers")
@@ -75,6 +77,15 @@ def test_labels_cover_exactly_the_assistant_turns(records: list[dict[str, Any]],
         # Headers, user text and tool results are never trained on.
         for token in ("<|header_start|>", "<|header_end|>", "<|begin_of_text|>", "<|patch|>"):
             assert tokenizer.token_to_id(token) not in [label for label in labels if label != IGNORE]
+
+
+def test_prompt_loss_covers_every_token_but_the_image(records: list[dict[str, Any]], tokenizer: Tokenizer) -> None:
+    record = _first(records, "image")
+    ids, labels = encode_record(record, tokenizer, TINY.patches_per_tile)
+    everything = prompt_labels(ids, labels, tokenizer)
+    patch = tokenizer.token_to_id("<|patch|>")
+    assert everything == [IGNORE if t == patch else t for t in ids]
+    assert [e.labels for e in encode_records([record], tokenizer, TINY, 2048, prompt_loss=True)] == [everything]
 
 
 def test_image_prompt_has_one_tile_of_patch_tokens(records: list[dict[str, Any]], tokenizer: Tokenizer) -> None:
@@ -134,3 +145,20 @@ def test_trains_and_checkpoint_reloads(
     prompt = inputs["input_ids"][:, :8]
     generated = loaded.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > prompt.shape[1]
+
+
+def test_routed_experts_match_transformers_dense_moe(tokenizer: Tokenizer) -> None:
+    """The trainer's MoE shortcut gives transformers' numbers: same loss, same gradients."""
+    reference, routed = build_model(TINY, tokenizer, seed=0), build_model(TINY, tokenizer, seed=0)
+    use_routed_experts(routed)
+    torch.manual_seed(1)
+    ids = torch.randint(0, tokenizer.get_vocab_size(), (2, 40))
+    losses = []
+    for model in (reference, routed):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
+    for (name, a), (_, b) in zip(reference.named_parameters(), routed.named_parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -85,7 +85,8 @@ def _record(task: str, subtask: str, key: str, messages: list[dict[str, Any]], *
 
 
 def _operand(rng: random.Random) -> int:
-    digits = rng.randint(1, 3)
+    # Fewer 3-digit operands: the model is judged on 1-2 digits, and 3-digit products cost it most to learn.
+    digits = rng.choices((1, 2, 3), weights=(3, 5, 2))[0]
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
@@ -94,8 +95,19 @@ def eval_op(op: str, a: int, b: int) -> int:
 
 
 def equation(op: str, a: int, b: int) -> str:
-    """The answer sentence: "37 + 48 = 85."."""
-    return f"{a} {OPS[op][0]} {b} = {eval_op(op, a, b)}."
+    """The answer sentence: "37 + 48 = 85.".
+
+    A product whose second factor has several nonzero digits is worked out by place value first
+    ("37 * 48 = 37 * 40 + 37 * 8 = 1480 + 296 = 1776."): a model this small cannot produce a long product
+    most-significant digit first in one step, but it can multiply by one digit and add.
+    """
+    result = eval_op(op, a, b)
+    parts = [int(d) * 10**i for i, d in enumerate(reversed(str(b))) if d != "0"][::-1]
+    if op != "multiply" or len(parts) < 2:
+        return f"{a} {OPS[op][0]} {b} = {result}."
+    products = " + ".join(f"{a} * {p}" for p in parts)
+    sums = " + ".join(str(a * p) for p in parts)
+    return f"{a} * {b} = {products} = {sums} = {result}."
 
 
 def _arith_question(rng: random.Random, op: str, a: int, b: int) -> str:
@@ -273,8 +285,9 @@ GENERATORS: dict[str, Callable[[random.Random], Record]] = {
     "tool_answer": tool_answer,
     "image": image,
 }
-TRAIN_COUNTS = {"arithmetic": 6000, "string": 2000, "capital": 3000, "chat": 300, "multiturn": 1500,
-                "tool_call": 2500, "tool_none": 800, "tool_answer": 2000, "image": 3000}  # fmt: skip
+# Short tasks are cheap (30-60 tokens against ~850 for a dialog with tool definitions), so they get many samples.
+TRAIN_COUNTS = {"arithmetic": 40000, "string": 6000, "capital": 5000, "chat": 300, "multiturn": 4000,
+                "tool_call": 1200, "tool_none": 300, "tool_answer": 900, "image": 20000}  # fmt: skip
 HELDOUT_COUNTS = dict.fromkeys(TASKS, 200) | {"chat": 40}
 
 
