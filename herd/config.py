@@ -46,6 +46,64 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower of a `Llama4ForConditionalGeneration` checkpoint (HF `Llama4VisionConfig`)."""
+
+    image_size: int  # side of one square tile, in pixels
+    patch_size: int
+    num_channels: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    pixel_shuffle_ratio: float
+    projector_input_dim: int
+    projector_output_dim: int
+    vision_output_dim: int
+    rope_theta: float
+    norm_eps: float
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def shuffle_factor(self) -> int:
+        """Patches merged per side by the pixel shuffle (2 for the ratio 0.5 of Scout and Maverick)."""
+        return round(1 / self.pixel_shuffle_ratio)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return (self.patches_per_side // self.shuffle_factor) ** 2
+
+    def check_shapes(self, text_hidden_size: int) -> None:
+        """The relations between widths that the weights depend on, checked before building the tower.
+
+        Not checked at parse time: a text-only run must not fail on a vision config it never uses.
+        """
+        if self.hidden_size % self.num_heads or self.head_dim % 4:
+            raise ConfigError(
+                f"vision_config.hidden_size ({self.hidden_size}) / num_attention_heads ({self.num_heads}) "
+                "must be a multiple of 4 (2D RoPE splits each head into x and y halves of complex pairs)"
+            )
+        shuffled = self.hidden_size * self.shuffle_factor**2
+        if self.intermediate_size != shuffled:
+            raise ConfigError(
+                f"vision_config.intermediate_size ({self.intermediate_size}) must equal hidden_size x "
+                f"{self.shuffle_factor}^2 = {shuffled}: the adapter takes the pixel-shuffled patches"
+            )
+        if not self.projector_input_dim == self.projector_output_dim == self.vision_output_dim:
+            raise ConfigError(
+                f"vision_config.projector_input_dim ({self.projector_input_dim}), projector_output_dim "
+                f"({self.projector_output_dim}) and vision_output_dim ({self.vision_output_dim}) must be equal"
+            )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str
     # Prefix of the text model's tensors in the checkpoint ("language_model." or "").
@@ -74,9 +132,11 @@ class ModelConfig:
     torch_dtype: str | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    image_token_index: int | None
+    image_token_index: int | None  # `<|patch|>`: the positions that receive image features
+    boi_token_index: int | None  # `<|image_start|>`
+    eoi_token_index: int | None  # `<|image_end|>`
     layers: tuple[LayerSpec, ...]
-    vision: dict[str, Any] | None
+    vision: VisionConfig | None
     quantization: dict[str, Any] | None
 
     @property
@@ -105,13 +165,19 @@ class ModelConfig:
             text = raw.get("text_config")
             if not isinstance(text, dict):
                 raise ConfigError(f"{architecture} config needs a 'text_config' object")
-            vision = raw.get("vision_config")
-            if vision is not None and not isinstance(vision, dict):
+            raw_vision = raw.get("vision_config")
+            if raw_vision is not None and not isinstance(raw_vision, dict):
                 raise ConfigError("'vision_config' must be an object")
-            prefix, image_token = "language_model.", _int(raw, "image_token_index", 200092)
+            vision = _vision_config(raw_vision) if raw_vision else None
+            prefix = "language_model."
+            image_tokens = tuple(_int(raw, key, default) for key, default in _IMAGE_TOKENS)
         else:
-            text, vision, prefix, image_token = raw, None, "", None
-        return _text_config(text, architecture, prefix, vision or None, image_token, raw)
+            text, vision, prefix, image_tokens = raw, None, "", (None, None, None)
+        return _text_config(text, architecture, prefix, vision, image_tokens, raw)
+
+
+# Top-level ids of a multimodal config, with HF's defaults (those of the real Llama 4 vocabulary).
+_IMAGE_TOKENS = (("image_token_index", 200092), ("boi_token_index", 200080), ("eoi_token_index", 200081))
 
 
 def _architecture(raw: dict[str, Any]) -> str:
@@ -140,8 +206,8 @@ def _text_config(
     t: dict[str, Any],
     architecture: str,
     prefix: str,
-    vision: dict[str, Any] | None,
-    image_token: int | None,
+    vision: VisionConfig | None,
+    image_tokens: tuple[int | None, int | None, int | None],
     top: dict[str, Any],
 ) -> ModelConfig:
     hidden = _int(t, "hidden_size", required=True)
@@ -194,7 +260,9 @@ def _text_config(
         torch_dtype=top.get("torch_dtype") or top.get("dtype") or t.get("torch_dtype") or t.get("dtype"),
         bos_token_id=t.get("bos_token_id"),
         eos_token_ids=eos_ids,
-        image_token_index=image_token,
+        image_token_index=image_tokens[0],
+        boi_token_index=image_tokens[1],
+        eoi_token_index=image_tokens[2],
         layers=layers,
         vision=vision,
         quantization=quant,
@@ -270,6 +338,44 @@ def _rope(t: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         ),
     )
     return float(theta), scaling
+
+
+def _vision_config(v: dict[str, Any]) -> VisionConfig:
+    w = "vision_config"
+    act = v.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ConfigError(f"{w}.hidden_act {act!r} is not supported; Llama 4 uses 'gelu'")
+    image_size, patch_size = _int(v, "image_size", 448, where=w), _int(v, "patch_size", 14, where=w)
+    if image_size % patch_size:
+        raise ConfigError(f"{w}.image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+    ratio = _float(v, "pixel_shuffle_ratio", 0.5, where=w)
+    factor = round(1 / ratio) if 0 < ratio <= 1 else 0
+    if factor == 0 or abs(factor * ratio - 1) > 1e-6 or (image_size // patch_size) % factor:
+        raise ConfigError(
+            f"{w}.pixel_shuffle_ratio must be 1/k for a k dividing the {image_size // patch_size} patches per side, "
+            f"got {ratio!r}"
+        )
+    params = v.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{w}.rope_parameters must be an object")
+    theta = params.get("rope_theta", v.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 0:
+        raise ConfigError(f"{w}.rope_theta must be a positive number, got {theta!r}")
+    return VisionConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        num_channels=_int(v, "num_channels", 3, where=w),
+        hidden_size=_int(v, "hidden_size", 768, where=w),
+        num_layers=_int(v, "num_hidden_layers", 34, where=w),
+        num_heads=_int(v, "num_attention_heads", 16, where=w),
+        intermediate_size=_int(v, "intermediate_size", 5632, where=w),
+        pixel_shuffle_ratio=ratio,
+        projector_input_dim=_int(v, "projector_input_dim", 4096, where=w),
+        projector_output_dim=_int(v, "projector_output_dim", 4096, where=w),
+        vision_output_dim=_int(v, "vision_output_dim", 7680, where=w),
+        rope_theta=float(theta),
+        norm_eps=_float(v, "norm_eps", 1e-5, where=w),
+    )
 
 
 def _int(d: dict[str, Any], key: str, default: int | None = None, *, required: bool = False, where: str = "") -> int:

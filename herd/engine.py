@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 
 from herd.detokenizer import IncrementalDetokenizer
+from herd.image_inputs import ExpandedPrompt, ImageInputError, expand_images
 from herd.kv_cache import KVCacheManager
 from herd.kv_sizing import plan_kv_cache
 from herd.layers.attention import PagedKVStorage
 from herd.layers.cpu_packing import pack_for_cpu, packing_available
 from herd.model_runner import ModelRunner
+from herd.models.llama4 import text_model
 from herd.models.loader import load_model, resolve_dtype
 from herd.prefix_cache import PrefixCache
 from herd.sampling import Sampler, SamplingParams, SamplingState
@@ -82,12 +84,13 @@ class Engine:
             load_format=args.load_format,
             attention_backend=backend,
             seed=args.seed,
+            enable_multimodal=args.enable_multimodal,
         )
         self.config = self.model.config
         weight_bytes = _param_bytes(self.model)
         dtype = resolve_dtype(args.dtype, self.config)
         if packing_available(self.device) and dtype in (torch.bfloat16, torch.float32):
-            pack_for_cpu(self.model)
+            pack_for_cpu(text_model(self.model))  # the vision tower runs large batches: oneDNN's default suits it
         self.tokenizer = self._load_tokenizer()
         self.context_length = args.context_length or self.config.max_position_embeddings
 
@@ -136,12 +139,19 @@ class Engine:
     def add_request(
         self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None
     ) -> None:
-        """Queue a request. `prompt` is text, a list of token ids or `{"prompt_token_ids": [...]}`."""
+        """Queue a request. `prompt` is text, a list of token ids or `{"prompt_token_ids": [...]}`.
+
+        A prompt dict may carry images, vLLM-style: `{"prompt": ..., "multi_modal_data": {"image": [img, ...]}}`
+        (PIL images; one `<|image|>` placeholder in the prompt for each, in order).
+        """
         params = params or SamplingParams()
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         params.check_vocab(self.config.vocab_size)
         text, ids = self._prompt_ids(prompt)
+        expanded = self._expand_images(prompt, ids) if isinstance(prompt, dict) else None
+        if expanded is not None:
+            ids = expanded.token_ids
         self._check_fits(len(ids), params)
         max_tokens = params.max_tokens or self.context_length - len(ids)
         request = _Request(
@@ -149,6 +159,8 @@ class Engine:
         )
         for i in range(params.n):
             seq = Sequence(seq_id=f"{request_id}#{i}", prompt_token_ids=list(ids), max_tokens=max_tokens)
+            if expanded is not None:  # the n sequences share the images, so each is encoded once
+                seq.prompt_key_ids, seq.images = expanded.cache_key, expanded.images
             seed = params.seed + i if params.seed is not None else self._rng.getrandbits(63)
             request.seqs.append(seq)
             request.states.append(SamplingState(params, ids, seed=seed, eos_token_ids=self.eos_token_ids))
@@ -177,6 +189,16 @@ class Engine:
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         return None, ids
+
+    def _expand_images(self, prompt: dict, ids: list[int]) -> ExpandedPrompt | None:
+        """The prompt with each `<|image|>` placeholder replaced by its image's tokens; None without images."""
+        data = prompt.get("multi_modal_data")
+        if not data:
+            return None
+        try:
+            return expand_images(data, ids, self.config, self.tokenizer, enabled=self.args.enable_multimodal)
+        except ImageInputError as e:
+            raise RequestError(str(e)) from None
 
     def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
         total = prompt_len + (params.max_tokens or 1)
@@ -239,6 +261,9 @@ class Engine:
             self._append(request, index, seq, result)
             touched[request.output.request_id] = request
         for request in touched.values():
+            images = request.seqs[0].images
+            if images is not None and all(s.output_token_ids for s in request.seqs):
+                images.drop_features()  # every sequence is past its prompt (recomputed after preemption: re-encoded)
             if request.output.finished:
                 self._requests.pop(request.output.request_id, None)
                 for seq in request.seqs:

@@ -37,7 +37,11 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text, `{"prompt_token_ids": [...]}`); outputs in prompt order."""
+        """Generate for every prompt (text, `{"prompt_token_ids": [...]}`); outputs in prompt order.
+
+        A dict prompt may carry images: `{"prompt": "... <|image|> ...", "multi_modal_data": {"image": [img]}}`,
+        PIL images, one `<|image|>` placeholder per image (needs `enable_multimodal=True`).
+        """
         if isinstance(prompts, str | dict) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
@@ -67,19 +71,21 @@ class LLM:
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, formatted by the chat template."""
+        """Generate replies to one conversation or a list of them, formatted by the chat template.
+
+        Content parts `{"type": "image", "image": <PIL image>}` are images, in the order they appear.
+        """
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise RequestError("chat needs a tokenizer, and this model folder has none")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [
-            {
-                "prompt_token_ids": tokenizer.apply_chat_template(
-                    conv, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True
-                )
-            }
-            for conv in conversations
-        ]
+        prompts = []
+        for conv in conversations:
+            ids = tokenizer.apply_chat_template(
+                conv, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True
+            )
+            images = _images(conv)
+            prompts.append({"prompt_token_ids": ids, **({"multi_modal_data": {"image": images}} if images else {})})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
@@ -91,3 +97,14 @@ class LLM:
                         done[out.request_id] = out
                         bar.update(1)
         return [done[request_id] for request_id in order]
+
+
+def _images(conversation: list[dict]) -> list[object]:
+    """The images of a conversation's `{"type": "image", "image": ...}` content parts, in order."""
+    return [
+        part["image"]
+        for message in conversation
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, dict) and part.get("type") == "image" and "image" in part
+    ]

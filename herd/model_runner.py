@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import torch
 
+from herd.image_inputs import PromptImage
 from herd.kv_cache import KVCacheManager
 from herd.layers.attention import AttentionMetadata, PagedKVStorage, PoolView
+from herd.models.llama4 import Llama4ForConditionalGeneration
 from herd.models.llama4_text import Llama4ForCausalLM
 from herd.scheduler import SchedulerOutput
 
 
 class ModelRunner:
     def __init__(
-        self, model: Llama4ForCausalLM, kv_storage: PagedKVStorage, kv: KVCacheManager, device: torch.device
+        self,
+        model: Llama4ForCausalLM | Llama4ForConditionalGeneration,
+        kv_storage: PagedKVStorage,
+        kv: KVCacheManager,
+        device: torch.device,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -45,11 +51,46 @@ class ModelRunner:
         )
         self.kv_storage.zero_blocks(self.kv.full.take_fresh(), self.kv.local.take_fresh())
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, positions.to(self.device), meta, self.kv_storage)
+        images = self._image_inputs(out, starts) if isinstance(self.model, Llama4ForConditionalGeneration) else None
+        if images is None:
+            hidden = self.model(input_ids, positions.to(self.device), meta, self.kv_storage)
+        else:
+            hidden = self.model(input_ids, positions.to(self.device), meta, self.kv_storage, *images)
         if not sample_rows:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         rows = torch.tensor(sample_rows, device=self.device)
         return self.model.compute_logits(hidden[rows]).float()
+
+    def _image_inputs(self, out: SchedulerOutput, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows of the token axis, their features) for the image patch tokens computed this step, or None.
+
+        Encodes, in one batch, the images whose patch tokens this step reaches for the first time.
+        """
+        spans: list[tuple[PromptImage, int, int, int]] = []  # image, lo, hi, token-axis row of position 0
+        for item, row in zip(out.scheduled, starts[:-1], strict=True):
+            if item.seq.images is None:
+                continue
+            for img, lo, hi in item.seq.images.overlapping(item.start, item.start + item.num_tokens):
+                spans.append((img, lo, hi, row - item.start))
+        if not spans:
+            return None
+        todo = list({id(img): img for img, *_ in spans if img.features is None}.values())
+        if todo:
+            self._encode(todo)
+        rows, features = [], []
+        for img, lo, hi, offset in spans:
+            assert img.features is not None
+            rows.append(torch.tensor(img.patch_positions[lo:hi]) + offset)
+            features.append(img.features[lo:hi])
+        return torch.cat(rows).to(self.device), torch.cat(features)
+
+    def _encode(self, images: list[PromptImage]) -> None:
+        assert isinstance(self.model, Llama4ForConditionalGeneration)
+        tiles = torch.cat([img.pixel_values for img in images]).to(self.device)
+        features = self.model.encode_images(tiles)  # [tiles, tokens_per_tile, hidden]
+        counts = [img.pixel_values.shape[0] for img in images]
+        for img, feats in zip(images, features.split(counts), strict=True):
+            img.features = feats.flatten(0, 1)
 
     def _slots(self, tables: list[list[int]], out: SchedulerOutput) -> torch.Tensor:
         """Physical slot of every new token: table[pos // block_size] * block_size + pos % block_size."""

@@ -13,9 +13,13 @@ import enum
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from herd.kv_cache import KVCacheManager, SeqBlocks
 from herd.prefix_cache import PrefixCache
+
+if TYPE_CHECKING:
+    from herd.image_inputs import RequestImages
 
 
 class SeqStatus(enum.Enum):
@@ -36,6 +40,10 @@ class Sequence:
     num_preemptions: int = 0
     blocks: SeqBlocks = field(default_factory=SeqBlocks)
     admitted_order: int = -1
+    # With images: the prompt as the prefix cache keys it (patch tokens stand for their image's content),
+    # and the images themselves, opaque here (the model runner encodes them).
+    prompt_key_ids: list[int] | None = None
+    images: RequestImages | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -43,6 +51,10 @@ class Sequence:
 
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def cache_key(self) -> list[int]:
+        """The tokens as the prefix cache sees them: equal keys mean equal KV."""
+        return (self.prompt_key_ids or self.prompt_token_ids) + self.output_token_ids
 
 
 @dataclass
@@ -140,7 +152,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_running and budget > 0:
             seq = self.waiting[0]
             if self.prefix_cache is not None and not seq.blocks.full:
-                hit = self.prefix_cache.match(seq.token_ids())
+                hit = self.prefix_cache.match(seq.cache_key())
                 seq.blocks.full, seq.blocks.local = hit.full_blocks, hit.local_blocks
                 seq.num_computed = hit.num_tokens
                 if seq.num_preemptions == 0:
@@ -169,7 +181,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         """Give back a sequence's blocks, keeping its computed prefix in the cache."""
         if self.prefix_cache is not None:
-            self.prefix_cache.insert(seq.token_ids(), seq.blocks, seq.num_computed)
+            self.prefix_cache.insert(seq.cache_key(), seq.blocks, seq.num_computed)
         self.kv.free(seq.blocks)
         seq.num_computed = 0
 
@@ -180,7 +192,7 @@ class Scheduler:
             seq.num_computed = item.start + item.num_tokens
             if self.prefix_cache is not None and seq.num_computed == len(seq.prompt_token_ids):
                 # Prompt done: share it with whoever arrives next with the same prefix.
-                self.prefix_cache.insert(seq.token_ids(), seq.blocks, seq.num_computed)
+                self.prefix_cache.insert(seq.cache_key(), seq.blocks, seq.num_computed)
 
     def finish(self, seq: Sequence) -> None:
         """Retire a sequence (finished or aborted), running or still waiting."""

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from herd.layers.attention import available_backends
@@ -73,6 +74,10 @@ class ServerArgs:
         default=None, metadata={"help": "tool-call format of the model's output (default: llama4, both shapes)"}
     )
     enable_multimodal: bool = False
+    allowed_local_media_path: str | None = field(
+        default=None, metadata={"help": "let requests name image files under this folder (vLLM's flag; off by default)"}
+    )
+    max_images_per_request: int = field(default=10, metadata={"help": "most images one request may carry"})
     trust_remote_code: bool = field(default=False, metadata={"help": "accepted for SGLang compatibility; no effect"})
     enable_metrics: bool = field(default=False, metadata={"help": "accepted for SGLang compatibility: always on"})
     log_level: str | None = field(default=None, metadata={"help": "default: info for serve, warning for generate"})
@@ -139,6 +144,10 @@ class ServerArgs:
             raise ArgumentError("--api-key must not be empty")
         if self.served_model_name == "":
             raise ArgumentError("--served-model-name must not be empty")
+        if not isinstance(self.max_images_per_request, int) or self.max_images_per_request < 0:
+            raise ArgumentError(f"--max-images-per-request must be 0 or more, got {self.max_images_per_request!r}")
+        if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
+            raise ArgumentError(f"--allowed-local-media-path {self.allowed_local_media_path!r} is not a folder")
 
     def _check_choice(self, name: str, choices: tuple[str, ...] | list[str]) -> None:
         value = getattr(self, name)

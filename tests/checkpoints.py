@@ -71,6 +71,23 @@ TINY_VISION = dict(
 )
 
 
+# A vision tower small enough for CPU tests with everything live: 4 x 4 patches per 28 px tile, pixel
+# shuffle to 4 tokens per tile, 2D RoPE with a non-default theta, projector widths unlike the text width.
+VISION_LIKE = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    image_size=28,
+    patch_size=7,
+    pixel_shuffle_ratio=0.5,
+    projector_input_dim=48,
+    projector_output_dim=48,
+    vision_output_dim=48,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+)
+
+
 def widen(model: torch.nn.Module, seed: int) -> None:
     """Re-draw weights at ~1/sqrt(fan_in) so activations and logits are of order 1.
 
@@ -107,6 +124,45 @@ def make_multimodal_checkpoint(path: Path, text_config: dict, seed: int = 0) -> 
     model = Llama4ForConditionalGeneration(config).float().eval()
     widen(model, seed)
     model.save_pretrained(path)
+    return model
+
+
+def widen_vision(model: torch.nn.Module, seed: int) -> None:
+    """`widen` for the vision tower and projector: HF's init would make every image feature near zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith(("vision_model", "multi_modal_projector")):
+                continue
+            noise = torch.randn(p.shape, generator=gen)
+            if "layernorm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif p.dim() == 1 and not name.endswith("class_embedding"):
+                p.copy_(0.1 * noise)  # biases
+            elif name.endswith(("class_embedding", "positional_embedding_vlm")):
+                p.copy_(noise)
+            else:
+                p.copy_(noise / math.sqrt(p.shape[-1]))
+
+
+def make_vision_checkpoint(path: Path, seed: int = 0) -> Llama4ForConditionalGeneration:
+    """A multimodal checkpoint over the real Llama 4 vocabulary (its image tokens), tokenizer.model beside it."""
+    torch.manual_seed(seed)
+    text = {
+        **SCOUT_LIKE,
+        "vocab_size": LLAMA4_VOCAB,
+        "hidden_size": 32,
+        "head_dim": 8,
+        "bos_token_id": 200000,
+        "eos_token_id": [200001, 200007, 200008],
+        "pad_token_id": 200018,
+    }
+    config = Llama4Config(text_config=text, vision_config=VISION_LIKE)
+    model = Llama4ForConditionalGeneration(config).float().eval()
+    widen(model, seed)
+    widen_vision(model, seed + 1)
+    model.save_pretrained(path)
+    shutil.copy(llama4_tokenizer_model(), path / "tokenizer.model")
     return model
 
 

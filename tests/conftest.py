@@ -10,6 +10,7 @@ from checkpoints import (
     make_multimodal_checkpoint,
     make_real_vocab_checkpoint,
     make_text_checkpoint,
+    make_vision_checkpoint,
 )
 
 
@@ -38,3 +39,10 @@ def real_vocab_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, obj
     """A tiny checkpoint over the real Llama 4 vocabulary with Meta's tokenizer.model: text in, text out."""
     path = tmp_path_factory.mktemp("real_vocab")
     return path, make_real_vocab_checkpoint(path, seed=3)
+
+
+@pytest.fixture(scope="session")
+def vision_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """A multimodal checkpoint with a live vision tower, the real vocabulary and Meta's tokenizer.model."""
+    path = tmp_path_factory.mktemp("vision")
+    return path, make_vision_checkpoint(path, seed=4)

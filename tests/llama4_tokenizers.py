@@ -18,6 +18,7 @@ from typing import Any
 from unittest import mock
 
 import llama_models
+from PIL import ImageFile
 
 from herd.tokenizer import Tokenizer, load_tokenizer
 
@@ -35,14 +36,18 @@ def meta_tokenizer() -> Any:
 @cache
 def meta_chat_format() -> Any:
     """Meta's reference ChatFormat. Its module imports torchvision for image transforms only: a stub
-    stands in while it imports and is removed afterwards, so other tests still see no torchvision."""
+    stands in while it imports and is removed afterwards, so other tests still see no torchvision.
+    Importing it also makes Pillow accept truncated images process-wide; that is undone too, so the tests of
+    herd's corrupt-image errors do not depend on which tests ran before them."""
     stubs = {name: mock.MagicMock() for name in _TORCHVISION if name not in sys.modules}
     sys.modules.update(stubs)
+    load_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
     try:
         from llama_models.llama4.chat_format import ChatFormat
     finally:
         for name in stubs:
             del sys.modules[name]
+        ImageFile.LOAD_TRUNCATED_IMAGES = load_truncated
     return ChatFormat(meta_tokenizer())
 
 

@@ -43,7 +43,7 @@ def test_random_dataset_against_herd(
     wait_idle(server.url)
 
 
-def test_image_dataset_is_refused_until_multimodal_lands(
+def test_image_dataset_is_refused_without_enable_multimodal(
     server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     flags = ["--dataset-name", "image", "--image-count", "1", "--image-resolution", "32x32"]

@@ -271,6 +271,19 @@ def test_resolve_chat_template(tmp_path):
 
 # -- jinja templates, rendered as transformers renders them ---------------------------------------------
 
+IMAGE_DIALOG = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "Compare "},
+            {"type": "image"},
+            {"type": "text", "text": " with "},
+            {"type": "image"},
+        ],
+    },
+    {"role": "assistant", "content": "They match."},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]},
+]
 HF_DIALOGS: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]] = [
     (DIALOGS["multi_turn"], None),
     (DIALOGS["non_ascii"], None),
@@ -288,6 +301,7 @@ HF_DIALOGS: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]] = [
         [WEATHER_TOOL],
     ),
     ([{"role": "user", "content": "Weather in Paris?"}], [WEATHER_TOOL]),
+    (IMAGE_DIALOG, None),
 ]
 
 
@@ -306,6 +320,14 @@ def test_checkpoint_template_equals_transformers(index):
     assert tiktoken_tokenizer().apply_chat_template(messages, chat_template=hf_llama4_template(), **kwargs) == (
         expected_ids
     )
+
+
+def test_builtin_and_hf_templates_put_images_in_the_same_places():
+    # Hugging Face's template renders {"type": "image"} parts (the server turns image_url parts into them).
+    hf = JinjaChatTemplate(hf_llama4_template()).render_text(IMAGE_DIALOG, bos_token="<|begin_of_text|>")
+    assert hf == Llama4ChatTemplate().render_text(IMAGE_DIALOG)
+    assert hf.count("<|image|>") == 3
+    assert "Compare <|image|> with <|image|><|eot|>" in hf and "\n\n<|image|>And this?<|eot|>" in hf
 
 
 def test_template_file_equals_transformers(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 
 from herd.engine import Engine, RequestError
 from herd.engine_process import EngineProcess
@@ -10,7 +11,7 @@ from herd.sampling import SamplingParams
 from herd.server_args import ServerArgs
 
 
-def run(engine: Engine | EngineProcess, prompts: list[list[int]]) -> dict[str, list[int]]:
+def run(engine: Engine | EngineProcess, prompts: list[list[int]] | list[dict]) -> dict[str, list[int]]:
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     for i, ids in enumerate(prompts):
         engine.add_request(str(i), ids, params)
@@ -48,3 +49,22 @@ def test_a_bad_checkpoint_fails_at_start(tmp_path) -> None:
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
         EngineProcess(ServerArgs(model_path=str(tmp_path)))
+
+
+def test_images_cross_to_the_engine_process(vision_ckpt) -> None:
+    # The server hands PIL images over the pipe (pickled): what arrives must be the same picture.
+    args = ServerArgs(model_path=str(vision_ckpt[0]), dtype="float32", enable_multimodal=True, max_total_tokens=512)
+    palette = Image.frombytes("P", (40, 30), bytes(range(200)) * 6)
+    palette.putpalette(bytes(range(256)) * 3)
+    palette.info["transparency"] = 3
+    noise = Image.frombytes("RGB", (50, 20), bytes((i * 37) % 256 for i in range(3000)))
+    prompts = [
+        {"prompt": "Compare <|image|> and <|image|>.", "multi_modal_data": {"image": [palette, noise]}},
+        {"prompt": "What is <|image|>?", "multi_modal_data": {"image": [noise]}},
+    ]
+    expected = run(Engine(args), prompts)
+    engine = EngineProcess(args)
+    try:
+        assert run(engine, prompts) == expected
+    finally:
+        engine.close()

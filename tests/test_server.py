@@ -275,7 +275,7 @@ BAD_REQUESTS = [
         },
         400,
         ["--enable-multimodal"],
-        "messages.0.content",
+        "messages.0.content.0",
     ),
     ("/v1/completions", {"model": MODEL, "prompt": []}, 400, ["prompt"], "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [5, 10**9]}, 400, ["prompt token ids"], None),

@@ -48,6 +48,15 @@ def test_sglang_command_line_is_accepted() -> None:
     assert args.enable_multimodal and args.trust_remote_code and args.api_key == "k" and args.log_level == "warning"
     defaults = parse_args(["--model-path", "m"])
     assert (defaults.host, defaults.port, defaults.tp_size) == ("127.0.0.1", 30000, 1)
+    assert (defaults.allowed_local_media_path, defaults.max_images_per_request) == (None, 10)
+
+
+def test_image_flags(tmp_path: Path) -> None:
+    # vLLM's --allowed-local-media-path; both flags are read by the server (herd/server/images.py).
+    args = parse_args(
+        ["--model-path", "m", "--allowed-local-media-path", str(tmp_path), "--max-images-per-request", "2"]
+    )
+    assert (args.allowed_local_media_path, args.max_images_per_request) == (str(tmp_path), 2)
 
 
 @pytest.mark.parametrize(
@@ -64,6 +73,8 @@ def test_sglang_command_line_is_accepted() -> None:
         (["--log-level", "loud"], ["--log-level", "debug"]),
         (["--dtype", "fp64"], ["--dtype", "bfloat16"]),
         (["--mem-fraction-static", "1.5"], ["--mem-fraction-static"]),
+        (["--max-images-per-request", "-1"], ["--max-images-per-request", "0 or more"]),
+        (["--allowed-local-media-path", "/no/such/folder"], ["--allowed-local-media-path", "not a folder"]),
         (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
     ],
 )

@@ -2,8 +2,10 @@
 
 Accepts the multimodal layout (text weights under `language_model.`) and the text-only one,
 and experts stored fused (`experts.gate_up_proj [E, H, 2I]`, `experts.down_proj [E, I, H]`)
-or per expert (`experts.<e>.{gate,up,down}_proj.weight`). Anything that does not fit — a
-missing or unexpected tensor, a wrong shape — fails with the offending names listed.
+or per expert (`experts.<e>.{gate,up,down}_proj.weight`). The vision tower of a multimodal
+checkpoint is built and loaded only with `enable_multimodal`; otherwise its tensors are never read.
+Anything that does not fit — a missing or unexpected tensor, a wrong shape — fails with the
+offending names listed.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from tqdm import tqdm
 
 from herd.config import ModelConfig
 from herd.layers.attention import get_attention_backend
+from herd.models.llama4 import Llama4ForConditionalGeneration, text_model
 from herd.models.llama4_text import Llama4ForCausalLM
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+Model = Llama4ForCausalLM | Llama4ForConditionalGeneration
+
 # Tensors of a multimodal checkpoint that the text model does not use.
 VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
@@ -53,8 +58,12 @@ def load_model(
     load_format: str = "auto",
     attention_backend: str = "torch_native",
     seed: int = 0,
-) -> Llama4ForCausalLM:
-    """Build the text model of the checkpoint at `path` and fill its weights."""
+    enable_multimodal: bool = False,
+) -> Model:
+    """Build the model of the checkpoint at `path` and fill its weights.
+
+    The text model alone, unless `enable_multimodal` and the checkpoint has a vision tower.
+    """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load format {load_format!r}; accepted: {', '.join(LOAD_FORMATS)}")
     config = ModelConfig.from_hf(path)
@@ -62,7 +71,8 @@ def load_model(
         method = config.quantization.get("quant_method", "?")
         raise CheckpointError(f"quantized checkpoints (quant_method {method!r}) are not supported yet")
     torch_dtype = resolve_dtype(dtype, config)
-    model = _build_empty(config, torch_dtype, device, attention_backend)
+    multimodal = enable_multimodal and config.vision is not None
+    model = _build_empty(config, torch_dtype, device, attention_backend, multimodal)
     if load_format == "dummy":
         init_dummy_weights(model, config, seed)
     else:
@@ -71,14 +81,15 @@ def load_model(
 
 
 def _build_empty(
-    config: ModelConfig, dtype: torch.dtype, device: str | torch.device, attention_backend: str
-) -> Llama4ForCausalLM:
+    config: ModelConfig, dtype: torch.dtype, device: str | torch.device, attention_backend: str, multimodal: bool
+) -> Model:
     """The model with uninitialised storage of the final dtype: no init work, no float32 copy."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    kind = Llama4ForConditionalGeneration if multimodal else Llama4ForCausalLM
     try:
         with torch.device("meta"):
-            model = Llama4ForCausalLM(config, get_attention_backend(attention_backend))
+            model = kind(config, get_attention_backend(attention_backend))
     finally:
         torch.set_default_dtype(previous)
     return model.to_empty(device=device)
@@ -89,14 +100,18 @@ def init_dummy_weights(model: nn.Module, config: ModelConfig, seed: int = 0) -> 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
+            module, _, leaf = name.rpartition(".")
+            if module.endswith("norm") or "layernorm" in module.rpartition(".")[2]:
+                param.fill_(1.0 if leaf == "weight" else 0.0)
             else:
                 noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
                 param.copy_(noise * config.initializer_range)
 
 
-def load_weights(model: Llama4ForCausalLM, config: ModelConfig, path: Path) -> None:
+def load_weights(model: Model, config: ModelConfig, path: Path) -> None:
+    # The multimodal model's names are the checkpoint's own; the text model's lack the prefix.
+    multimodal = isinstance(model, Llama4ForConditionalGeneration)
+    text_prefix = config.weight_prefix if multimodal else ""
     slots = checkpoint_slots(model)
     expert_slots = per_expert_slots(model)
     loaded: set[str] = set()
@@ -105,7 +120,7 @@ def load_weights(model: Llama4ForCausalLM, config: ModelConfig, path: Path) -> N
     with ExitStack() as stack:
         tensors = list(_checkpoint_tensors(path, stack))
         for ckpt_name, get in tqdm(tensors, desc="Loading weights", unit="tensor", leave=False):
-            name = _strip_prefix(ckpt_name, config)
+            name = ckpt_name if multimodal else _strip_prefix(ckpt_name, config)
             if name is None:
                 continue
             target = slots.get(name)
@@ -130,14 +145,16 @@ def load_weights(model: Llama4ForCausalLM, config: ModelConfig, path: Path) -> N
         if sum(p in loaded for p in parts) == len(parts) or fused in loaded:
             loaded.add(fused)
     loaded = {n for n in loaded if n in slots}
-    if config.tie_word_embeddings and "lm_head.weight" not in loaded:
-        model.lm_head.weight = model.model.embed_tokens.weight
-        loaded.add("lm_head.weight")
-    _raise_if_bad(path, sorted(set(slots) - loaded), unexpected, mismatched, config.weight_prefix)
+    if config.tie_word_embeddings and f"{text_prefix}lm_head.weight" not in loaded:
+        text = text_model(model)
+        text.lm_head.weight = text.model.embed_tokens.weight
+        loaded.add(f"{text_prefix}lm_head.weight")
+    missing_prefix = "" if multimodal else config.weight_prefix
+    _raise_if_bad(path, sorted(set(slots) - loaded), unexpected, mismatched, missing_prefix)
     logger.info("loaded %d tensors from %s", len(tensors), path)
 
 
-def checkpoint_slots(model: Llama4ForCausalLM) -> dict[str, torch.Tensor]:
+def checkpoint_slots(model: nn.Module) -> dict[str, torch.Tensor]:
     """Checkpoint tensor name (HF, without prefix) -> the parameter, or the slice of a fused one, it fills."""
     slots: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
@@ -157,7 +174,7 @@ def checkpoint_slots(model: Llama4ForCausalLM) -> dict[str, torch.Tensor]:
     return slots
 
 
-def per_expert_slots(model: Llama4ForCausalLM) -> dict[str, tuple[torch.Tensor, str]]:
+def per_expert_slots(model: nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
     """Per-expert checkpoint names (`experts.<e>.gate_proj.weight` ...) -> (transposed target, fused name)."""
     slots: dict[str, tuple[torch.Tensor, str]] = {}
     for name, param in model.named_parameters():

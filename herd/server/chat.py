@@ -12,11 +12,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from herd.async_engine import CompletionDelta, RequestStream
-from herd.server.context import ServerContext, new_id, why_no_images
+from herd.server.context import ServerContext, new_id
 from herd.server.errors import bad_request
+from herd.server.images import chat_image_refs, load_images, template_messages, with_images
 from herd.server.logprobs import TokenText, chat_logprobs
 from herd.server.params import build_sampling_params
-from herd.server.protocol import ChatCompletionRequest, ImagePart, UserMessage
+from herd.server.protocol import ChatCompletionRequest
 from herd.server.serving import UsageCounter, error_event, submit
 from herd.server.streaming import SSE_DONE, EngineEventStream, cancel_on_disconnect, sse
 from herd.server.tools import ToolPlan, ToolReader, plan_tools
@@ -28,29 +29,28 @@ logger = logging.getLogger(__name__)
 async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest, request: Request) -> Response:
     ctx.check_model(req.model)
     tokenizer = ctx.require_tokenizer("chat completions")
-    _check_supported(ctx, req)
+    _check_supported(req)
     plan = plan_tools(req, ctx.tool_parser_name, tokenizer)
+    messages = [_message_dict(m) for m in req.messages]
+    images = await load_images(ctx, chat_image_refs(messages))
     # Off the event loop: a long conversation takes a while to tokenize, and other streams must flow.
-    ids = await asyncio.to_thread(_prompt_ids, tokenizer, [_message_dict(m) for m in req.messages], plan)
+    ids = await asyncio.to_thread(_prompt_ids, tokenizer, template_messages(messages), plan)
     params = build_sampling_params(_sampling_values(req), ctx.generation_defaults, default_max_tokens=None)
     request_id = new_id("chatcmpl")
     reply = _ChatReply(ctx, req, plan, request_id)
-    stream = await submit(ctx, [(request_id, {"prompt_token_ids": ids}, params)])
+    stream = await submit(ctx, [(request_id, with_images(ids, images), params)])
     if req.stream:
         return EngineEventStream(reply.events(stream), stream)
     return await cancel_on_disconnect(request, reply.collect(stream), stream)
 
 
-def _check_supported(ctx: ServerContext, req: ChatCompletionRequest) -> None:
+def _check_supported(req: ChatCompletionRequest) -> None:
     if req.response_format is not None and req.response_format.type != "text":
         raise bad_request(f"response_format {req.response_format.type!r} is not supported yet", "response_format")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-    for i, m in enumerate(req.messages):
-        if isinstance(m, UserMessage) and any(isinstance(part, ImagePart) for part in m.content):
-            raise bad_request(f"image input {why_no_images(ctx)}", f"messages.{i}.content")
 
 
 def _prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]], plan: ToolPlan) -> list[int]:

@@ -73,13 +73,6 @@ class ServerContext:
             )
 
 
-def why_no_images(ctx: ServerContext) -> str:
-    """The end of the error for an image in a request (images are not served yet)."""
-    if ctx.args.enable_multimodal:
-        return "is not supported yet"
-    return "needs a server started with --enable-multimodal"
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

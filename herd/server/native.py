@@ -14,14 +14,16 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from PIL.Image import Image
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from herd.async_engine import CompletionDelta, RequestDelta, RequestStream
 from herd.sampling import SamplingParams
-from herd.server.context import ServerContext, why_no_images
+from herd.server.context import ServerContext
 from herd.server.errors import bad_request
+from herd.server.images import load_images, native_image_refs, with_images
 from herd.server.params import build_sampling_params
 from herd.server.serving import error_event, submit
 from herd.server.streaming import SSE_DONE, EngineEventStream, cancel_on_disconnect, sse
@@ -70,16 +72,17 @@ class GenerateRequest(BaseModel):
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
-    image_data: Any = None
+    image_data: Any = None  # a URL or base64 string, or a list of them (per prompt, for a batch)
 
 
 async def generate(ctx: ServerContext, req: GenerateRequest, request: Request) -> Response:
     prompts, batched = await asyncio.to_thread(_prompts, ctx, req)  # tokenizing off the event loop
     params = _sampling_params(ctx, req)
     rids = _request_ids(req.rid, len(prompts))
+    images = await _images(ctx, req, len(prompts), batched)
     reply = _NativeReply(req, rids, params.n)
     stream = await submit(
-        ctx, [(rid, {"prompt_token_ids": ids}, params) for rid, ids in zip(rids, prompts, strict=True)]
+        ctx, [(rid, with_images(ids, imgs), params) for rid, ids, imgs in zip(rids, prompts, images, strict=True)]
     )
     if req.stream:
         return EngineEventStream(reply.events(stream), stream)
@@ -87,9 +90,17 @@ async def generate(ctx: ServerContext, req: GenerateRequest, request: Request) -
     return await cancel_on_disconnect(request, reply.collect(stream, single), stream)
 
 
+async def _images(ctx: ServerContext, req: GenerateRequest, num_prompts: int, batched: bool) -> list[list[Image]]:
+    """Each prompt's images. As in SGLang, the prompt has one <|image|> where each of its images goes."""
+    refs = native_image_refs(req.image_data, num_prompts, batched)
+    loaded = await asyncio.gather(*(load_images(ctx, r) for r in refs), return_exceptions=True)
+    for result in loaded:  # the first failure in prompt order
+        if isinstance(result, BaseException):
+            raise result
+    return loaded  # type: ignore[return-value]
+
+
 def _prompts(ctx: ServerContext, req: GenerateRequest) -> tuple[list[list[int]], bool]:
-    if req.image_data is not None:
-        raise bad_request(f"image input {why_no_images(ctx)}", "image_data")
     if (req.text is None) == (req.input_ids is None):
         raise bad_request("give exactly one of text and input_ids", "text")
     if req.text is not None:

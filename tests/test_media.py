@@ -1,0 +1,197 @@
+"""Loading images from data: URLs, base64, http(s) and allowed local files, and refusing everything else."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.server
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from herd.media import MediaError, decode_image, load_image
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def data_url(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+RED = Image.new("RGB", (5, 3), (255, 0, 0))
+PNG = encode(RED)
+JPEG = encode(RED, "JPEG")
+NOISE_PNG = encode(Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48))
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    routes: dict[str, tuple[int, dict[str, str], bytes]] = {}  # noqa: RUF012 (filled by the fixture)
+
+    def do_GET(self) -> None:
+        if self.path == "/slow":
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(OSError):  # the client gives up first
+                for _ in range(40):
+                    self.wfile.write(b"x" * 10)
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            return
+        if self.path == "/endless":  # no Content-Length: the size cap must stop the download
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for _ in range(1000):
+                    self.wfile.write(b"\0" * 65536)
+            return
+        status, headers, body = self.routes.get(self.path, (404, {}, b"not found"))
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def web() -> Iterator[str]:
+    _Handler.routes = {
+        "/red.png": (200, {"Content-Type": "image/png"}, PNG),
+        "/hop": (302, {"Location": "/red.png"}, b""),
+        "/loop": (302, {"Location": "/loop"}, b""),
+        "/page": (200, {"Content-Type": "text/html"}, b"<html>not an image</html>"),
+        "/big": (200, {"Content-Type": "image/png"}, PNG + b"\0" * 5000),
+    }
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def load(url: str, **kwargs: object) -> Image.Image:
+    limits = {"allowed_local_media_path": None, "timeout_s": 5.0, "max_bytes": 1 << 20, "max_redirects": 3}
+    return load_image(url, **{**limits, **kwargs})  # type: ignore[arg-type]
+
+
+def test_data_url_and_raw_base64() -> None:
+    assert load(data_url(PNG)).tobytes() == RED.tobytes()
+    assert load(data_url(PNG, "application/octet-stream")).size == (5, 3)
+    raw = base64.b64encode(JPEG).decode()
+    assert raw.startswith("/9j/")  # a JPEG's base64 looks like a path: it must still read as base64
+    assert load(raw).size == (5, 3)
+    assert load(base64.encodebytes(PNG).decode()).size == (5, 3)  # with MIME line breaks
+
+
+def test_http_url_with_a_redirect(web: str) -> None:
+    assert load(f"{web}/red.png").tobytes() == RED.tobytes()
+    assert load(f"{web}/hop").size == (5, 3)
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "message"),
+    [
+        ("/missing.png", {}, "HTTP 404"),
+        ("/loop", {}, "more than 3 redirects"),
+        ("/hop", {"max_redirects": 0}, "more than 0 redirects"),
+        ("/big", {"max_bytes": 1000}, "image too large: more than 1000 bytes"),
+        ("/endless", {"max_bytes": 200_000}, "image too large: more than 200000 bytes"),
+        ("/slow", {"timeout_s": 0.5}, "timed out"),
+        ("/page", {}, "unsupported image format text/html"),
+    ],
+)
+def test_http_failures(web: str, path: str, kwargs: dict, message: str) -> None:
+    with pytest.raises(MediaError, match=message):
+        load(f"{web}{path}", **kwargs)
+
+
+def test_unreachable_url() -> None:
+    with pytest.raises(MediaError, match="cannot fetch"):
+        load("http://127.0.0.1:1/x.png", timeout_s=2.0)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (data_url(NOISE_PNG[: len(NOISE_PNG) // 2]), "corrupt PNG image"),
+        (data_url(PNG[:20]), "corrupt image"),
+        (data_url(b"definitely not an image"), "cannot decode the image"),
+        (data_url(encode(RED, "PPM"), "image/x-portable-pixmap"), "unsupported image format PPM"),
+        (data_url(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml"), "unsupported image format image/svg"),
+        ("data:text/plain;base64,aGVsbG8=", "unsupported format"),
+        ("data:image/png;base64", "malformed data URL"),
+        ("not base64 at all!", "not valid base64"),
+        ("ftp://example.com/a.png", "unsupported URL scheme 'ftp'"),
+        (data_url(PNG), "image too large"),  # with max_bytes below
+    ],
+)
+def test_bad_images(url: str, message: str) -> None:
+    with pytest.raises(MediaError, match=message):
+        load(url, max_bytes=len(PNG) - 1 if "too large" in message else 1 << 20)
+
+
+def test_pixel_bomb_is_refused_before_decoding() -> None:
+    bomb = encode(Image.new("1", (20000, 20000)))  # 400 Mpixels in a few tens of kB
+    assert len(bomb) < 100_000
+    with pytest.raises(MediaError, match="image too large"):
+        decode_image(bomb)
+    with pytest.raises(MediaError, match="20x20 pixels, more than the limit of 399"):
+        decode_image(encode(Image.new("RGB", (20, 20))), max_pixels=399)
+
+
+def test_truncated_jpeg_is_corrupt() -> None:
+    noisy = Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48)
+    with pytest.raises(MediaError, match="corrupt JPEG image"):
+        decode_image(encode(noisy, "JPEG")[:-300])
+
+
+def test_exif_orientation_is_applied_and_metadata_dropped() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the upright picture is 3 wide, 5 high
+    image = decode_image(encode(RED, "JPEG", exif=exif.tobytes(), icc_profile=b"x" * 100))
+    assert image.size == (3, 5)
+    assert "icc_profile" not in image.info and "exif" not in image.info
+
+
+def test_transparency_survives_decoding() -> None:
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    assert decode_image(encode(palette, transparency=1)).info["transparency"] == 1
+
+
+def test_local_files_only_under_the_allowed_folder(tmp_path: Path) -> None:
+    allowed, outside = tmp_path / "media", tmp_path / "secret"
+    allowed.mkdir()
+    outside.mkdir()
+    (allowed / "red.png").write_bytes(PNG)
+    (outside / "red.png").write_bytes(PNG)
+    (allowed / "link.png").symlink_to(outside / "red.png")
+    root = str(allowed)
+    assert load(f"file://{allowed}/red.png", allowed_local_media_path=root).size == (5, 3)
+    assert load(str(allowed / "red.png"), allowed_local_media_path=root).size == (5, 3)
+    assert load("red.png", allowed_local_media_path=root).size == (5, 3)  # relative to the allowed folder
+    with pytest.raises(MediaError, match="local files are not allowed"):
+        load(str(allowed / "red.png"))
+    with pytest.raises(MediaError, match="local files are not allowed"):
+        load(f"file://{allowed}/red.png")
+    for escape in (str(outside / "red.png"), f"{allowed}/../secret/red.png", "link.png", f"file://{outside}/red.png"):
+        with pytest.raises(MediaError, match="outside the allowed local media path"):
+            load(escape, allowed_local_media_path=root)
+    with pytest.raises(MediaError, match="cannot read"):
+        load("missing.png", allowed_local_media_path=root)
+    with pytest.raises(MediaError, match="image too large"):
+        load("red.png", allowed_local_media_path=root, max_bytes=10)
+    with pytest.raises(MediaError, match="another host"):
+        load("file://example.com/red.png", allowed_local_media_path=root)
