@@ -148,16 +148,7 @@ def widen_vision(model: torch.nn.Module, seed: int) -> None:
 def make_vision_checkpoint(path: Path, seed: int = 0) -> Llama4ForConditionalGeneration:
     """A multimodal checkpoint over the real Llama 4 vocabulary (its image tokens), tokenizer.model beside it."""
     torch.manual_seed(seed)
-    text = {
-        **SCOUT_LIKE,
-        "vocab_size": LLAMA4_VOCAB,
-        "hidden_size": 32,
-        "head_dim": 8,
-        "bos_token_id": 200000,
-        "eos_token_id": [200001, 200007, 200008],
-        "pad_token_id": 200018,
-    }
-    config = Llama4Config(text_config=text, vision_config=VISION_LIKE)
+    config = Llama4Config(text_config=REAL_VOCAB_LIKE, vision_config=VISION_LIKE)
     model = Llama4ForConditionalGeneration(config).float().eval()
     widen(model, seed)
     widen_vision(model, seed + 1)
@@ -173,6 +164,16 @@ def reference_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 
 
 LLAMA4_VOCAB = 202048
+# SCOUT_LIKE over the real Llama 4 vocabulary and its special-token ids, for tests that use Meta's tokenizer.
+REAL_VOCAB_LIKE = {
+    **SCOUT_LIKE,
+    "vocab_size": LLAMA4_VOCAB,
+    "hidden_size": 32,
+    "head_dim": 8,
+    "bos_token_id": 200000,
+    "eos_token_id": [200001, 200007, 200008],
+    "pad_token_id": 200018,
+}
 
 
 def llama4_tokenizer_model() -> Path:
@@ -186,15 +187,7 @@ def make_real_vocab_checkpoint(path: Path, seed: int = 0) -> Llama4ForCausalLM:
     """A tiny Scout-like model over the real Llama 4 vocabulary, with Meta's tokenizer.model beside it."""
     model = make_text_checkpoint(
         path,
-        {
-            **SCOUT_LIKE,
-            "vocab_size": LLAMA4_VOCAB,
-            "hidden_size": 32,
-            "head_dim": 8,
-            "bos_token_id": 200000,
-            "eos_token_id": [200001, 200007, 200008],
-            "pad_token_id": 200018,
-        },
+        REAL_VOCAB_LIKE,
         seed=seed,
     )
     shutil.copy(llama4_tokenizer_model(), path / "tokenizer.model")

@@ -11,8 +11,18 @@ import math
 
 import torch
 
+from herd.engine import Engine
 from herd.layers.attention import AttentionMetadata, PagedKVStorage, PoolView
 from herd.models.llama4_text import Llama4ForCausalLM
+
+
+def assert_no_leaked_blocks(engine: Engine) -> None:
+    """After every request is done (and the prefix cache emptied), both KV pools are empty again."""
+    assert not engine.has_unfinished_requests()
+    if engine.prefix_cache is not None:
+        engine.prefix_cache.clear()
+    assert engine.kv.full.num_used == 0, "full-pool blocks leaked"
+    assert engine.kv.local.num_used == 0, "local-pool blocks leaked"
 
 
 class PagedRunner:

@@ -28,7 +28,7 @@ from herd.launch_server import bind_socket, make_server, url_of
 from herd.server_args import ServerArgs
 from herd.tokenizer import load_tokenizer
 
-from checkpoints import LLAMA4_VOCAB, SCOUT_LIKE, llama4_tokenizer_model
+from checkpoints import REAL_VOCAB_LIKE, llama4_tokenizer_model
 
 CHAIN_LOGIT = 4.0  # per unit of the normalised hidden state: ~23 vs 0, so even temperature 1 follows the chain
 
@@ -117,18 +117,7 @@ def make_chain_checkpoint(path: Path, chains: list[tuple[str, str]]) -> None:
         ids = [tokenizer.encode(start, add_special_tokens=False)[-1], *tokenizer.encode(text, add_special_tokens=False)]
         for a, b in zip(ids, [*ids[1:], eot], strict=True):
             assert successor.setdefault(a, b) == b, f"chains disagree after token {tokenizer.decode([a])!r}"
-    config = Llama4TextConfig(
-        **{
-            **SCOUT_LIKE,
-            "vocab_size": LLAMA4_VOCAB,
-            "hidden_size": 32,
-            "head_dim": 8,
-            "bos_token_id": 200000,
-            "eos_token_id": [200001, 200007, 200008],
-            "pad_token_id": 200018,
-            "tie_word_embeddings": False,
-        }
-    )
+    config = Llama4TextConfig(**{**REAL_VOCAB_LIKE, "tie_word_embeddings": False})
     assert len(successor) <= config.hidden_size, "one hidden dimension per chain token"
     model = Llama4ForCausalLM(config).float().eval()
     with torch.no_grad():

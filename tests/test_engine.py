@@ -12,6 +12,7 @@ from herd.llm import LLM
 from herd.sampling import SamplingParams
 
 from checkpoints import CHUNK
+from paged import assert_no_leaked_blocks
 
 # From one token to several chunks (chunk = 8).
 PROMPT_LENS = [1, 2, 3, 5, 7, 8, 9, 12, 15, 16, 17, 23, 24, 25, 31, 40]
@@ -57,12 +58,7 @@ def make_llm():
 
     yield make
     for llm in made:
-        engine = llm.engine
-        assert not engine.has_unfinished_requests()
-        if engine.prefix_cache is not None:
-            engine.prefix_cache.clear()
-        assert engine.kv.full.num_used == 0, "full-pool blocks leaked"
-        assert engine.kv.local.num_used == 0, "local-pool blocks leaked"
+        assert_no_leaked_blocks(llm.engine)
 
 
 def token_ids(outputs) -> list[list[int]]:

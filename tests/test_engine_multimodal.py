@@ -13,6 +13,8 @@ from herd.models.llama4_text import Llama4ForCausalLM
 from herd.multimodal import image_prompt_tokens, process_image
 from herd.sampling import SamplingParams
 
+from paged import assert_no_leaked_blocks
+
 TILE, TOKENS_PER_TILE = 28, 4  # tests/checkpoints.py VISION_LIKE
 MAX_TOKENS = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -90,11 +92,7 @@ def make_llm(vision_ckpt):
 
     yield make
     for llm in made:
-        engine = llm.engine
-        assert not engine.has_unfinished_requests()
-        if engine.prefix_cache is not None:
-            engine.prefix_cache.clear()
-        assert engine.kv.full.num_used == 0 and engine.kv.local.num_used == 0, "KV blocks leaked"
+        assert_no_leaked_blocks(llm.engine)
 
 
 def tiles(images: list[Image.Image]) -> int:
