@@ -13,7 +13,7 @@ import pytest
 
 from herd.chat.llama4 import format_tool_calls
 from herd.demo import data, images
-from herd.demo.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer, training_texts
+from herd.demo.tokenizer import SPECIAL_TOKENS, TOOL_TEXT_TOKENS, save_tokenizer, train_tokenizer, training_texts
 from herd.demo.tools import TOOLS
 from herd.tokenizer import Tokenizer, load_tokenizer
 from herd.tool_parser import get_tool_parser
@@ -125,6 +125,28 @@ def test_tokenizer_round_trips_and_keeps_special_tokens_whole(tok_folder: Path) 
     )
     # Numbers split into single digits (see SPLIT_PATTERN).
     assert [tok.decode([i]) for i in tok.encode("12345", add_special_tokens=False)] == list("12345")
+
+
+def test_tokenizer_gives_a_word_one_id_wherever_it_stands(tok_folder: Path) -> None:
+    # The word in the question, after a quote in the call, and at the start of the answer: the same id.
+    tok = load_tokenizer(tok_folder)
+    paris = tok.encode("Paris", add_special_tokens=False)
+    for text in ["What's the weather in Paris?", '[get_weather(location="Paris")]', "\n\nParis is"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert any(ids[i : i + len(paris)] == paris for i in range(len(ids))), text
+
+
+def test_tool_instructions_are_one_token_each_and_round_trip(
+    tok_folder: Path, splits: dict[str, list[dict[str, Any]]]
+) -> None:
+    tok = load_tokenizer(tok_folder)
+    for text in TOOL_TEXT_TOKENS:
+        assert len(tok.encode(text, add_special_tokens=False)) == 1
+    record = _by_task(splits["train"], "tool_answer")[0]
+    ids = tok.apply_chat_template(record["messages"], tools=record["tools"])
+    assert sum(i in {tok.token_to_id(t) for t in TOOL_TEXT_TOKENS} for i in ids) == 2
+    text = tok.apply_chat_template(record["messages"], tools=record["tools"], tokenize=False)
+    assert tok.decode(ids) == text
 
 
 EDGE_DIALOGS: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]] = [

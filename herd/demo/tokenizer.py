@@ -14,10 +14,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from herd.chat.llama4 import TOOL_INSTRUCTIONS, Llama4ChatTemplate
-from herd.tokenizer.tiktoken_bpe import TiktokenTokenizer
 
 # Llama 4's named special tokens, in Meta's order (its reserved tokens are left out to keep the vocab small).
 SPECIAL_TOKENS = [
@@ -26,13 +25,20 @@ SPECIAL_TOKENS = [
     "<|finetune_right_pad|>", "<|image_start|>", "<|image_end|>", "<|tile_x_separator|>", "<|tile_y_separator|>",
     "<|image|>", "<|patch|>", "<|reasoning_thinking_start|>", "<|reasoning_thinking_end|>",
 ]  # fmt: skip
-_SPECIAL = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 DEFAULT_VOCAB_SIZE = 4096
-# Llama 4's split pattern, except that numbers split into single digits instead of runs of up to three:
-# a tiny model learns column-wise arithmetic far more easily when every digit is its own token.
-SPLIT_PATTERN = TiktokenTokenizer.PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+# Words never carry the space before them, and numbers split into single digits. Llama 4's pattern glues the
+# space on, so " Paris" and "Paris" are two unrelated ids; a model this small, trained on this little text,
+# never learns that they are one word, and could not copy a name from a question into a call
+# (`location="Paris"`) or into the start of an answer. Single digits make column-wise arithmetic learnable.
+SPLIT_PATTERN = r"\p{L}+|\p{N}|[^\s\p{L}\p{N}]+|\s+"
 
 _PREFIX, _SUFFIX = TOOL_INSTRUCTIONS.split("{functions}")
+# The fixed tool instructions of the llama-4 template (about 800 tokens before the function list and 40 after
+# it) are one added token each: the model learns nothing from reading them word by word, and they would be
+# most of its training compute. They stay ordinary text: encode and decode round-trip them.
+TOOL_TEXT_TOKENS = (_PREFIX, _SUFFIX)
+_UNSPLIT = re.compile("|".join(re.escape(t) for t in [*SPECIAL_TOKENS, *TOOL_TEXT_TOKENS]))
+
 # Every line is a tag with whitespace control on both sides, and all text is written by {{ }} expressions,
 # so jinja's trim_blocks/lstrip_blocks cannot change the output. The macros mirror herd/chat/llama4.py:
 # json_block is _json_block (Meta's JSON layout), literal is python_literal.
@@ -144,15 +150,15 @@ LLAMA4_CHAT_TEMPLATE = (
 
 
 def training_texts(records: Iterable[dict[str, Any]]) -> Iterator[str]:
-    """The text BPE sees: each rendered dialog cut at its special tokens, which are never merged with text."""
+    """The text BPE sees: each rendered dialog cut at its special tokens and tool instructions (whole tokens)."""
     template = Llama4ChatTemplate()
     for record in records:
         text = template.render_text(record["messages"], tools=record.get("tools"), add_generation_prompt=False)
-        yield from (part for part in _SPECIAL.split(text) if part)
+        yield from (part for part in _UNSPLIT.split(text) if part)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
-    """A byte-level BPE over `texts` (special tokens first, ids 0..20), splitting text like Llama 4 but digits."""
+    """A byte-level BPE over `texts`: special tokens first (ids 0..20), then the merges, then TOOL_TEXT_TOKENS."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -168,6 +174,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) 
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in TOOL_TEXT_TOKENS])
     # Like Hugging Face's Llama 4 tokenizer.json: add_special_tokens puts <|begin_of_text|> first.
     bos = ("<|begin_of_text|>", tokenizer.token_to_id("<|begin_of_text|>"))
     tokenizer.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[bos])

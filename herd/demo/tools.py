@@ -12,13 +12,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-CITIES = ["Paris", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Lima", "Oslo", "Seoul", "Sydney", "Toronto", "Delhi"]
-CURRENCIES = ["USD", "EUR", "JPY", "GBP", "CHF", "CAD", "AUD", "INR"]
+# Pools large enough that a call's arguments cannot be learned by heart: the model has to copy them from the
+# request (held-out calls use argument values never seen in a call in training).
+CITIES = [
+    "Paris", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Lima", "Oslo", "Seoul", "Sydney", "Toronto", "Delhi",
+    "London", "Vienna", "Dublin", "Lisbon", "Prague", "Warsaw", "Athens", "Helsinki", "Nairobi", "Bangkok",
+    "Hanoi", "Manila", "Jakarta", "Istanbul", "Chicago", "Boston", "Denver", "Miami", "Havana", "Bogota",
+    "Santiago", "Caracas", "Montreal", "Vancouver", "Munich", "Milan", "Zurich", "Geneva", "Stockholm", "Dakar",
+]  # fmt: skip
+CURRENCIES = ["USD", "EUR", "JPY", "GBP", "CHF", "CAD", "AUD", "INR", "CNY", "SEK", "NOK", "MXN", "BRL", "KRW"]
 UNITS = [("km", "miles"), ("miles", "km"), ("kg", "pounds"), ("pounds", "kg"), ("meters", "feet"), ("feet", "meters")]
-TOPICS = ["black holes", "the Roman empire", "electric cars", "honey bees", "volcanoes", "jazz music", "the moon"]
-STOCKS = ["AAPL", "MSFT", "NVDA", "AMZN", "TSLA", "META", "GOOG"]
-LANGUAGES = ["French", "German", "Spanish", "Italian", "Japanese"]
-PHRASES = ["good morning", "thank you", "where is the station", "I like tea", "see you soon"]
+TOPICS = [
+    "black holes", "the Roman empire", "electric cars", "honey bees", "volcanoes", "jazz music", "the moon",
+    "coral reefs", "ancient Egypt", "solar panels", "chess openings", "penguins", "the Alps", "green tea",
+    "dinosaurs", "quantum computing", "the Olympics", "rain forests", "Mars", "sourdough bread",
+]  # fmt: skip
+STOCKS = [
+    "AAPL", "MSFT", "NVDA", "AMZN", "TSLA", "META", "GOOG", "NFLX", "INTC", "AMD", "IBM", "ORCL", "SHOP", "UBER",
+    "DIS", "NKE", "KO", "PEP", "SBUX", "BABA",
+]  # fmt: skip
+LANGUAGES = ["French", "German", "Spanish", "Italian", "Japanese", "Portuguese", "Dutch", "Korean"]
+PHRASES = [
+    "good morning", "thank you", "where is the station", "I like tea", "see you soon", "good night", "how are you",
+    "the bill please", "I am lost", "happy birthday",
+]  # fmt: skip
+EMAIL_NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy"]
+SUBJECTS = ["lunch", "the report", "tomorrow", "the meeting", "holidays", "the budget", "a new idea", "dinner"]
 
 Args = dict[str, Any]
 
@@ -103,7 +122,7 @@ def _timer(rng: random.Random) -> tuple[str, Args]:
 
 
 def _email(rng: random.Random) -> tuple[str, Args]:
-    name, subject = rng.choice(["alice", "bob", "carol", "dave"]), rng.choice(["lunch", "the report", "tomorrow"])
+    name, subject = rng.choice(EMAIL_NAMES), rng.choice(SUBJECTS)
     text = f"Send an email to {name}@example.com with the subject {subject!r}."
     return text.replace("'", '"'), {"to": f"{name}@example.com", "subject": subject}
 

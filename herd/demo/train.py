@@ -269,7 +269,7 @@ def batches(examples: Sequence[Example], batch_size: int, rng: random.Random) ->
 
 @dataclasses.dataclass
 class TrainArgs:
-    max_steps: int = 4850  # about one epoch of the demo data (~78k dialogs, ~4.6M tokens)
+    max_steps: int = 6000  # about one epoch of the demo data (~96k dialogs, ~6.1M tokens)
     batch_size: int = 16
     lr: float = 5e-4  # 2e-3 and 3e-3 never learn to copy from the prompt (a 300-step copy-task probe); 5e-4 does
     warmup_steps: int = 100
