@@ -1,4 +1,4 @@
-"""The demo model's tokenizer: a small byte-level BPE with Llama 4's split pattern and special tokens.
+"""The demo model's tokenizer: a small byte-level BPE with Llama 4's special tokens, split for a tiny model.
 
 The vocabulary is trained on the demo data with `tokenizers`; the folder it is saved to (tokenizer.json +
 tokenizer_config.json) loads in herd (`herd.tokenizer.load_tokenizer`) and in transformers alike. Its jinja
@@ -33,7 +33,7 @@ DEFAULT_VOCAB_SIZE = 4096
 SPLIT_PATTERN = r"\p{L}+|\p{N}|[^\s\p{L}\p{N}]+|\s+"
 
 _PREFIX, _SUFFIX = TOOL_INSTRUCTIONS.split("{functions}")
-# The fixed tool instructions of the llama-4 template (about 800 tokens before the function list and 40 after
+# The fixed tool instructions of the llama-4 template (~900 tokens before the function list and ~40 after
 # it) are one added token each: the model learns nothing from reading them word by word, and they would be
 # most of its training compute. They stay ordinary text: encode and decode round-trip them.
 TOOL_TEXT_TOKENS = (_PREFIX, _SUFFIX)
