@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.server
-import io
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,16 +14,7 @@ from PIL import Image
 
 from herd.media import MediaError, decode_image, load_image
 
-
-def encode(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
-def data_url(data: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
-
+from local_web import Route, data_url, encode, local_web
 
 RED = Image.new("RGB", (5, 3), (255, 0, 0))
 PNG = encode(RED)
@@ -33,52 +22,38 @@ JPEG = encode(RED, "JPEG")
 NOISE_PNG = encode(Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48))
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, dict[str, str], bytes]] = {}  # noqa: RUF012 (filled by the fixture)
+def _slow(handler: http.server.BaseHTTPRequestHandler) -> None:
+    handler.send_response(200)
+    handler.end_headers()
+    with contextlib.suppress(OSError):  # the client gives up first
+        for _ in range(40):
+            handler.wfile.write(b"x" * 10)
+            handler.wfile.flush()
+            time.sleep(0.05)
 
-    def do_GET(self) -> None:
-        if self.path == "/slow":
-            self.send_response(200)
-            self.end_headers()
-            with contextlib.suppress(OSError):  # the client gives up first
-                for _ in range(40):
-                    self.wfile.write(b"x" * 10)
-                    self.wfile.flush()
-                    time.sleep(0.05)
-            return
-        if self.path == "/endless":  # no Content-Length: the size cap must stop the download
-            self.send_response(200)
-            self.end_headers()
-            with contextlib.suppress(OSError):
-                for _ in range(1000):
-                    self.wfile.write(b"\0" * 65536)
-            return
-        status, headers, body = self.routes.get(self.path, (404, {}, b"not found"))
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def log_message(self, *args: object) -> None:
-        pass
+def _endless(handler: http.server.BaseHTTPRequestHandler) -> None:
+    # No Content-Length: the size cap must stop the download.
+    handler.send_response(200)
+    handler.end_headers()
+    with contextlib.suppress(OSError):
+        for _ in range(1000):
+            handler.wfile.write(b"\0" * 65536)
 
 
 @pytest.fixture(scope="module")
 def web() -> Iterator[str]:
-    _Handler.routes = {
+    routes: dict[str, Route] = {
         "/red.png": (200, {"Content-Type": "image/png"}, PNG),
         "/hop": (302, {"Location": "/red.png"}, b""),
         "/loop": (302, {"Location": "/loop"}, b""),
         "/page": (200, {"Content-Type": "text/html"}, b"<html>not an image</html>"),
         "/big": (200, {"Content-Type": "image/png"}, PNG + b"\0" * 5000),
+        "/slow": _slow,
+        "/endless": _endless,
     }
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with local_web(routes) as url:
+        yield url
 
 
 def load(url: str, **kwargs: object) -> Image.Image:

@@ -6,12 +6,9 @@ image answered with a 400 that names it, after which the server still serves.
 
 from __future__ import annotations
 
-import base64
 import http.server
-import io
 import json
 import random
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +25,7 @@ from herd.multimodal import image_prompt_tokens, process_image
 from herd.server_args import ServerArgs
 from herd.tokenizer import Tokenizer, load_tokenizer
 
+from local_web import data_url, encode, local_web
 from server_fixtures import ServerThread, wait_idle
 
 MODEL = "herd-vision"
@@ -40,46 +38,23 @@ def noise(seed: int, width: int, height: int) -> Image.Image:
     return Image.frombytes("RGB", (width, height), random.Random(seed).randbytes(width * height * 3))
 
 
-def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def data_url(data: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
-
-
 WIDE = noise(1, 60, 50)  # several tiles of the checkpoint's 28 px, and a global view
 SMALL = noise(2, 20, 20)  # one tile
 TALL = noise(3, 30, 90)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        if self.path == "/huge":  # says it is too big; nothing needs to be sent
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(HUGE_BYTES))
-            self.end_headers()
-            return
-        body = encode(TALL) if self.path == "/tall.png" else b"no such image"
-        self.send_response(200 if self.path == "/tall.png" else 404)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+def _huge(handler: http.server.BaseHTTPRequestHandler) -> None:
+    # Says it is too big; nothing needs to be sent.
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/png")
+    handler.send_header("Content-Length", str(HUGE_BYTES))
+    handler.end_headers()
 
 
 @pytest.fixture(scope="module")
 def web() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with local_web({"/tall.png": (200, {"Content-Type": "image/png"}, encode(TALL)), "/huge": _huge}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
