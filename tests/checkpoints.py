@@ -58,19 +58,6 @@ MAVERICK_LIKE = {
     "rope_scaling": None,
 }
 
-TINY_VISION = dict(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=64,
-    vision_output_dim=32,
-    image_size=28,
-    patch_size=14,
-    projector_input_dim=32,
-    projector_output_dim=32,
-)
-
-
 # A vision tower small enough for CPU tests with everything live: 4 x 4 patches per 28 px tile, pixel
 # shuffle to 4 tokens per tile, 2D RoPE with a non-default theta, projector widths unlike the text width.
 VISION_LIKE = dict(
@@ -120,7 +107,7 @@ def make_text_checkpoint(path: Path, text_config: dict, seed: int = 0) -> Llama4
 
 def make_multimodal_checkpoint(path: Path, text_config: dict, seed: int = 0) -> Llama4ForConditionalGeneration:
     torch.manual_seed(seed)
-    config = Llama4Config(text_config=text_config, vision_config=TINY_VISION)
+    config = Llama4Config(text_config=text_config, vision_config=VISION_LIKE)
     model = Llama4ForConditionalGeneration(config).float().eval()
     widen(model, seed)
     model.save_pretrained(path)
