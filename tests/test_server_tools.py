@@ -7,8 +7,6 @@ start with `[get_time(` with `city="Paris")]`, so every tool_choice mode has a k
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,6 +19,7 @@ from PIL import Image
 
 from herd.server_args import ServerArgs
 
+from local_web import data_url, encode
 from server_fixtures import ServerThread, make_chain_checkpoint, wait_idle
 
 MODEL = "herd-tools"
@@ -168,12 +167,7 @@ def test_images_to_a_model_without_vision(server: ServerThread) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "What?"}, bad]}]}
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content.1"
-    png = io.BytesIO()
-    Image.new("RGB", (4, 4)).save(png, format="PNG")
-    good = {
-        "type": "image_url",
-        "image_url": {"url": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()},
-    }
+    good = {"type": "image_url", "image_url": {"url": data_url(encode(Image.new("RGB", (4, 4))))}}
     body["messages"][0]["content"][1] = good
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=AUTH)
     assert r.status_code == 400 and "no vision tower" in r.json()["error"]["message"]
