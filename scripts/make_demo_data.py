@@ -21,10 +21,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/herd-demo/data"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every training count by this")
+    parser.add_argument("--counts", nargs="*", default=[], metavar="TASK=N", help="training counts to change")
     args = parser.parse_args()
 
+    counts = dict(TRAIN_COUNTS)
+    for item in args.counts:
+        task, _, n = item.partition("=")
+        if task not in counts or not n.isdigit():
+            parser.error(f"--counts takes TASK=N with TASK one of {', '.join(counts)}; got {item!r}")
+        counts[task] = int(n)
     args.out.mkdir(parents=True, exist_ok=True)
-    train_counts = {task: max(1, round(n * args.scale)) for task, n in TRAIN_COUNTS.items()}
+    train_counts = {task: max(1, round(n * args.scale)) for task, n in counts.items()}
     for split, counts in [("train", train_counts), ("heldout", HELDOUT_COUNTS)]:
         records = generate(split, counts, seed=args.seed)
         path = args.out / f"{split}.jsonl"

@@ -5,12 +5,16 @@
     .venv/bin/python scripts/train_demo_model.py --data /tmp/herd-demo/data --tokenizer /tmp/herd-demo/tokenizer \\
         --out /tmp/herd-demo/model --threads 2
 
-Smoke run: add `--max-steps 5 --limit 200`. The logic lives in herd.demo.train.
+On a GPU: `--device cuda --batch-size 64 --loader-workers 3`; `--max-seconds S` trains for as many steps as fit
+in S seconds (the count is logged; pass it as --max-steps to repeat the run). `--size patch_size=4` changes
+one of herd.demo.train.ModelSize's fields. Smoke run: add `--max-steps 5 --limit 200`. The logic lives in
+herd.demo.train.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -18,7 +22,9 @@ from tokenizers import Tokenizer
 
 from herd.demo.train import (
     FULL,
+    ModelSize,
     TrainArgs,
+    answer_accuracy,
     build_model,
     encode_records,
     parameter_count,
@@ -27,6 +33,17 @@ from herd.demo.train import (
     train,
     use_routed_experts,
 )
+
+
+def model_size(overrides: list[str]) -> ModelSize:
+    fields = {f.name for f in dataclasses.fields(ModelSize)}
+    changes = {}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name not in fields or not value.isdigit():
+            raise SystemExit(f"--size takes NAME=INTEGER with NAME one of {sorted(fields)}; got {item!r}")
+        changes[name] = int(value)
+    return dataclasses.replace(FULL, **changes)
 
 
 def main() -> None:
@@ -45,12 +62,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--answers-only", action="store_true", help="loss on the assistant turns only")
     parser.add_argument("--limit", type=int, default=None, help="train on a seeded sample of this many records")
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--loader-workers", type=int, default=defaults.loader_workers)
+    parser.add_argument("--encode-workers", type=int, default=1, help="processes tokenizing the dialogs")
+    parser.add_argument("--max-seconds", type=float, default=None, help="time budget (--max-steps is then a cap)")
+    parser.add_argument("--size", nargs="*", default=[], metavar="NAME=VALUE", help="ModelSize fields to change")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    size = model_size(args.size)
     tokenizer = Tokenizer.from_file(str(args.tokenizer / "tokenizer.json"))
     records = read_jsonl(args.data / "train.jsonl", args.limit, args.seed)
-    examples = encode_records(records, tokenizer, FULL, args.max_len, prompt_loss=not args.answers_only)
+    examples = encode_records(
+        records, tokenizer, size, args.max_len, prompt_loss=not args.answers_only, workers=args.encode_workers
+    )
     lengths = sorted(len(e.input_ids) for e in examples)
     logging.info(
         "%d dialogs, %d tokens (median %d, max %d), %d with labels on tokens past the %d-token chunk",
@@ -58,11 +83,12 @@ def main() -> None:
         sum(lengths),
         lengths[len(lengths) // 2],
         lengths[-1],
-        sum(n > FULL.attention_chunk_size for n in lengths),
-        FULL.attention_chunk_size,
+        sum(n > size.attention_chunk_size for n in lengths),
+        size.attention_chunk_size,
     )
-    model = build_model(FULL, tokenizer, args.seed)
-    use_routed_experts(model)
+    model = build_model(size, tokenizer, args.seed)
+    if args.device == "cpu":
+        use_routed_experts(model)  # on a GPU the dense form is faster: no host sync to find each expert's tokens
     n = parameter_count(model)
     logging.info("parameters: %d (%.1f M, %.1f MB in bfloat16)", n, n / 1e6, 2 * n / 1e6)
     train_args = TrainArgs(
@@ -74,9 +100,17 @@ def main() -> None:
         max_len=args.max_len,
         log_every=args.log_every,
         threads=args.threads,
+        device=args.device,
+        loader_workers=args.loader_workers,
+        max_seconds=args.max_seconds,
     )
     pad_id = tokenizer.token_to_id("<|finetune_right_pad|>")
-    train(model, examples, train_args, pad_id, FULL.tile_size)
+    train(model, examples, train_args, pad_id, size.tile_size)
+    heldout = args.data / "heldout.jsonl"
+    if heldout.exists():
+        held = encode_records(read_jsonl(heldout), tokenizer, size, args.max_len)
+        scores = answer_accuracy(model, held, pad_id, size.tile_size)
+        logging.info("held-out answers, teacher-forced: %s", ", ".join(f"{t} {r}/{n}" for t, (r, n) in scores.items()))
     save(model, args.out, args.tokenizer)
 
 

@@ -16,6 +16,7 @@ from herd.demo.tokenizer import save_tokenizer, train_tokenizer, training_texts
 from herd.demo.train import (
     IGNORE,
     TINY,
+    BatchPlan,
     TrainArgs,
     build_model,
     collate,
@@ -86,6 +87,29 @@ def test_prompt_loss_covers_every_token_but_the_image(records: list[dict[str, An
     patch = tokenizer.token_to_id("<|patch|>")
     assert everything == [IGNORE if t == patch else t for t in ids]
     assert [e.labels for e in encode_records([record], tokenizer, TINY, 2048, prompt_loss=True)] == [everything]
+
+
+def test_encoding_in_worker_processes_gives_the_same_examples(
+    records: list[dict[str, Any]], tokenizer: Tokenizer
+) -> None:
+    alone = encode_records(records, tokenizer, TINY, max_len=2048, prompt_loss=True)
+    shared = encode_records(records, tokenizer, TINY, max_len=2048, prompt_loss=True, workers=3)
+    assert shared == alone
+    assert [e.task for e in alone] == [r["task"] for r in records]
+
+
+def test_batch_plan_takes_every_example_once_an_epoch(records: list[dict[str, Any]], tokenizer: Tokenizer) -> None:
+    examples = encode_records(records, tokenizer, TINY, max_len=2048)
+    plan = BatchPlan(examples, batch_size=3, seed=0, steps=100, pad_id=0, tile_size=TINY.tile_size)
+    for number in (0, 1):
+        batches = plan.epoch(number)
+        assert sorted(i for batch in batches for i in batch) == list(range(len(examples)))
+        assert len(batches) == -(-len(examples) // 3)
+    assert plan.epoch(0) != plan.epoch(1)
+    # Step i of the second epoch is that epoch's batch i, collated.
+    first = plan[len(plan.epoch(0))]
+    wanted = collate([examples[i] for i in plan.epoch(1)[0]], 0, TINY.tile_size)
+    assert all(torch.equal(first[k], wanted[k]) for k in wanted)
 
 
 def test_image_prompt_has_one_tile_of_patch_tokens(records: list[dict[str, Any]], tokenizer: Tokenizer) -> None:

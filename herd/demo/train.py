@@ -15,15 +15,18 @@ a single tile), N the tokens per tile after pixel shuffle.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import itertools
 import json
 import logging
 import math
+import multiprocessing
 import random
 import shutil
 import time
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,7 @@ class ModelSize:
     vision_layers: int = 2
     vision_heads: int = 4
     max_position_embeddings: int = 8192
+    nope_interval: int = 4  # every nope_interval-th layer is a global NoPE layer (Llama 4: every 4th)
 
     @property
     def patches_per_tile(self) -> int:
@@ -95,7 +99,7 @@ def build_config(size: ModelSize, tokenizer: Tokenizer) -> Any:
     head_dim = size.hidden_size // size.num_heads
     # Every 4th layer (index 3, 7, ...) is a global NoPE layer, the rest chunked rope layers, as in Llama 4;
     # with 4 layers that is exactly one NoPE layer, the last.
-    no_rope_layers = [int((i + 1) % 4 != 0) for i in range(size.num_layers)]
+    no_rope_layers = [int((i + 1) % size.nope_interval != 0) for i in range(size.num_layers)]
     text = {
         "vocab_size": tokenizer.get_vocab_size(),
         "hidden_size": size.hidden_size,
@@ -207,6 +211,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     image: dict[str, Any] | None
+    task: str | None = None
 
 
 def prompt_labels(ids: list[int], labels: list[int], tokenizer: Tokenizer) -> list[int]:
@@ -220,8 +225,8 @@ def prompt_labels(ids: list[int], labels: list[int], tokenizer: Tokenizer) -> li
     return [IGNORE if (t == patch and label == IGNORE) else t for t, label in zip(ids, labels, strict=True)]
 
 
-def encode_records(
-    records: Sequence[dict[str, Any]], tokenizer: Tokenizer, size: ModelSize, max_len: int, prompt_loss: bool = False
+def _encode(
+    records: Sequence[dict[str, Any]], tokenizer: Tokenizer, size: ModelSize, max_len: int, prompt_loss: bool
 ) -> list[Example]:
     out = []
     for record in records:
@@ -229,7 +234,27 @@ def encode_records(
         if prompt_loss:
             labels = prompt_labels(ids, labels, tokenizer)
         if len(ids) <= max_len:
-            out.append(Example(ids, labels, record.get("image")))
+            out.append(Example(ids, labels, record.get("image"), record.get("task")))
+    return out
+
+
+def encode_records(
+    records: Sequence[dict[str, Any]],
+    tokenizer: Tokenizer,
+    size: ModelSize,
+    max_len: int,
+    prompt_loss: bool = False,
+    workers: int = 1,
+) -> list[Example]:
+    """Examples of the records no longer than `max_len` tokens, in order; `workers` processes share the work."""
+    if workers <= 1:
+        out = _encode(records, tokenizer, size, max_len, prompt_loss)
+    else:
+        step = math.ceil(len(records) / workers)
+        parts = [records[i : i + step] for i in range(0, len(records), step)]
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            done = pool.map(_encode, parts, *[itertools.repeat(x) for x in (tokenizer, size, max_len, prompt_loss)])
+            out = [e for part in done for e in part]
     if len(out) < len(records):
         logger.warning("dropped %d records longer than %d tokens", len(records) - len(out), max_len)
     return out
@@ -253,18 +278,49 @@ def collate(batch: Sequence[Example], pad_id: int, tile_size: int) -> dict[str, 
     return out
 
 
-def batches(examples: Sequence[Example], batch_size: int, rng: random.Random) -> Iterator[list[Example]]:
-    """Endless seeded epochs of batches of similar length (sorted within pools of 64 batches) to cut padding."""
-    while True:
-        order = list(range(len(examples)))
+class BatchPlan(torch.utils.data.Dataset):
+    """Step i's collated batch: seeded epochs of batches of similar length (sorted within pools of 64 batches,
+    to cut padding). Indexable by step, so DataLoader workers can collate (and render pictures) ahead."""
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        batch_size: int,
+        seed: int,
+        steps: int,
+        pad_id: int,
+        tile_size: int,
+        fixed_batch: Sequence[Example] | None = None,
+    ) -> None:
+        self.examples, self.batch_size, self.seed, self.steps = examples, batch_size, seed, steps
+        self.pad_id, self.tile_size, self.fixed_batch = pad_id, tile_size, fixed_batch
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, number: int) -> list[list[int]]:
+        """The batches (lists of example indices) of one epoch."""
+        rng = random.Random(f"{self.seed}|{number}")
+        order = list(range(len(self.examples)))
         rng.shuffle(order)
-        pool = 64 * batch_size
-        epoch: list[list[Example]] = []
+        pool = 64 * self.batch_size
+        out: list[list[int]] = []
         for start in range(0, len(order), pool):
-            chunk = sorted(order[start : start + pool], key=lambda i: len(examples[i].input_ids))
-            epoch += [[examples[i] for i in chunk[j : j + batch_size]] for j in range(0, len(chunk), batch_size)]
-        rng.shuffle(epoch)
-        yield from epoch
+            chunk = sorted(order[start : start + pool], key=lambda i: len(self.examples[i].input_ids))
+            out += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(out)
+        return out
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        if self.fixed_batch is not None:
+            return collate(self.fixed_batch, self.pad_id, self.tile_size)
+        per_epoch = math.ceil(len(self.examples) / self.batch_size)
+        number, index = divmod(step, per_epoch)
+        if self._epoch is None or self._epoch[0] != number:
+            self._epoch = (number, self.epoch(number))
+        batch = [self.examples[i] for i in self._epoch[1][index]]
+        return collate(batch, self.pad_id, self.tile_size)
 
 
 @dataclasses.dataclass
@@ -278,6 +334,11 @@ class TrainArgs:
     max_len: int = 1152
     log_every: int = 50
     threads: int | None = None
+    device: str = "cpu"
+    loader_workers: int = 0  # processes collating batches ahead of the training step
+    # With a time budget, max_steps is an upper bound: the step count is fixed at the end of warmup (where the
+    # schedule starts depending on it) from the speed measured so far, and logged, so a run can be repeated.
+    max_seconds: float | None = None
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -344,8 +405,13 @@ def train(
     """Train in place; returns the loss of every step. `fixed_batch` repeats one batch (for tests)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.max_seconds is not None and args.warmup_steps < 30:
+        raise ValueError("a time budget needs at least 30 warmup steps to measure the speed in")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32: the model is far too small for it to matter
     seed_everything(args.seed)
-    rng = random.Random(args.seed)
+    model.to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -353,42 +419,89 @@ def train(
         lr=args.lr,
         betas=(0.9, 0.95),
     )
-    stream = batches(examples, args.batch_size, rng) if fixed_batch is None else None
+    plan = BatchPlan(examples, args.batch_size, args.seed, args.max_steps, pad_id, tile_size, fixed_batch)
+    loader = torch.utils.data.DataLoader(
+        plan,
+        batch_size=None,
+        num_workers=args.loader_workers,
+        prefetch_factor=8 if args.loader_workers else None,
+        pin_memory=device.type == "cuda",
+    )
+    schedule = args
     model.train()
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
     tokens = 0
     start = time.perf_counter()
-    bar = tqdm(range(args.max_steps), desc="train", unit="step", dynamic_ncols=True, disable=None)
-    for step in bar:
-        batch = list(fixed_batch) if stream is None else next(stream)
-        inputs = collate(batch, pad_id, tile_size)
+    calibrated_at = 0.0
+    bar = tqdm(total=args.max_steps, desc="train", unit="step", dynamic_ncols=True, disable=None)
+    for step, inputs in enumerate(loader):
+        if step == schedule.max_steps:
+            break
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, schedule)
         loss = model(**inputs).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"loss is {value} at step {step}")
-        losses.append(value)
+        losses.append(loss.detach())
         tokens += int(inputs["attention_mask"].sum())
-        bar.set_postfix(loss=f"{value:.3f}")
-        if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
-            recent = losses[-args.log_every :]
-            elapsed = time.perf_counter() - start
+        bar.update()
+        elapsed = time.perf_counter() - start
+        if args.max_seconds is not None:
+            if step == 10:
+                calibrated_at = elapsed
+            if step == args.warmup_steps - 1:
+                per_step = (elapsed - calibrated_at) / (step - 10)
+                steps = min(args.max_steps, step + 1 + int((args.max_seconds - elapsed) / per_step))
+                schedule = dataclasses.replace(args, max_steps=steps)
+                bar.total = steps
+                logger.info("time budget %.0f s: %d steps (%.1f ms a step)", args.max_seconds, steps, 1e3 * per_step)
+            elif elapsed > args.max_seconds:
+                logger.warning("time budget spent at step %d of %d", step + 1, schedule.max_steps)
+                break
+        if (step + 1) % args.log_every == 0 or step + 1 == schedule.max_steps:
+            recent = torch.stack(losses[-args.log_every :]).float()
+            if not torch.isfinite(recent).all():
+                raise FloatingPointError(f"loss is not finite by step {step}")
+            bar.set_postfix(loss=f"{recent[-1].item():.3f}")
             logger.info(
                 "step %d/%d loss %.4f (mean of last %d) lr %.2e %.0f tok/s",
                 step + 1,
-                args.max_steps,
-                sum(recent) / len(recent),
+                schedule.max_steps,
+                recent.mean().item(),
                 len(recent),
-                lr_at(step, args),
+                lr_at(step, schedule),
                 tokens / elapsed,
             )
+    bar.close()
     model.eval()
-    return losses
+    values = torch.stack(losses).float().tolist()
+    if not all(math.isfinite(v) for v in values):
+        raise FloatingPointError("loss is not finite")
+    return values
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model: Any, examples: Sequence[Example], pad_id: int, tile_size: int, batch_size: int = 64
+) -> dict[str, tuple[int, int]]:
+    """(right, total) per task: an example is right when every labelled token is the model's top choice given
+    the reference before it (teacher forcing), a quick stand-in for greedy decoding's exact match."""
+    device = next(model.parameters()).device
+    counts: dict[str, list[int]] = {}
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        inputs = {k: v.to(device) for k, v in collate(batch, pad_id, tile_size).items()}
+        labels = inputs.pop("labels")[:, 1:]
+        predicted = model(**inputs).logits[:, :-1].argmax(-1)
+        right = ((predicted == labels) | (labels == IGNORE)).all(dim=1).tolist()
+        for example, ok in zip(batch, right, strict=True):
+            row = counts.setdefault(example.task or "?", [0, 0])
+            row[0] += ok
+            row[1] += 1
+    return {task: (row[0], row[1]) for task, row in sorted(counts.items())}
 
 
 def save(model: Any, out: Path, tokenizer_dir: Path) -> Path:
@@ -396,6 +509,7 @@ def save(model: Any, out: Path, tokenizer_dir: Path) -> Path:
     from transformers import GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
+    model.cpu()
     text = model.config.text_config
     model.generation_config = GenerationConfig(
         bos_token_id=text.bos_token_id,
