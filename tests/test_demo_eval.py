@@ -54,6 +54,10 @@ def test_wrong_answers_fail(heldout: list[dict[str, Any]]) -> None:
     after_tool = next(r for r in heldout if r["task"] == "tool_answer")
     assert not is_correct(after_tool, "Done.")
     assert not is_correct(after_tool, _answer_text(call))  # a call again instead of the answer
+    value = str(next(iter(json.loads(after_tool["messages"][-2]["content"]).values())))
+    assert is_correct(after_tool, _answer_text(after_tool))
+    assert not is_correct(after_tool, _answer_text(after_tool).replace(value, value + "7"))  # 569.7 is not 569.77
+    assert not is_correct(after_tool, _answer_text(after_tool).replace(value, "1" + value))
 
     picture = next(r for r in heldout if r["task"] == "image")
     assert not is_correct(picture, "The circle is blue." if "circle is blue" not in _answer_text(picture) else "No.")

@@ -65,8 +65,13 @@ def is_correct(record: Record, answer: str) -> bool:
         return calls is not None and calls == [(wanted["name"], wanted["arguments"])]
     if task == "tool_answer":
         result = json.loads(record["messages"][-2]["content"])
-        return pythonic_calls(answer) is None and all(str(v) in answer for v in result.values())
+        return pythonic_calls(answer) is None and all(_mentions(answer, str(v)) for v in result.values())
     return answer == ref["content"]
+
+
+def _mentions(answer: str, value: str) -> bool:
+    """Whether `value` stands in `answer` as a whole word or number: 569.7 is not in "569.77", 72 not in "172"."""
+    return re.search(rf"(?<![\w.]){re.escape(value)}(?!\w|\.\d)", answer) is not None
 
 
 @dataclasses.dataclass
