@@ -28,8 +28,9 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# Without --model-path this serves the demo model shipped in herd/demo/model, pictures and tool calls on.
 serve: $(STAMP)
-	$(VENV)/bin/herd serve $(ARGS)
+	$(VENV)/bin/herd serve --enable-multimodal --tool-call-parser pythonic $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

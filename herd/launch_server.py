@@ -11,7 +11,6 @@ import contextlib
 import logging
 import socket
 import sys
-from typing import NoReturn
 
 import uvicorn
 
@@ -23,24 +22,13 @@ from herd.server_args import ArgumentError, ServerArgs, add_server_args, server_
 
 logger = logging.getLogger(__name__)
 
-MODEL_PATH_HINT = (
-    "; herd has no built-in demo model yet: give a Llama 4 checkpoint folder, e.g. "
-    '`herd serve --model-path /models/Llama-4-Scout-17B-16E-Instruct` (or `make serve ARGS="--model-path ..."`)'
-)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        if "--model-path" in message and "required" in message:
-            message += MODEL_PATH_HINT
-        super().error(message)
-
-
 def build_parser(prog: str = "herd serve") -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = argparse.ArgumentParser(
         prog=prog,
-        usage=f"{prog} --model-path PATH [flags] (all flags: {prog} --help)",
+        usage=f"{prog} [--model-path PATH] [flags] (all flags: {prog} --help)",
         description="Serve a Llama 4 checkpoint over an OpenAI-compatible HTTP API (SGLang's flags).",
     )
     add_server_args(parser)

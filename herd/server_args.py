@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from herd.demo import MODEL_PATH as DEMO_MODEL_PATH
 from herd.layers.attention import available_backends
 from herd.models.loader import DTYPES, LOAD_FORMATS
 from herd.tool_parser import TOOL_PARSERS
@@ -44,7 +45,10 @@ class ArgumentError(ValueError):
 
 @dataclass
 class ServerArgs:
-    model_path: str = field(metadata={"aliases": ("--model",), "help": "checkpoint folder (Hugging Face layout)"})
+    model_path: str = field(
+        default=str(DEMO_MODEL_PATH),
+        metadata={"aliases": ("--model",), "help": "checkpoint folder (Hugging Face layout); default: the demo model"},
+    )
     tokenizer_path: str | None = None
     skip_tokenizer_init: bool = False
     chat_template: str | None = None

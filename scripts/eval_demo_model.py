@@ -16,13 +16,14 @@ import json
 import logging
 from pathlib import Path
 
+from herd.demo import MODEL_PATH
 from herd.demo.evaluate import evaluate, format_table, generate_herd, generate_transformers, is_correct, prompt_of
 from herd.demo.train import read_jsonl
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="the trained model folder")
+    parser.add_argument("--model", type=Path, default=MODEL_PATH, help="model folder (default: the packaged one)")
     parser.add_argument("--data", type=Path, default=Path("/tmp/herd-demo/data"), help="folder with heldout.jsonl")
     parser.add_argument("--backend", choices=["transformers", "herd"], default="transformers")
     parser.add_argument("--tasks", nargs="*", help="only these tasks (default: all)")

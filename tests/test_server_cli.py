@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from herd.cli import main as herd_main
+from herd.demo import MODEL_PATH
 from herd.launch_server import main as launch_main
 from herd.launch_server import parse_args
 
@@ -87,11 +88,10 @@ def test_bad_flags_fail_at_start_naming_the_flag(flags: list[str], words: list[s
         assert word in err, err
 
 
-def test_model_path_is_required_with_a_hint(capsys) -> None:
-    with pytest.raises(SystemExit):
-        herd_main(["serve"])
-    err = capsys.readouterr().err
-    assert "--model-path" in err and "make serve ARGS=" in err
+def test_model_path_defaults_to_the_packaged_demo_model() -> None:
+    args = parse_args([])
+    assert Path(args.model_path) == MODEL_PATH
+    assert (MODEL_PATH / "config.json").is_file()
 
 
 def test_help_lists_the_flags(capsys) -> None:
