@@ -41,7 +41,7 @@ def model_size(overrides: list[str]) -> ModelSize:
     for item in overrides:
         name, _, value = item.partition("=")
         if name not in fields or not value.isdigit():
-            raise SystemExit(f"--size takes NAME=INTEGER with NAME one of {sorted(fields)}; got {item!r}")
+            raise ValueError(f"--size takes NAME=INTEGER with NAME one of {sorted(fields)}; got {item!r}")
         changes[name] = int(value)
     return dataclasses.replace(FULL, **changes)
 
@@ -70,7 +70,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    size = model_size(args.size)
+    try:
+        size = model_size(args.size)
+    except ValueError as e:
+        parser.error(str(e))
     tokenizer = Tokenizer.from_file(str(args.tokenizer / "tokenizer.json"))
     records = read_jsonl(args.data / "train.jsonl", args.limit, args.seed)
     examples = encode_records(
@@ -88,7 +91,7 @@ def main() -> None:
     )
     model = build_model(size, tokenizer, args.seed)
     if args.device == "cpu":
-        use_routed_experts(model)  # on a GPU the dense form is faster: no host sync to find each expert's tokens
+        use_routed_experts(model)  # on a GPU the dense form needs no host sync to find each expert's tokens
     n = parameter_count(model)
     logging.info("parameters: %d (%.1f M, %.1f MB in bfloat16)", n, n / 1e6, 2 * n / 1e6)
     train_args = TrainArgs(
