@@ -14,36 +14,23 @@ herd.demo.train.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from herd.demo.train import (
-    FULL,
-    ModelSize,
     TrainArgs,
     answer_accuracy,
     build_model,
     encode_records,
+    model_size,
     parameter_count,
     read_jsonl,
     save,
     train,
     use_routed_experts,
 )
-
-
-def model_size(overrides: list[str]) -> ModelSize:
-    fields = {f.name for f in dataclasses.fields(ModelSize)}
-    changes = {}
-    for item in overrides:
-        name, _, value = item.partition("=")
-        if name not in fields or not value.isdigit():
-            raise ValueError(f"--size takes NAME=INTEGER with NAME one of {sorted(fields)}; got {item!r}")
-        changes[name] = int(value)
-    return dataclasses.replace(FULL, **changes)
 
 
 def main() -> None:

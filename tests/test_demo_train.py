@@ -24,6 +24,7 @@ from herd.demo.train import (
     encode_records,
     image_prompt,
     image_tile,
+    model_size,
     prompt_labels,
     save,
     train,
@@ -96,6 +97,15 @@ def test_encoding_in_worker_processes_gives_the_same_examples(
     shared = encode_records(records, tokenizer, TINY, max_len=2048, prompt_loss=True, workers=3)
     assert shared == alone
     assert [e.task for e in alone] == [r["task"] for r in records]
+
+
+def test_model_size_overrides_name_the_fields() -> None:
+    size = model_size(["num_layers=5", "patch_size=4"])
+    assert (size.num_layers, size.patch_size, size.hidden_size) == (5, 4, 256)
+    with pytest.raises(ValueError, match="num_layers"):
+        model_size(["layers=5"])
+    with pytest.raises(ValueError, match="INTEGER"):
+        model_size(["num_layers=five"])
 
 
 def test_batch_plan_takes_every_example_once_an_epoch(records: list[dict[str, Any]], tokenizer: Tokenizer) -> None:

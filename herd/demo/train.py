@@ -86,6 +86,18 @@ TINY = ModelSize(
 )
 
 
+def model_size(overrides: Sequence[str]) -> ModelSize:
+    """FULL with some fields changed, from NAME=INTEGER strings (the scripts' --size)."""
+    fields = {f.name for f in dataclasses.fields(ModelSize)}
+    changes = {}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name not in fields or not value.isdigit():
+            raise ValueError(f"--size takes NAME=INTEGER with NAME one of {sorted(fields)}; got {item!r}")
+        changes[name] = int(value)
+    return dataclasses.replace(FULL, **changes)
+
+
 def build_config(size: ModelSize, tokenizer: Tokenizer) -> Any:
     from transformers import Llama4Config
 
