@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from herd.demo import data
+from herd.demo import train as demo_train
 from herd.demo.tokenizer import save_tokenizer, train_tokenizer, training_texts
 from herd.demo.train import (
     IGNORE,
@@ -179,6 +180,23 @@ def test_trains_and_checkpoint_reloads(
     prompt = inputs["input_ids"][:, :8]
     generated = loaded.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > prompt.shape[1]
+
+
+def test_time_budget_fixes_the_step_count_at_the_end_of_warmup(
+    records: list[dict[str, Any]], tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = iter(range(10**6))  # a fake clock: each reading is one second after the last, one reading a step
+    monkeypatch.setattr(demo_train, "perf_counter", lambda: float(next(clock)))
+    pad = tokenizer.token_to_id("<|finetune_right_pad|>")
+    examples = encode_records(records, tokenizer, TINY, max_len=2048)
+    args = TrainArgs(max_steps=1000, batch_size=4, lr=1e-3, warmup_steps=30, log_every=10, max_seconds=45.0)
+    losses = train(build_model(TINY, tokenizer, seed=0), examples, args, pad, TINY.tile_size, fixed_batch=examples[:2])
+    # 30 warmup steps take 30 s at 1 s a step, so 15 more fit in 45 s, and the schedule ends there.
+    assert len(losses) == 45
+    # A budget larger than max_steps needs: max_steps still caps the run.
+    clock = iter(range(10**6))
+    capped = TrainArgs(**{**vars(args), "max_steps": 40})
+    assert len(train(build_model(TINY, tokenizer, seed=0), examples, capped, pad, TINY.tile_size, examples[:2])) == 40
 
 
 def test_routed_experts_match_transformers_dense_moe(tokenizer: Tokenizer) -> None:

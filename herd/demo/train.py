@@ -24,10 +24,10 @@ import math
 import multiprocessing
 import random
 import shutil
-import time
 import types
 from collections.abc import Sequence
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -443,7 +443,7 @@ def train(
     model.train()
     losses: list[torch.Tensor] = []
     tokens = 0
-    start = time.perf_counter()
+    start = perf_counter()
     calibrated_at = 0.0
     bar = tqdm(total=args.max_steps, desc="train", unit="step", dynamic_ncols=True, disable=None)
     for step, inputs in enumerate(loader):
@@ -460,7 +460,7 @@ def train(
         optimizer.step()
         losses.append(loss.detach())
         bar.update()
-        elapsed = time.perf_counter() - start
+        elapsed = perf_counter() - start
         if args.max_seconds is not None:
             if step == 10:
                 calibrated_at = elapsed
