@@ -13,7 +13,7 @@ import collections
 import json
 from pathlib import Path
 
-from herd.demo.data import HELDOUT_COUNTS, TRAIN_COUNTS, generate
+from herd.demo.data import HELDOUT_COUNTS, TASKS, TRAIN_COUNTS, generate
 
 
 def main() -> None:
@@ -27,11 +27,11 @@ def main() -> None:
     counts = dict(TRAIN_COUNTS)
     for item in args.counts:
         task, _, n = item.partition("=")
-        if task not in counts or not n.isdigit():
-            parser.error(f"--counts takes TASK=N with TASK one of {', '.join(counts)}; got {item!r}")
+        if task not in TASKS or not n.isdigit():
+            parser.error(f"--counts takes TASK=N with TASK one of {', '.join(TASKS)}; got {item!r}")
         counts[task] = int(n)
     args.out.mkdir(parents=True, exist_ok=True)
-    train_counts = {task: max(1, round(n * args.scale)) for task, n in counts.items()}
+    train_counts = {task: max(1, round(n * args.scale)) if n else 0 for task, n in counts.items()}
     for split, counts in [("train", train_counts), ("heldout", HELDOUT_COUNTS)]:
         records = generate(split, counts, seed=args.seed)
         path = args.out / f"{split}.jsonl"

@@ -24,6 +24,7 @@ from herd.demo.train import (
     answer_accuracy,
     build_model,
     encode_records,
+    load_model,
     model_size,
     parameter_count,
     read_jsonl,
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--encode-workers", type=int, default=1, help="processes tokenizing the dialogs")
     parser.add_argument("--max-seconds", type=float, default=None, help="time budget (--max-steps is then a cap)")
     parser.add_argument("--size", nargs="*", default=[], metavar="NAME=VALUE", help="ModelSize fields to change")
+    parser.add_argument("--init", type=Path, default=None, help="train this saved model further (not fresh weights)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -76,7 +78,7 @@ def main() -> None:
         sum(n > size.attention_chunk_size for n in lengths),
         size.attention_chunk_size,
     )
-    model = build_model(size, tokenizer, args.seed)
+    model = build_model(size, tokenizer, args.seed) if args.init is None else load_model(args.init, size)
     if args.device == "cpu":
         use_routed_experts(model)  # on a GPU the dense form needs no host sync to find each expert's tokens
     n = parameter_count(model)

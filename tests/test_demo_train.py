@@ -15,6 +15,7 @@ from herd.demo import data
 from herd.demo import train as demo_train
 from herd.demo.tokenizer import save_tokenizer, train_tokenizer, training_texts
 from herd.demo.train import (
+    FULL,
     IGNORE,
     TINY,
     BatchPlan,
@@ -25,6 +26,7 @@ from herd.demo.train import (
     encode_records,
     image_prompt,
     image_tile,
+    load_model,
     model_size,
     prompt_labels,
     save,
@@ -172,6 +174,9 @@ def test_trains_and_checkpoint_reloads(
 
     loaded = Llama4ForConditionalGeneration.from_pretrained(out)
     assert loaded.dtype == torch.bfloat16
+    assert load_model(out, TINY).dtype == torch.float32  # to train further
+    with pytest.raises(ValueError, match="--size"):
+        load_model(out, FULL)  # FULL cuts pictures into other patches than this model's
     inputs = collate(batch[:1], pad, TINY.tile_size)
     with torch.no_grad():
         reference = model(**inputs).loss

@@ -406,6 +406,20 @@ def build_model(size: ModelSize, tokenizer: Tokenizer, seed: int) -> Any:
     return model.float()
 
 
+def load_model(path: Path, size: ModelSize) -> Any:
+    """A saved demo model in float32, to train further; its pictures must be cut as `size` cuts them."""
+    from transformers import Llama4ForConditionalGeneration
+
+    model = Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    vision = model.config.vision_config
+    if (vision.image_size, vision.patch_size) != (size.tile_size, size.patch_size):
+        raise ValueError(
+            f"{path} has {vision.image_size}-pixel tiles of {vision.patch_size}-pixel patches; the data is encoded "
+            f"for {size.tile_size} and {size.patch_size}: pass the model's sizes with --size"
+        )
+    return model
+
+
 def train(
     model: Any,
     examples: Sequence[Example],
