@@ -24,14 +24,14 @@ def main() -> None:
     parser.add_argument("--counts", nargs="*", default=[], metavar="TASK=N", help="training counts to change")
     args = parser.parse_args()
 
-    counts = dict(TRAIN_COUNTS)
+    wanted = dict(TRAIN_COUNTS)
     for item in args.counts:
         task, _, n = item.partition("=")
         if task not in TASKS or not n.isdigit():
             parser.error(f"--counts takes TASK=N with TASK one of {', '.join(TASKS)}; got {item!r}")
-        counts[task] = int(n)
+        wanted[task] = int(n)
     args.out.mkdir(parents=True, exist_ok=True)
-    train_counts = {task: max(1, round(n * args.scale)) if n else 0 for task, n in counts.items()}
+    train_counts = {task: max(1, round(n * args.scale)) if n else 0 for task, n in wanted.items()}
     for split, counts in [("train", train_counts), ("heldout", HELDOUT_COUNTS)]:
         records = generate(split, counts, seed=args.seed)
         path = args.out / f"{split}.jsonl"

@@ -353,6 +353,10 @@ class TrainArgs:
     max_seconds: float | None = None
 
 
+# A time budget measures the speed from this step on: the first steps are slower (allocator, caches, workers).
+SETTLE_STEPS = 10
+
+
 def lr_at(step: int, args: TrainArgs) -> float:
     """Linear warmup, then cosine decay to 10% of the peak."""
     if step < args.warmup_steps:
@@ -476,10 +480,10 @@ def train(
         bar.update()
         elapsed = perf_counter() - start
         if args.max_seconds is not None:
-            if step == 10:
+            if step == SETTLE_STEPS:
                 calibrated_at = elapsed
             if step == args.warmup_steps - 1:
-                per_step = (elapsed - calibrated_at) / (step - 10)
+                per_step = (elapsed - calibrated_at) / (step - SETTLE_STEPS)
                 steps = min(args.max_steps, step + 1 + int((args.max_seconds - elapsed) / per_step))
                 schedule = dataclasses.replace(args, max_steps=steps)
                 bar.total = steps
