@@ -4,6 +4,7 @@ and a tokenizer whose jinja chat template gives the same ids as herd's built-in 
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from herd.chat.llama4 import format_tool_calls
 from herd.demo import data, images
 from herd.demo.tokenizer import SPECIAL_TOKENS, TOOL_TEXT_TOKENS, save_tokenizer, train_tokenizer, training_texts
-from herd.demo.tools import TOOLS
+from herd.demo.tools import CITIES, STOCKS, TOOLS
 from herd.tokenizer import Tokenizer, load_tokenizer
 from herd.tool_parser import get_tool_parser
 
@@ -89,6 +90,27 @@ def test_tool_calls_parse_into_the_intended_call(splits: dict[str, list[dict[str
         assert 2 <= len(record["tools"]) <= 4
 
 
+def test_tool_arguments_are_copied_from_the_request_and_not_from_a_closed_pool() -> None:
+    records = data.generate("train", {"tool_call": 400}, seed=0)
+    for record in records:
+        request = record["messages"][0]["content"]
+        for value in record["messages"][1]["tool_calls"][0]["function"]["arguments"].values():
+            assert str(value) in request, (value, request)
+    args = [r["messages"][1]["tool_calls"][0]["function"]["arguments"] for r in records]
+    symbols = {a["symbol"] for a in args if "symbol" in a}
+    places = {a["location"] for a in args if "location" in a}
+    # Made-up symbols and places as well as the pool's: a model cannot answer by recalling the pool.
+    assert symbols - set(STOCKS) and symbols & set(STOCKS)
+    assert places - set(CITIES) and places & set(CITIES)
+
+
+def test_repeat_answers_say_back_what_was_asked(splits: dict[str, list[dict[str, Any]]]) -> None:
+    for record in _by_task(splits["train"] + splits["heldout"], "repeat"):
+        question, answer = record["messages"][0]["content"], record["messages"][-1]["content"]
+        assert 1 <= len(answer.split()) <= 8 and answer.strip() == answer
+        assert any(q.format(answer) == question for q in data.REPEAT_QUESTIONS), (question, answer)
+
+
 def test_answers_after_a_tool_result_use_its_values(splits: dict[str, list[dict[str, Any]]]) -> None:
     for record in _by_task(splits["train"] + splits["heldout"], "tool_answer"):
         tool_msg, answer = record["messages"][2], record["messages"][3]["content"]
@@ -109,6 +131,20 @@ def test_image_specs_render_their_named_colors(splits: dict[str, list[dict[str, 
             assert str(len(spec["shapes"])) in answer
         else:
             assert any(f"The {s['kind']} is {s['color']}." == answer for s in spec["shapes"])
+
+
+def test_shapes_lie_apart_inside_the_picture() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        boxes = []
+        for shape in images.random_spec(rng)["shapes"]:
+            half = shape["size"] / 2
+            box = (shape["x"] - half, shape["y"] - half, shape["x"] + half, shape["y"] + half)
+            assert min(box) >= 0 and max(box) <= 1, shape
+            boxes.append(box)
+        for i, a in enumerate(boxes):
+            for b in boxes[:i]:
+                assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
 
 
 def test_tokenizer_round_trips_and_keeps_special_tokens_whole(tok_folder: Path) -> None:

@@ -24,10 +24,12 @@ KEYS = (
     "chat|Hey",
     "multiturn|name|Dave|What is my name?|",
     "multiturn|word|planet|reverse",
-    'tool|get_weather|{"location": "Hanoi", "unit": "fahrenheit"}',
-    'tool|calculator|{"expression": "690 / 36"}',
-    'tool_answer|tool|calculator|{"expression": "8776 / 80"}|{"result": 109.7}',
-    "image|gray|pink triangle,red circle,yellow square|Which shape is yellow?",
+    "repeat|Argentina owl Amsterdam rain",
+    'tool|get_weather|{"location": "Accra", "unit": "celsius"}',
+    'tool|get_stock_price|{"symbol": "FDS"}',
+    'tool|web_search|{"query": "bread garden"}',
+    'tool_answer|tool|calculator|{"expression": "4850 / 89"}|{"result": 54.49}',
+    "image|white|blue circle,yellow triangle|What color is the circle?",
     "image|black|orange square|What is the color of the square?",
 )
 MAX_NEW_TOKENS = 48

@@ -17,22 +17,21 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from herd.demo import images
+from herd.demo import images, tools, vocab
 from herd.demo.tools import TOOLS
+from herd.demo.vocab import NAMES, WORDS, items
 
 Record = dict[str, Any]
 HELDOUT_PERCENT = 10
 
 
-def _items(text: str) -> list[str]:
-    return [item.strip() for item in text.split(";")]
-
-
-TASKS = ("arithmetic", "string", "capital", "chat", "multiturn", "tool_call", "tool_none", "tool_answer", "image")
+TASKS = (
+    "arithmetic", "string", "capital", "chat", "multiturn", "repeat", "tool_call", "tool_none", "tool_answer", "image"
+)  # fmt: skip
 
 CAPITALS = dict(
     pair.split("=")
-    for pair in _items(
+    for pair in items(
         """France=Paris; Germany=Berlin; Italy=Rome; Spain=Madrid; Portugal=Lisbon; Ireland=Dublin; Norway=Oslo;
         Sweden=Stockholm; Finland=Helsinki; Denmark=Copenhagen; Poland=Warsaw; Austria=Vienna; Greece=Athens;
         Hungary=Budapest; Belgium=Brussels; Netherlands=Amsterdam; Switzerland=Bern; Czechia=Prague;
@@ -45,14 +44,6 @@ CAPITALS = dict(
         New Zealand=Wellington; Iceland=Reykjavik; Malaysia=Kuala Lumpur; Kazakhstan=Astana"""
     )
 )
-WORDS = _items(
-    """apple; river; stone; cloud; garden; pencil; window; orange; tiger; planet; silver; candle; forest; bottle;
-    rocket; mirror; violin; dragon; pepper; castle; summer; winter; spring; autumn; yellow; purple; button; camera;
-    ladder; basket; island; bridge; jungle; lemon; mango; coffee; puzzle; hammer; rabbit; turtle; falcon; wizard;
-    ocean; desert; valley; meadow; harbor; engine; marble; copper; velvet; cotton; cherry; banana; kitten; puppy;
-    sun; moon; star; tree; book; lamp; door; chair; table; cup; fish; bird; frog; bear; wolf; fox; owl; rain; snow;
-    wind; fire; sand; salt; milk; bread; cake"""
-)
 GREETINGS = ["Hi", "Hello", "Hey", "Hi there", "Hello there", "Good morning", "Good evening", "Hey there", "Greetings"]
 ABILITY_QUESTIONS = ["What can you do", "What are you able to do", "How can you help me", "What do you know", "Help"]
 GREETING_ANSWER = "Hello! How can I help you today?"
@@ -60,7 +51,6 @@ ABILITY_ANSWER = (
     "I can do arithmetic, work with words (reverse, uppercase, count letters, sort), tell you the capitals of "
     "countries, call tools you give me, and answer questions about simple pictures."
 )
-NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Oscar"]
 OPS = {"add": ("+", "plus"), "subtract": ("-", "minus"), "multiply": ("*", "times")}
 
 
@@ -213,6 +203,33 @@ def multiturn(rng: random.Random) -> Record:
     return _record("multiturn", sub, f"multiturn|{sub}|{key}", messages, uses=uses)
 
 
+REPEAT_QUESTIONS = ["Repeat after me: {}", "Say '{}'.", "Please repeat: {}", "Echo this: {}"]
+
+
+def _repeat_item(rng: random.Random) -> str:
+    pools: list[Callable[[random.Random], str]] = [
+        lambda r: r.choice(WORDS),
+        lambda r: r.choice(NAMES),
+        lambda r: r.choice(sorted(CAPITALS)),
+        lambda r: r.choice(tools.CITIES),
+        lambda r: r.choice(tools.STOCKS),
+        lambda r: r.choice(tools.CURRENCIES),
+        lambda r: r.choice(tools.LANGUAGES),
+        vocab.ticker,
+        vocab.made_up_name,
+        lambda r: str(r.randint(0, 9999)),
+    ]
+    return rng.choice(pools)(rng)
+
+
+def repeat(rng: random.Random) -> Record:
+    """Say back one to four words, names, symbols or numbers. Copying from the request is what a tool call's
+    arguments need, and the tool dialogs alone did not teach it (the model learned the argument pools)."""
+    text = " ".join(_repeat_item(rng) for _ in range(rng.randint(1, 4)))
+    question = rng.choice(REPEAT_QUESTIONS).format(text)
+    return _record("repeat", "repeat", f"repeat|{text}", [user(question), assistant(text)])
+
+
 def _offered(rng: random.Random, must: str | None = None, exclude: str | None = None) -> list[dict[str, Any]]:
     """The definitions of 2-4 tools from the pool: `must` among them at a random position, never `exclude`."""
     others = sorted(n for n in TOOLS if n not in (must, exclude))
@@ -280,6 +297,7 @@ GENERATORS: dict[str, Callable[[random.Random], Record]] = {
     "capital": capital,
     "chat": chat,
     "multiturn": multiturn,
+    "repeat": repeat,
     "tool_call": tool_call,
     "tool_none": tool_none,
     "tool_answer": tool_answer,
@@ -287,7 +305,7 @@ GENERATORS: dict[str, Callable[[random.Random], Record]] = {
 }
 # Short tasks are cheap (30-50 tokens against ~450 for a dialog with tool definitions), so they get many samples.
 TRAIN_COUNTS = {"arithmetic": 45000, "string": 4000, "capital": 14000, "chat": 300, "multiturn": 3000,
-                "tool_call": 3000, "tool_none": 500, "tool_answer": 2000, "image": 24000}  # fmt: skip
+                "repeat": 20000, "tool_call": 3000, "tool_none": 500, "tool_answer": 2000, "image": 24000}  # fmt: skip
 HELDOUT_COUNTS = dict.fromkeys(TASKS, 200) | {"chat": 40}
 
 

@@ -33,6 +33,7 @@ TARGETS: dict[str, float | None] = {
     "capital": 0.95,
     "chat": None,
     "multiturn": None,
+    "repeat": None,
     "tool_call": 0.90,
     "tool_none": None,
     "tool_answer": 0.85,

@@ -27,17 +27,21 @@ SHAPES = ("circle", "square", "triangle")
 
 
 def random_spec(rng: random.Random) -> dict[str, Any]:
-    """A background and 1-3 shapes of distinct kinds and colors, in distinct horizontal slots (no overlap)."""
+    """A background and 1-3 shapes of distinct kinds and colors, each in its own cell of a 2 x 2 grid.
+
+    Shapes are large (30-42% of the side) because a 64-pixel tile cut into 8-pixel patches shows a smaller
+    circle, square and triangle as nearly the same blob; the cells keep them apart.
+    """
     n = rng.randint(1, 3)
     kinds = rng.sample(SHAPES, n)
     colors = rng.sample(sorted(COLORS), n)
-    slots = rng.sample(range(3), n)
+    cells = rng.sample(range(4), n)
     shapes = []
-    for kind, color, slot in zip(kinds, colors, slots, strict=True):
+    for kind, color, cell in zip(kinds, colors, cells, strict=True):
         # Coordinates are fractions of the image side, so one spec renders at any size.
-        size = rng.uniform(0.18, 0.28)
-        x = (slot + 0.5) / 3 + rng.uniform(-0.03, 0.03)
-        y = rng.uniform(0.3, 0.7)
+        size = rng.uniform(0.30, 0.42)
+        x = (cell % 2 + 0.5) / 2 + rng.uniform(-0.03, 0.03)
+        y = (cell // 2 + 0.5) / 2 + rng.uniform(-0.03, 0.03)
         shapes.append({"kind": kind, "color": color, "x": round(x, 3), "y": round(y, 3), "size": round(size, 3)})
     return {"background": rng.choice(sorted(BACKGROUNDS)), "shapes": shapes}
 

@@ -12,13 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-# Pools large enough that a call's arguments cannot be learned by heart: the model has to copy them from the
-# request (held-out calls use argument values never seen in a call in training).
+from herd.demo import vocab
+
+# A call's argument is the pool value asked for or, half the time, a made-up one (random words, letters or
+# syllables), so that the model has to copy arguments from the request rather than learn the pool by heart
+# (held-out calls use argument values never seen in a call to that tool in training).
 CITIES = [
     "Paris", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Lima", "Oslo", "Seoul", "Sydney", "Toronto", "Delhi",
     "London", "Vienna", "Dublin", "Lisbon", "Prague", "Warsaw", "Athens", "Helsinki", "Nairobi", "Bangkok",
     "Hanoi", "Manila", "Jakarta", "Istanbul", "Chicago", "Boston", "Denver", "Miami", "Havana", "Bogota",
     "Santiago", "Caracas", "Montreal", "Vancouver", "Munich", "Milan", "Zurich", "Geneva", "Stockholm", "Dakar",
+    "Copenhagen", "Budapest", "Brussels", "Amsterdam", "Bern", "Bucharest", "Kyiv", "Moscow", "Ankara", "Accra",
+    "Rabat", "Tunis", "Beijing", "Kathmandu", "Tehran", "Baghdad", "Amman", "Doha", "Ottawa", "Montevideo",
+    "Canberra", "Wellington", "Reykjavik", "Astana", "Osaka", "Seattle", "Dallas", "Hamburg", "Lyon", "Porto",
+    "Naples", "Riga", "Sofia", "Zagreb", "Perth", "Quito", "Lagos", "Austin", "Houston", "Kyoto",
 ]  # fmt: skip
 CURRENCIES = ["USD", "EUR", "JPY", "GBP", "CHF", "CAD", "AUD", "INR", "CNY", "SEK", "NOK", "MXN", "BRL", "KRW"]
 UNITS = [("km", "miles"), ("miles", "km"), ("kg", "pounds"), ("pounds", "kg"), ("meters", "feet"), ("feet", "meters")]
@@ -70,19 +77,24 @@ def _n(description: str) -> dict[str, Any]:
     return {"type": "number", "description": description}
 
 
+def _city(rng: random.Random) -> str:
+    return rng.choice(CITIES) if rng.random() < 0.75 else vocab.made_up_name(rng)
+
+
 def _weather(rng: random.Random) -> tuple[str, Args]:
-    city, unit = rng.choice(CITIES), rng.choice(["celsius", "fahrenheit"])
+    city, unit = _city(rng), rng.choice(["celsius", "fahrenheit"])
     text = rng.choice(["What's the weather in {c} in {u}?", "How warm is it in {c}? Use {u}.", "Weather in {c}, {u}."])
     return text.format(c=city, u=unit), {"location": city, "unit": unit}
 
 
 def _time(rng: random.Random) -> tuple[str, Args]:
-    city = rng.choice(CITIES)
+    city = _city(rng)
     return rng.choice(["What time is it in {}?", "Tell me the current time in {}."]).format(city), {"location": city}
 
 
 def _currency(rng: random.Random) -> tuple[str, Args]:
-    amount, (a, b) = rng.choice([10, 20, 50, 100, 250, 1000]), rng.sample(CURRENCIES, 2)
+    amount = rng.choice([10, 20, 50, 100, 250, 1000]) if rng.random() < 0.5 else rng.randint(1, 5000)
+    a, b = rng.sample(CURRENCIES, 2)
     text = rng.choice(["Convert {n} {a} to {b}.", "How much is {n} {a} in {b}?"]).format(n=amount, a=a, b=b)
     return text, {"amount": amount, "from_currency": a, "to_currency": b}
 
@@ -94,7 +106,7 @@ def _units(rng: random.Random) -> tuple[str, Args]:
 
 
 def _search(rng: random.Random) -> tuple[str, Args]:
-    topic = rng.choice(TOPICS)
+    topic = rng.choice(TOPICS) if rng.random() < 0.5 else vocab.phrase(rng, 1, 3)
     return rng.choice(["Search the web for {}.", "Look up the latest news about {}."]).format(topic), {"query": topic}
 
 
@@ -105,13 +117,14 @@ def _calculator(rng: random.Random) -> tuple[str, Args]:
 
 
 def _stock(rng: random.Random) -> tuple[str, Args]:
-    symbol = rng.choice(STOCKS)
+    symbol = rng.choice(STOCKS) if rng.random() < 0.5 else vocab.ticker(rng)
     text = rng.choice(["What is the stock price of {}?", "How much does {} trade at?"])
     return text.format(symbol), {"symbol": symbol}
 
 
 def _translate(rng: random.Random) -> tuple[str, Args]:
-    phrase, language = rng.choice(PHRASES), rng.choice(LANGUAGES)
+    phrase = rng.choice(PHRASES) if rng.random() < 0.5 else vocab.phrase(rng, 2, 3)
+    language = rng.choice(LANGUAGES)
     text = f'Translate "{phrase}" into {language}.'
     return text, {"text": phrase, "target_language": language}
 
@@ -122,7 +135,8 @@ def _timer(rng: random.Random) -> tuple[str, Args]:
 
 
 def _email(rng: random.Random) -> tuple[str, Args]:
-    name, subject = rng.choice(EMAIL_NAMES), rng.choice(SUBJECTS)
+    name = rng.choice(EMAIL_NAMES) if rng.random() < 0.5 else vocab.made_up_name(rng).lower()
+    subject = rng.choice(SUBJECTS) if rng.random() < 0.5 else vocab.phrase(rng, 1, 2)
     text = f"Send an email to {name}@example.com with the subject {subject!r}."
     return text.replace("'", '"'), {"to": f"{name}@example.com", "subject": subject}
 
