@@ -17,9 +17,9 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from herd.demo import images, tools, vocab
-from herd.demo.tools import TOOLS
-from herd.demo.vocab import NAMES, WORDS, items
+from herd.demo import images
+from herd.demo.tools import CITIES, CURRENCIES, LANGUAGES, STOCKS, TOOLS
+from herd.demo.vocab import NAMES, WORDS, items, made_up_name, ticker
 
 Record = dict[str, Any]
 HELDOUT_PERCENT = 10
@@ -44,6 +44,7 @@ CAPITALS = dict(
         New Zealand=Wellington; Iceland=Reykjavik; Malaysia=Kuala Lumpur; Kazakhstan=Astana"""
     )
 )
+COUNTRIES = sorted(CAPITALS)
 GREETINGS = ["Hi", "Hello", "Hey", "Hi there", "Hello there", "Good morning", "Good evening", "Hey there", "Greetings"]
 ABILITY_QUESTIONS = ["What can you do", "What are you able to do", "How can you help me", "What do you know", "Help"]
 GREETING_ANSWER = "Hello! How can I help you today?"
@@ -147,7 +148,7 @@ CAPITAL_QUESTIONS = {
 
 
 def capital(rng: random.Random) -> Record:
-    country, direction = rng.choice(sorted(CAPITALS)), rng.choice(sorted(CAPITAL_QUESTIONS))
+    country, direction = rng.choice(COUNTRIES), rng.choice(sorted(CAPITAL_QUESTIONS))
     city = CAPITALS[country]
     phrasing = rng.randrange(len(CAPITAL_QUESTIONS[direction]))
     q = CAPITAL_QUESTIONS[direction][phrasing].format(country if direction == "capital" else city)
@@ -206,26 +207,25 @@ def multiturn(rng: random.Random) -> Record:
 REPEAT_QUESTIONS = ["Repeat after me: {}", "Say '{}'.", "Please repeat: {}", "Echo this: {}"]
 
 
-def _repeat_item(rng: random.Random) -> str:
-    pools: list[Callable[[random.Random], str]] = [
-        lambda r: r.choice(WORDS),
-        lambda r: r.choice(NAMES),
-        lambda r: r.choice(sorted(CAPITALS)),
-        lambda r: r.choice(tools.CITIES),
-        lambda r: r.choice(tools.STOCKS),
-        lambda r: r.choice(tools.CURRENCIES),
-        lambda r: r.choice(tools.LANGUAGES),
-        vocab.ticker,
-        vocab.made_up_name,
-        lambda r: str(r.randint(0, 9999)),
-    ]
-    return rng.choice(pools)(rng)
+# What the repeat task says back: every kind of value a tool call copies, and more.
+REPEAT_POOLS: tuple[Callable[[random.Random], str], ...] = (
+    lambda r: r.choice(WORDS),
+    lambda r: r.choice(NAMES),
+    lambda r: r.choice(COUNTRIES),
+    lambda r: r.choice(CITIES),
+    lambda r: r.choice(STOCKS),
+    lambda r: r.choice(CURRENCIES),
+    lambda r: r.choice(LANGUAGES),
+    ticker,
+    made_up_name,
+    lambda r: str(r.randint(0, 9999)),
+)
 
 
 def repeat(rng: random.Random) -> Record:
     """Say back one to four words, names, symbols or numbers. Copying from the request is what a tool call's
     arguments need, and the tool dialogs alone did not teach it (the model learned the argument pools)."""
-    text = " ".join(_repeat_item(rng) for _ in range(rng.randint(1, 4)))
+    text = " ".join(rng.choice(REPEAT_POOLS)(rng) for _ in range(rng.randint(1, 4)))
     question = rng.choice(REPEAT_QUESTIONS).format(text)
     return _record("repeat", "repeat", f"repeat|{text}", [user(question), assistant(text)])
 
