@@ -28,9 +28,12 @@ KEYS = (
     'tool|get_weather|{"location": "Accra", "unit": "celsius"}',
     'tool|get_stock_price|{"symbol": "FDS"}',
     'tool|web_search|{"query": "bread garden"}',
+    'tool|send_email|{"subject": "holidays", "to": "zantazan@example.com"}',
     'tool_answer|tool|calculator|{"expression": "4850 / 89"}|{"result": 54.49}',
+    'tool_answer|tool|web_search|{"query": "milk copper"}|{"top_result": "A short article about milk copper"}',
     "image|white|blue circle,yellow triangle|What color is the circle?",
     "image|black|orange square|What is the color of the square?",
+    "image|black|pink circle,purple triangle,yellow square|Which shape is purple?",
 )
 MAX_NEW_TOKENS = 48
 
