@@ -98,7 +98,9 @@ def generate_transformers(model_dir: Path, prompts: Sequence[Prompt], max_new_to
 
     from herd.demo.train import image_prompt, image_tile
 
-    model = Llama4ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # transformers' own layers, not the Hub kernels it fetches on a GPU by default
+    model = Llama4ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, use_kernels=False)
+    model.eval()
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     vision = model.config.vision_config
     tile = vision.image_size

@@ -414,7 +414,9 @@ def load_model(path: Path, size: ModelSize) -> Any:
     """A saved demo model in float32, to train further; its pictures must be cut as `size` cuts them."""
     from transformers import Llama4ForConditionalGeneration
 
-    model = Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    # use_kernels=False: on a GPU from_pretrained otherwise swaps layers for Hub kernels, which needs the
+    # network and is not the reference code the demo model is trained and checked against
+    model = Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, use_kernels=False)
     vision = model.config.vision_config
     if (vision.image_size, vision.patch_size) != (size.tile_size, size.patch_size):
         raise ValueError(
