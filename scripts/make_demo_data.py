@@ -22,7 +22,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every training count by this")
     parser.add_argument("--counts", nargs="*", default=[], metavar="TASK=N", help="training counts to change")
+    parser.add_argument(
+        "--made-up-share",
+        type=float,
+        default=None,
+        help="make up this share (0-1) of the training tool calls' arguments (default: a quarter of the cities, "
+        "half of the rest); the held-out split always uses the default",
+    )
     args = parser.parse_args()
+    if args.made_up_share is not None and not 0 <= args.made_up_share <= 1:
+        parser.error(f"--made-up-share is a share between 0 and 1; got {args.made_up_share}")
 
     wanted = dict(TRAIN_COUNTS)
     for item in args.counts:
@@ -32,8 +41,8 @@ def main() -> None:
         wanted[task] = int(n)
     args.out.mkdir(parents=True, exist_ok=True)
     train_counts = {task: max(1, round(n * args.scale)) if n else 0 for task, n in wanted.items()}
-    for split, counts in [("train", train_counts), ("heldout", HELDOUT_COUNTS)]:
-        records = generate(split, counts, seed=args.seed)
+    for split, counts, share in [("train", train_counts, args.made_up_share), ("heldout", HELDOUT_COUNTS, None)]:
+        records = generate(split, counts, seed=args.seed, made_up_share=share)
         path = args.out / f"{split}.jsonl"
         with path.open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

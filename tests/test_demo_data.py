@@ -104,6 +104,25 @@ def test_tool_arguments_are_copied_from_the_request_and_not_from_a_closed_pool()
     assert places - set(CITIES) and places & set(CITIES)
 
 
+def test_made_up_share_sets_how_many_arguments_leave_the_pool() -> None:
+    before = data.generate("train", {"tool_call": 50}, seed=1)
+
+    def pool_shares(share: float | None) -> tuple[float, float]:
+        records = data.generate("train", {"tool_call": 600}, seed=0, made_up_share=share)
+        args = [r["messages"][1]["tool_calls"][0]["function"]["arguments"] for r in records]
+        symbols = [a["symbol"] in STOCKS for a in args if "symbol" in a]
+        places = [a["location"] in CITIES for a in args if "location" in a]
+        return sum(symbols) / len(symbols), sum(places) / len(places)
+
+    assert pool_shares(0.0) == (1.0, 1.0)
+    assert pool_shares(1.0) == (0.0, 0.0)
+    symbols, places = pool_shares(None)  # each argument's own share: half the symbols, three quarters the places
+    assert 0.35 < symbols < 0.65 and 0.6 < places < 0.9
+    symbols, places = pool_shares(0.9)
+    assert symbols < 0.2 and places < 0.2
+    assert data.generate("train", {"tool_call": 50}, seed=1) == before  # the setting ends with its generation
+
+
 def test_repeat_answers_say_back_what_was_asked(splits: dict[str, list[dict[str, Any]]]) -> None:
     for record in _by_task(splits["train"] + splits["heldout"], "repeat"):
         question, answer = record["messages"][0]["content"], record["messages"][-1]["content"]

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from herd.demo import images
+from herd.demo import images, tools
 from herd.demo.tools import CITIES, CURRENCIES, LANGUAGES, STOCKS, TOOLS
 from herd.demo.vocab import NAMES, WORDS, items, made_up_name, ticker
 
@@ -309,13 +309,15 @@ TRAIN_COUNTS = {"arithmetic": 45000, "string": 4000, "capital": 14000, "chat": 3
 HELDOUT_COUNTS = dict.fromkeys(TASKS, 200) | {"chat": 40}
 
 
-def generate(split: str, counts: dict[str, int], seed: int = 0) -> list[Record]:
-    """counts[task] records of each task that belong to `split`, drawn with `seed`."""
+def generate(split: str, counts: dict[str, int], seed: int = 0, made_up_share: float | None = None) -> list[Record]:
+    """counts[task] records of each task that belong to `split`, drawn with `seed`; `made_up_share` of the tool
+    arguments made up (None: each argument's own share, see herd.demo.tools)."""
     records = []
-    for task in TASKS:
-        if counts.get(task):
-            rng = random.Random(f"{seed}|{split}|{task}")  # per task, so changing one count moves no other task
-            records += _take(rng, task, split, counts[task])
+    with tools.made_up_share(made_up_share):
+        for task in TASKS:
+            if counts.get(task):
+                rng = random.Random(f"{seed}|{split}|{task}")  # per task, so changing one count moves no other task
+                records += _take(rng, task, split, counts[task])
     return records
 
 

@@ -7,16 +7,19 @@ always contains the result's value, which is what the eval checks.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from herd.demo import vocab
 
 # A call's argument is the pool value asked for or, half the time, a made-up one (random words, letters or
 # syllables), so that the model has to copy arguments from the request rather than learn the pool by heart
-# (held-out calls use argument values never seen in a call to that tool in training).
+# (held-out calls use argument values never seen in a call to that tool in training). Training data may make up
+# more of them (see made_up_share).
 CITIES = [
     "Paris", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Lima", "Oslo", "Seoul", "Sydney", "Toronto", "Delhi",
     "London", "Vienna", "Dublin", "Lisbon", "Prague", "Warsaw", "Athens", "Helsinki", "Nairobi", "Bangkok",
@@ -47,6 +50,29 @@ EMAIL_NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi
 SUBJECTS = ["lunch", "the report", "tomorrow", "the meeting", "holidays", "the budget", "a new idea", "dinner"]
 
 Args = dict[str, Any]
+T = TypeVar("T")
+
+# None: each argument's own share of made-up values (a quarter for cities, half for the rest)
+_made_up_share: contextvars.ContextVar[float | None] = contextvars.ContextVar("made_up_share", default=None)
+
+
+@contextlib.contextmanager
+def made_up_share(share: float | None) -> Iterator[None]:
+    """Make up this share of every tool argument while generating (None: each argument's own share).
+
+    A pool value held out of training is otherwise often answered with a pool value the model has seen in that
+    argument; fewer pool values in training make copying from the request pay more than recalling the pool.
+    """
+    token = _made_up_share.set(share)
+    try:
+        yield
+    finally:
+        _made_up_share.reset(token)
+
+
+def _pool_or_made_up(rng: random.Random, pool: Sequence[T], make_up: Callable[[random.Random], T], share: float) -> T:
+    chosen = _made_up_share.get()
+    return rng.choice(pool) if rng.random() < 1 - (share if chosen is None else chosen) else make_up(rng)
 
 
 @dataclass(frozen=True)
@@ -78,7 +104,7 @@ def _n(description: str) -> dict[str, Any]:
 
 
 def _city(rng: random.Random) -> str:
-    return rng.choice(CITIES) if rng.random() < 0.75 else vocab.made_up_name(rng)
+    return _pool_or_made_up(rng, CITIES, vocab.made_up_name, 0.25)
 
 
 def _weather(rng: random.Random) -> tuple[str, Args]:
@@ -93,7 +119,7 @@ def _time(rng: random.Random) -> tuple[str, Args]:
 
 
 def _currency(rng: random.Random) -> tuple[str, Args]:
-    amount = rng.choice([10, 20, 50, 100, 250, 1000]) if rng.random() < 0.5 else rng.randint(1, 5000)
+    amount = _pool_or_made_up(rng, [10, 20, 50, 100, 250, 1000], lambda r: r.randint(1, 5000), 0.5)
     a, b = rng.sample(CURRENCIES, 2)
     text = rng.choice(["Convert {n} {a} to {b}.", "How much is {n} {a} in {b}?"]).format(n=amount, a=a, b=b)
     return text, {"amount": amount, "from_currency": a, "to_currency": b}
@@ -106,7 +132,7 @@ def _units(rng: random.Random) -> tuple[str, Args]:
 
 
 def _search(rng: random.Random) -> tuple[str, Args]:
-    topic = rng.choice(TOPICS) if rng.random() < 0.5 else vocab.phrase(rng, 1, 3)
+    topic = _pool_or_made_up(rng, TOPICS, lambda r: vocab.phrase(r, 1, 3), 0.5)
     return rng.choice(["Search the web for {}.", "Look up the latest news about {}."]).format(topic), {"query": topic}
 
 
@@ -117,13 +143,13 @@ def _calculator(rng: random.Random) -> tuple[str, Args]:
 
 
 def _stock(rng: random.Random) -> tuple[str, Args]:
-    symbol = rng.choice(STOCKS) if rng.random() < 0.5 else vocab.ticker(rng)
+    symbol = _pool_or_made_up(rng, STOCKS, vocab.ticker, 0.5)
     text = rng.choice(["What is the stock price of {}?", "How much does {} trade at?"])
     return text.format(symbol), {"symbol": symbol}
 
 
 def _translate(rng: random.Random) -> tuple[str, Args]:
-    phrase = rng.choice(PHRASES) if rng.random() < 0.5 else vocab.phrase(rng, 2, 3)
+    phrase = _pool_or_made_up(rng, PHRASES, lambda r: vocab.phrase(r, 2, 3), 0.5)
     language = rng.choice(LANGUAGES)
     text = f'Translate "{phrase}" into {language}.'
     return text, {"text": phrase, "target_language": language}
@@ -135,8 +161,8 @@ def _timer(rng: random.Random) -> tuple[str, Args]:
 
 
 def _email(rng: random.Random) -> tuple[str, Args]:
-    name = rng.choice(EMAIL_NAMES) if rng.random() < 0.5 else vocab.made_up_name(rng).lower()
-    subject = rng.choice(SUBJECTS) if rng.random() < 0.5 else vocab.phrase(rng, 1, 2)
+    name = _pool_or_made_up(rng, EMAIL_NAMES, lambda r: vocab.made_up_name(r).lower(), 0.5)
+    subject = _pool_or_made_up(rng, SUBJECTS, lambda r: vocab.phrase(r, 1, 2), 0.5)
     text = f"Send an email to {name}@example.com with the subject {subject!r}."
     return text.replace("'", '"'), {"to": f"{name}@example.com", "subject": subject}
 
