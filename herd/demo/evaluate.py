@@ -94,13 +94,10 @@ def image_size(model_dir: Path) -> int:
 def generate_transformers(model_dir: Path, prompts: Sequence[Prompt], max_new_tokens: int) -> list[str]:
     """Greedy answers from transformers' Llama4ForConditionalGeneration in float32, one prompt at a time."""
     from tokenizers import Tokenizer
-    from transformers import Llama4ForConditionalGeneration
 
-    from herd.demo.train import image_prompt, image_tile
+    from herd.demo.train import image_prompt, image_tile, load_reference
 
-    # transformers' own layers, not the Hub kernels it fetches on a GPU by default
-    model = Llama4ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, use_kernels=False)
-    model.eval()
+    model = load_reference(model_dir).eval()
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     vision = model.config.vision_config
     tile = vision.image_size

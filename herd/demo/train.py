@@ -410,13 +410,20 @@ def build_model(size: ModelSize, tokenizer: Tokenizer, seed: int) -> Any:
     return model.float()
 
 
-def load_model(path: Path, size: ModelSize) -> Any:
-    """A saved demo model in float32, to train further; its pictures must be cut as `size` cuts them."""
+def load_reference(path: Path) -> Any:
+    """A saved demo model in float32 with transformers' own layers.
+
+    use_kernels=False: on a GPU, from_pretrained otherwise swaps layers for Hub kernels, which needs the network
+    and is not the reference code the demo model is trained and checked against.
+    """
     from transformers import Llama4ForConditionalGeneration
 
-    # use_kernels=False: on a GPU from_pretrained otherwise swaps layers for Hub kernels, which needs the
-    # network and is not the reference code the demo model is trained and checked against
-    model = Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, use_kernels=False)
+    return Llama4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, use_kernels=False)
+
+
+def load_model(path: Path, size: ModelSize) -> Any:
+    """A saved demo model in float32, to train further; its pictures must be cut as `size` cuts them."""
+    model = load_reference(path)
     vision = model.config.vision_config
     if (vision.image_size, vision.patch_size) != (size.tile_size, size.patch_size):
         raise ValueError(
