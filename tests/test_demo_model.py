@@ -24,7 +24,7 @@ KEYS = (
     "chat|Hey",
     "multiturn|name|Dave|What is my name?|",
     "multiturn|word|planet|reverse",
-    "repeat|Argentina owl Amsterdam rain",
+    "repeat|5852 Grace Amman OBD",
     'tool|get_weather|{"location": "Accra", "unit": "celsius"}',
     'tool|get_stock_price|{"symbol": "FDS"}',
     'tool|web_search|{"query": "bread garden"}',

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from herd.demo import images, tools
-from herd.demo.tools import CITIES, CURRENCIES, LANGUAGES, STOCKS, TOOLS
+from herd.demo.tools import CITIES, CURRENCIES, LANGUAGES, PHRASES, STOCKS, SUBJECTS, TOOLS, TOPICS
 from herd.demo.vocab import NAMES, WORDS, items, made_up_name, ticker
 
 Record = dict[str, Any]
@@ -207,7 +207,9 @@ def multiturn(rng: random.Random) -> Record:
 REPEAT_QUESTIONS = ["Repeat after me: {}", "Say '{}'.", "Please repeat: {}", "Echo this: {}"]
 
 
-# What the repeat task says back: every kind of value a tool call copies, and more.
+# What the repeat task says back: every kind of value a tool call or an answer after a tool result copies, and
+# more. The tools' own pools are here because a held-out call's value (a search topic, a phrase to translate)
+# is otherwise hardly ever seen in training, and the model cannot copy words whose pieces it has not learned.
 REPEAT_POOLS: tuple[Callable[[random.Random], str], ...] = (
     lambda r: r.choice(WORDS),
     lambda r: r.choice(NAMES),
@@ -216,9 +218,13 @@ REPEAT_POOLS: tuple[Callable[[random.Random], str], ...] = (
     lambda r: r.choice(STOCKS),
     lambda r: r.choice(CURRENCIES),
     lambda r: r.choice(LANGUAGES),
+    lambda r: r.choice(TOPICS),
+    lambda r: r.choice(PHRASES),
+    lambda r: r.choice(SUBJECTS),
     ticker,
     made_up_name,
     lambda r: str(r.randint(0, 9999)),
+    lambda r: str(round(r.uniform(0, 1000), 2)),  # like a price or a quotient in a tool result
 )
 
 
