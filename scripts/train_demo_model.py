@@ -6,9 +6,10 @@
         --out /tmp/herd-demo/model --threads 2
 
 On a GPU: `--device cuda --batch-size 64 --loader-workers 3`; `--max-seconds S` trains for as many steps as fit
-in S seconds (the count is logged; pass it as --max-steps to repeat the run). `--size patch_size=4` changes
-one of herd.demo.train.ModelSize's fields. Smoke run: add `--max-steps 5 --limit 200`. The logic lives in
-herd.demo.train.
+in S seconds, a count fixed at the end of warmup and logged; to repeat the run, pass it as --max-steps and, if
+the budget ran out before the schedule's end, the step it stopped at as --stop-after (also logged).
+`--size patch_size=4` changes one of herd.demo.train.ModelSize's fields. Smoke run: add `--max-steps 5
+--limit 200`. The logic lives in herd.demo.train.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main() -> None:
     parser.add_argument("--loader-workers", type=int, default=defaults.loader_workers)
     parser.add_argument("--encode-workers", type=int, default=1, help="processes tokenizing the dialogs")
     parser.add_argument("--max-seconds", type=float, default=None, help="time budget (--max-steps is then a cap)")
+    parser.add_argument(
+        "--stop-after", type=int, default=None, help="stop after this many steps of the --max-steps schedule"
+    )
     parser.add_argument("--size", nargs="*", default=[], metavar="NAME=VALUE", help="ModelSize fields to change")
     parser.add_argument("--init", type=Path, default=None, help="train this saved model further (not fresh weights)")
     args = parser.parse_args()
@@ -95,6 +99,7 @@ def main() -> None:
         device=args.device,
         loader_workers=args.loader_workers,
         max_seconds=args.max_seconds,
+        stop_after=args.stop_after,
     )
     pad_id = tokenizer.token_to_id("<|finetune_right_pad|>")
     train(model, examples, train_args, pad_id, size.tile_size)

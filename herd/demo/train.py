@@ -351,6 +351,8 @@ class TrainArgs:
     # With a time budget, max_steps is an upper bound: the step count is fixed at the end of warmup (where the
     # schedule starts depending on it) from the speed measured so far, and logged, so a run can be repeated.
     max_seconds: float | None = None
+    # Stop after this many steps of the max_steps schedule: repeats a run that its time budget cut short.
+    stop_after: int | None = None
 
 
 # A time budget measures the speed from this step on: the first steps are slower (allocator, caches, workers).
@@ -474,7 +476,7 @@ def train(
     calibrated_at = 0.0
     bar = tqdm(total=args.max_steps, desc="train", unit="step", dynamic_ncols=True, disable=None)
     for step, inputs in enumerate(loader):
-        if step == schedule.max_steps:
+        if step in (schedule.max_steps, args.stop_after):
             break
         tokens += int(inputs["attention_mask"].sum())  # counted on the host: no wait for the device
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
@@ -498,7 +500,13 @@ def train(
                 bar.total = steps
                 logger.info("time budget %.0f s: %d steps (%.1f ms a step)", args.max_seconds, steps, 1e3 * per_step)
             elif elapsed > args.max_seconds:
-                logger.warning("time budget spent at step %d of %d", step + 1, schedule.max_steps)
+                logger.warning(
+                    "time budget spent at step %d of %d (to repeat this run: --max-steps %d --stop-after %d)",
+                    step + 1,
+                    schedule.max_steps,
+                    schedule.max_steps,
+                    step + 1,
+                )
                 break
         if (step + 1) % args.log_every == 0 or step + 1 == schedule.max_steps:
             recent = torch.stack(losses[-args.log_every :]).float()
