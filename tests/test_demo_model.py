@@ -31,6 +31,7 @@ KEYS = (
     'tool|send_email|{"subject": "holidays", "to": "zantazan@example.com"}',
     'tool_answer|tool|calculator|{"expression": "4850 / 89"}|{"result": 54.49}',
     'tool_answer|tool|web_search|{"query": "milk copper"}|{"top_result": "A short article about milk copper"}',
+    'tool_answer|tool|web_search|{"query": "sourdough bread"}|{"top_result": "A short article about sourdough bread"}',
     "image|white|blue circle,yellow triangle|What color is the circle?",
     "image|black|orange square|What is the color of the square?",
     "image|black|pink circle,purple triangle,yellow square|Which shape is purple?",
