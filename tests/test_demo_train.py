@@ -160,6 +160,8 @@ def test_trains_and_checkpoint_reloads(
     again = train(build_model(TINY, tokenizer, seed=0), examples, TrainArgs(**{**vars(args), "stop_after": 5}), pad,
                   TINY.tile_size, fixed_batch=batch)  # fmt: skip
     assert again == pytest.approx(losses[:5], rel=1e-4)
+    with pytest.raises(ValueError, match="--stop-after"):
+        train(model, examples, TrainArgs(**{**vars(args), "stop_after": 0}), pad, TINY.tile_size, fixed_batch=batch)
 
     out = save(model, tmp_path / "model", tok_dir)
     assert {p.name for p in out.iterdir()} >= {

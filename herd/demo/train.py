@@ -448,6 +448,8 @@ def train(
         torch.set_num_threads(args.threads)
     if args.max_seconds is not None and args.warmup_steps < 30:
         raise ValueError("a time budget needs at least 30 warmup steps to measure the speed in")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after takes a step count of at least 1; got {args.stop_after}")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 rounds far less than the bfloat16 checkpoint does
