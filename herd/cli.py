@@ -10,13 +10,13 @@ import argparse
 import logging
 import sys
 
-from herd.launch_server import LOG_FORMAT
+from herd.config.engine import LOG_FORMAT
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from herd.config.server_args import server_args_from
     from herd.llm import LLM
     from herd.sampling import SamplingParams
-    from herd.server_args import server_args_from
 
     server_args = server_args_from(args)
     llm = LLM(**{"model": server_args.model_path, **{k: v for k, v in vars(server_args).items() if k != "model_path"}})
@@ -33,7 +33,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from herd.server_args import ArgumentError, add_server_args
+    from herd.config.server_args import ArgumentError, add_server_args
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="herd", description="Llama 4 inference and serving engine")

@@ -14,15 +14,12 @@ import sys
 
 import uvicorn
 
-from herd.async_engine import AsyncEngine
-from herd.engine import Engine
-from herd.engine_process import EngineProcess
+from herd.config.engine import LOG_FORMAT, ServerConfig
+from herd.config.server_args import ArgumentError, ServerArgs, add_server_args, server_args_from
+from herd.frontend.async_engine import AsyncEngine
 from herd.server import build_app
-from herd.server_args import ArgumentError, ServerArgs, add_server_args, server_args_from
 
 logger = logging.getLogger(__name__)
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def build_parser(prog: str = "herd serve") -> argparse.ArgumentParser:
@@ -64,10 +61,11 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def make_server(args: ServerArgs, engine: Engine | EngineProcess, sock: socket.socket) -> uvicorn.Server:
-    """A uvicorn server for `engine`; run it with `server.run(sockets=[sock])`."""
-    app = build_app(args, AsyncEngine(engine), url=url_of(sock))
-    level = (args.log_level or "info").lower()
+def make_server(config: ServerConfig, engine: AsyncEngine, sock: socket.socket) -> uvicorn.Server:
+    """A uvicorn server for `engine`; run it with `server.run(sockets=[sock])`. The app's lifespan starts
+    the engine and shuts it down."""
+    app = build_app(config, engine, url=url_of(sock))
+    level = config.log_level.lower()
     # log_config=None: uvicorn's loggers go through the root handler, in herd's format.
     config = uvicorn.Config(app, log_config=None, log_level=level, timeout_graceful_shutdown=10)
     return uvicorn.Server(config)
@@ -82,17 +80,18 @@ def main(argv: list[str] | None = None, prog: str = "herd serve") -> int:
         logger.error("cannot listen on --host %s --port %d: %s", args.host, args.port, e)
         return 1
     try:
-        # The engine runs in a process of its own: the HTTP side then takes none of its GIL or cores.
-        engine = EngineProcess(args)
+        config = args.to_config()
+        # The engine core runs in a process of its own: the HTTP side then takes none of its GIL or cores.
+        engine = AsyncEngine.create(config)
     except (ValueError, OSError) as e:  # a missing or unreadable checkpoint, a bad --chat-template, ...
         logger.error("cannot load the model at --model-path %s: %s", args.model_path, e)
         return 1
     # uvicorn re-raises the Ctrl-C it caught once it has shut down cleanly: that is a normal exit.
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            make_server(args, engine, sock).run(sockets=[sock])
+            make_server(config.server, engine, sock).run(sockets=[sock])
     finally:
-        engine.close()
+        engine.client.close()
     return 0
 
 

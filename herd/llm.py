@@ -7,9 +7,12 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from herd.engine import Engine, RequestError, RequestOutput
+from herd.config.server_args import ArgumentError, ServerArgs
+from herd.frontend.llm_engine import LLMEngine
+from herd.frontend.outputs import RequestOutput
+from herd.frontend.processor import RequestError
+from herd.frontend.tokenizer import Tokenizer
 from herd.sampling import SamplingParams
-from herd.server_args import ArgumentError, ServerArgs
 
 Prompt = str | dict | list[int]
 
@@ -25,10 +28,11 @@ class LLM:
         unknown = set(kwargs) - ServerArgs.field_names()
         if unknown:
             raise ArgumentError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
-        self.engine = Engine(ServerArgs(model_path=model, **kwargs))  # type: ignore[arg-type]
+        args = ServerArgs(model_path=model, **kwargs)  # type: ignore[arg-type]
+        self.engine = LLMEngine(args.to_config())
         self._ids = itertools.count()
 
-    def get_tokenizer(self):
+    def get_tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer
 
     def generate(

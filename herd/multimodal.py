@@ -2,28 +2,26 @@
 
 Bit for bit what transformers' `Llama4ImageProcessor` (torchvision backend) gives, with Pillow and torch
 only: tests/test_multimodal.py checks it against goldens that scripts/make_vision_goldens.py wrote with
-transformers itself. Loading images from URLs and files is herd.media (re-exported here).
+transformers itself. Loading images from URLs and files is herd.frontend.media (re-exported here).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from herd.media import MediaError, load_image, load_image_async
-
 __all__ = [
-    "MediaError",
     "ProcessedImage",
+    "PromptImage",
+    "RequestImages",
     "image_prompt_tokens",
-    "load_image",
-    "load_image_async",
     "num_image_tokens",
     "process_image",
     "tile_grid",
@@ -173,3 +171,50 @@ def _split(image: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     _, c, h, w = image.shape
     tiles = image.view(c, rows, h // rows, cols, w // cols).permute(1, 3, 0, 2, 4)
     return tiles.reshape(rows * cols, c, h // rows, w // cols)
+
+
+@dataclass(eq=False)
+class PromptImage:
+    pixel_values: torch.Tensor  # [tiles (+ global view), channels, S, S], on the CPU until encoded
+    patch_positions: list[int]  # prompt positions of its `<|patch|>` tokens, ascending (one per feature row)
+    content_hash: str
+    features: torch.Tensor | None = None  # [len(patch_positions), hidden] from first use to the end of prefill
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """Indices [lo, hi) of the patch tokens at positions in [start, end)."""
+        return bisect.bisect_left(self.patch_positions, start), bisect.bisect_left(self.patch_positions, end)
+
+
+@dataclass(eq=False)
+class RequestImages:
+    """A prompt's images, shared by the sequences of its request (n > 1) so each image is encoded once.
+
+    Its features are kept while some sequence still has image tokens to compute (`holders`), then dropped;
+    a sequence recomputed after preemption holds them again (and they are encoded again).
+    """
+
+    images: list[PromptImage]
+    end: int = field(init=False)  # one past the last patch position of any image
+    holders: set[str] = field(init=False, default_factory=set)  # sequences whose prefill has not passed `end`
+
+    def __post_init__(self) -> None:
+        self.end = max(img.patch_positions[-1] + 1 for img in self.images)
+
+    def hold(self, seq_id: str) -> None:
+        self.holders.add(seq_id)
+
+    def release(self, seq_id: str) -> None:
+        self.holders.discard(seq_id)
+        if not self.holders:
+            self.drop_features()
+
+    def overlapping(self, start: int, end: int) -> list[tuple[PromptImage, int, int]]:
+        """(image, lo, hi) for every image with patch tokens at positions in [start, end)."""
+        if start >= self.end:  # decoding, or past the images: the common case costs one comparison
+            return []
+        spans = ((img, *img.span(start, end)) for img in self.images)
+        return [(img, lo, hi) for img, lo, hi in spans if hi > lo]
+
+    def drop_features(self) -> None:
+        for img in self.images:
+            img.features = None

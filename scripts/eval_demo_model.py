@@ -17,8 +17,9 @@ import logging
 from pathlib import Path
 
 from herd.demo import MODEL_PATH
-from herd.demo.evaluate import evaluate, format_table, generate_herd, generate_transformers, is_correct, prompt_of
-from herd.demo.train import read_jsonl
+
+from demo.evaluate import evaluate, format_table, generate_herd, generate_transformers, is_correct, prompt_of
+from demo.train import read_jsonl
 
 
 def main() -> None:

@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from herd.demo.data import TASKS
-from herd.demo.tokenizer import DEFAULT_VOCAB_SIZE, save_tokenizer, train_tokenizer, training_texts
-from herd.tokenizer import load_tokenizer
+from herd.frontend.tokenizer import load_tokenizer
+
+from demo.data import TASKS
+from demo.tokenizer import DEFAULT_VOCAB_SIZE, save_tokenizer, train_tokenizer, training_texts
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/probe_demo_vision.py --tokenizer /tmp/herd-demo/tokenizer --steps 800
     .venv/bin/python scripts/probe_demo_vision.py --tokenizer ... --shape-size 0.32-0.42 --size patch_size=4
 
-The tower and projector of a freshly initialised demo model (`--size` changes herd.demo.train.ModelSize fields,
+The tower and projector of a freshly initialised demo model (`--size` changes demo.train.ModelSize fields,
 as in train_demo_model.py) get a linear head over their mean-pooled features and learn, from one-shape
 pictures, the shape's kind and color, with direct supervision; held-out accuracy of both is printed every
 `--every` steps. In the full model the same signal arrives only through a few answer tokens, so what this
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from herd.demo import images
-from herd.demo.train import build_model, image_tile, model_size
+from demo import images
+from demo.train import build_model, image_tile, model_size
 
 KINDS = list(images.SHAPES)
 COLORS = sorted(images.COLORS)

@@ -8,8 +8,8 @@
 On a GPU: `--device cuda --batch-size 64 --loader-workers 3`; `--max-seconds S` trains for as many steps as fit
 in S seconds, a count fixed at the end of warmup and logged; to repeat the run, pass it as --max-steps and, if
 the budget ran out before the schedule's end, the step it stopped at as --stop-after (also logged).
-`--size patch_size=4` changes one of herd.demo.train.ModelSize's fields. Smoke run: add `--max-steps 5
---limit 200`. The logic lives in herd.demo.train.
+`--size patch_size=4` changes one of demo.train.ModelSize's fields. Smoke run: add `--max-steps 5
+--limit 200`. The logic lives in scripts/demo/train.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from herd.demo.train import (
+from demo.train import (
     TrainArgs,
     answer_accuracy,
     build_model,

@@ -20,7 +20,7 @@ from unittest import mock
 import llama_models
 from PIL import ImageFile
 
-from herd.tokenizer import Tokenizer, load_tokenizer
+from herd.frontend.tokenizer import Tokenizer, load_tokenizer
 
 MODEL_PATH = Path(llama_models.__file__).parent / "llama4" / "tokenizer.model"
 _TORCHVISION = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")

@@ -11,18 +11,20 @@ import math
 
 import torch
 
-from herd.engine import Engine
-from herd.layers.attention import AttentionMetadata, PagedKVStorage, PoolView
+from herd.frontend.llm_engine import LLMEngine
+from herd.layers.attention import AttentionBatch, PagedAttention, PagedKVStorage, PoolTables, bind_kv_cache
 from herd.models.llama4_text import Llama4ForCausalLM
 
 
-def assert_no_leaked_blocks(engine: Engine) -> None:
+def assert_no_leaked_blocks(engine: LLMEngine) -> None:
     """After every request is done (and the prefix cache emptied), both KV pools are empty again."""
     assert not engine.has_unfinished_requests()
-    if engine.prefix_cache is not None:
-        engine.prefix_cache.clear()
-    assert engine.kv.full.num_used == 0, "full-pool blocks leaked"
-    assert engine.kv.local.num_used == 0, "local-pool blocks leaked"
+    core = engine.core
+    assert not core.has_unfinished_requests()
+    if core.prefix_cache is not None:
+        core.prefix_cache.clear()
+    assert core.kv.full.num_used == 0, "full-pool blocks leaked"
+    assert core.kv.local.num_used == 0, "local-pool blocks leaked"
 
 
 class PagedRunner:
@@ -38,6 +40,8 @@ class PagedRunner:
         # The engine zeroes blocks on first use; these blocks are all in use from the start.
         self.kv.full.zero_()
         self.kv.local.zero_()
+        bind_kv_cache(model, self.kv.layer)
+        self.backend = next(m.backend for m in model.modules() if isinstance(m, PagedAttention))
         gen = torch.Generator().manual_seed(1234)
         self.full_ids = torch.randperm(total, generator=gen).view(max_seqs, per_seq).tolist()
         self.local_ids = torch.randperm(total, generator=gen).view(max_seqs, per_seq).tolist()
@@ -58,25 +62,27 @@ class PagedRunner:
             starts.append(starts[-1] + len(tokens))
             ctx_lens.append(self.lens[seq])
         seqs = [seq for seq, _ in batch]
-        meta = AttentionMetadata(
+        batch_layout = AttentionBatch(
             query_start_loc=starts,
             context_lens=ctx_lens,
             block_size=self.block_size,
+            chunk_size=self.chunk,
             full=self._view(self.full_ids, seqs, positions, starts),
             local=self._view(self.local_ids, seqs, positions, starts, released=True),
+            device=torch.device("cpu"),
         )
-        pos = torch.tensor(positions)
-        hidden = self.model(torch.tensor(ids), pos, meta, self.kv)
+        metadata = self.backend.build_metadata(batch_layout)
+        hidden = self.model(torch.tensor(ids), torch.tensor(positions), metadata)
         return self.model.compute_logits(hidden).float()
 
-    def _view(self, table, seqs, positions, starts, released=False) -> PoolView:
+    def _view(self, table, seqs, positions, starts, released=False) -> PoolTables:
         tables, slots = [], []
         for i, seq in enumerate(seqs):
             row = [(-1 if released and j in self.released[seq] else b) for j, b in enumerate(table[seq])]
             tables.append(row)
             for p in positions[starts[i] : starts[i + 1]]:
                 slots.append(table[seq][p // self.block_size] * self.block_size + p % self.block_size)
-        return PoolView(block_tables=tables, slot_mapping=torch.tensor(slots, dtype=torch.long))
+        return PoolTables(block_tables=tables, slot_mapping=torch.tensor(slots, dtype=torch.long))
 
     def _release_unseen(self, seq: int, first_new: int) -> None:
         """Drop (and poison) local blocks entirely before the chunk of this step's first query."""

@@ -23,10 +23,10 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
-from herd.engine import Engine
+from herd.config.server_args import ServerArgs
+from herd.frontend.async_engine import AsyncEngine
+from herd.frontend.tokenizer import load_tokenizer
 from herd.launch_server import bind_socket, make_server, url_of
-from herd.server_args import ServerArgs
-from herd.tokenizer import load_tokenizer
 
 from checkpoints import REAL_VOCAB_LIKE, llama4_tokenizer_model
 
@@ -34,14 +34,18 @@ CHAIN_LOGIT = 4.0  # per unit of the normalised hidden state: ~23 vs 0, so even 
 
 
 class ServerThread:
-    """herd's real server (uvicorn, the engine thread) on 127.0.0.1 and a free port, for a `with` block."""
+    """herd's real server (uvicorn, the engine core in a thread) on 127.0.0.1 and a free port, for a `with`
+    block. `engine` is the engine core itself, for tests that hold or break its steps."""
 
     def __init__(self, args: ServerArgs) -> None:
         self.args = args = replace(args, host="127.0.0.1", port=0)
-        self.engine = Engine(args)
+        config = args.to_config()
+        async_engine = AsyncEngine.create(config, in_process=True)
+        self.tokenizer = async_engine.tokenizer
+        self.engine = async_engine.client.core
         sock = bind_socket(args.host, args.port)
         self.url = url_of(sock)
-        self.server = make_server(args, self.engine, sock)
+        self.server = make_server(config.server, async_engine, sock)
         self.app = self.server.config.app
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
 

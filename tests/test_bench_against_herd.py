@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from herd.bench_serving import main
-from herd.server_args import ServerArgs
+from herd.config.server_args import ServerArgs
 
 from server_fixtures import ServerThread, wait_idle
 from test_bench_serving import METRIC_LABELS, block_values

@@ -9,9 +9,9 @@ from typing import Any
 import jinja2
 import pytest
 
-from herd.chat import JinjaChatTemplate, Llama4ChatTemplate, load_checkpoint_template, resolve_chat_template
-from herd.chat.llama4 import TOOL_INSTRUCTIONS, format_tool_calls, python_literal
-from herd.tokenizer import load_tokenizer
+from herd.frontend.chat import JinjaChatTemplate, Llama4ChatTemplate, load_checkpoint_template, resolve_chat_template
+from herd.frontend.chat.llama4 import TOOL_INSTRUCTIONS, format_tool_calls, python_literal
+from herd.frontend.tokenizer import load_tokenizer
 
 from llama4_tokenizers import (
     MODEL_PATH,

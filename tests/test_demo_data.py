@@ -1,4 +1,4 @@
-"""The demo model's synthetic data and tokenizer (herd/demo): deterministic, disjoint splits, correct answers,
+"""The demo model's synthetic data and tokenizer (scripts/demo): deterministic, disjoint splits, correct answers,
 and a tokenizer whose jinja chat template gives the same ids as herd's built-in llama-4 template."""
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from herd.chat.llama4 import format_tool_calls
-from herd.demo import data, images
-from herd.demo.tokenizer import SPECIAL_TOKENS, TOOL_TEXT_TOKENS, save_tokenizer, train_tokenizer, training_texts
-from herd.demo.tools import CITIES, PHRASES, STOCKS, SUBJECTS, TOOLS, TOPICS
-from herd.tokenizer import Tokenizer, load_tokenizer
-from herd.tool_parser import get_tool_parser
+from herd.frontend.chat.llama4 import format_tool_calls
+from herd.frontend.tokenizer import Tokenizer, load_tokenizer
+from herd.frontend.tool_parser import get_tool_parser
+
+from demo import data, images
+from demo.tokenizer import SPECIAL_TOKENS, TOOL_TEXT_TOKENS, save_tokenizer, train_tokenizer, training_texts
+from demo.tools import CITIES, PHRASES, STOCKS, SUBJECTS, TOOLS, TOPICS
 
 COUNTS = dict.fromkeys(data.TASKS, 60)
 

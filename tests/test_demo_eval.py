@@ -1,4 +1,4 @@
-"""The demo model's scoring (herd.demo.evaluate): reference answers pass, near misses fail."""
+"""The demo model's scoring (demo.evaluate): reference answers pass, near misses fail."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from herd.demo import data
-from herd.demo.evaluate import evaluate, format_table, is_correct, prompt_of, row_of
+from demo import data
+from demo.evaluate import evaluate, format_table, is_correct, prompt_of, row_of
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from herd.demo import MODEL_PATH, data
-from herd.demo.evaluate import generate_herd, generate_transformers, is_correct, prompt_of
+from herd.demo import MODEL_PATH
+
+from demo import data
+from demo.evaluate import generate_herd, generate_transformers, is_correct, prompt_of
 
 pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""The demo model's trainer (herd.demo.train): assistant-only labels, single-tile image prompts, a loss that
+"""The demo model's trainer (demo.train): assistant-only labels, single-tile image prompts, a loss that
 falls on a repeated batch, and a bfloat16 checkpoint that transformers reloads and generates with."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from herd.demo import data
-from herd.demo import train as demo_train
-from herd.demo.tokenizer import save_tokenizer, train_tokenizer, training_texts
-from herd.demo.train import (
+from demo import data
+from demo import train as demo_train
+from demo.tokenizer import save_tokenizer, train_tokenizer, training_texts
+from demo.train import (
     FULL,
     IGNORE,
     TINY,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from herd.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from herd.frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
 
 from llama4_tokenizers import json_tokenizer, tiktoken_tokenizer
 

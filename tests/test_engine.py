@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from herd.engine import RequestError
+from herd.frontend.processor import RequestError
 from herd.llm import LLM
 from herd.sampling import SamplingParams
 
@@ -99,7 +99,7 @@ def test_engine_options_do_not_change_tokens(scout_ckpt, make_llm, engine_args: 
         assert cached == 0
     else:
         assert cached >= 8 * len(rest)  # at least one chunk of the shared prefix per prompt
-        cache = llm.engine.prefix_cache
+        cache = llm.engine.core.prefix_cache
         # The hit-rate counters count each admitted prompt once.
         assert cache.hit_tokens == sum(o.num_cached_tokens for o in first + rest)
         assert cache.queried_tokens == sum(map(len, batch))
@@ -110,7 +110,7 @@ def test_preemption_under_a_tiny_kv_budget(scout_ckpt, make_llm) -> None:
     longest = max(map(len, batch)) + MAX_TOKENS
     llm = make_llm(scout_ckpt[0], max_total_tokens=longest + 8, page_size=4, chunked_prefill_size=16)
     outputs = llm.generate([{"prompt_token_ids": p} for p in batch], GREEDY, use_tqdm=False)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.core.scheduler.num_preemptions > 0
     assert token_ids(outputs) == reference(scout_ckpt, batch)
 
 
@@ -121,8 +121,8 @@ def test_local_pool_bounded_by_one_chunk(scout_ckpt, make_llm) -> None:
     peak_local = peak_full = 0
     while engine.has_unfinished_requests():
         engine.step()
-        peak_local = max(peak_local, engine.kv.local.num_used)
-        peak_full = max(peak_full, engine.kv.full.num_used)
+        peak_local = max(peak_local, engine.core.kv.local.num_used)
+        peak_full = max(peak_full, engine.core.kv.full.num_used)
     assert peak_local <= CHUNK // 4 + 1
     assert peak_full * 4 >= 10 * CHUNK  # while the global layers kept the whole context
 

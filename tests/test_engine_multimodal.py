@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from herd.engine import RequestError
+from herd.frontend.processor import RequestError
 from herd.llm import LLM
 from herd.models.llama4_text import Llama4ForCausalLM
 from herd.multimodal import image_prompt_tokens, process_image
@@ -78,7 +78,7 @@ def make_llm(vision_ckpt):
 
     def make(**kwargs) -> LLM:
         llm = LLM(str(vision_ckpt[0]), dtype="float32", enable_multimodal=True, **kwargs)
-        model = llm.engine.model
+        model = llm.engine.core.workers[0].model
         encode = model.encode_images
         llm.encoded_tiles = []  # type: ignore[attr-defined]
 
@@ -151,7 +151,7 @@ def test_preempted_image_request(vision_ckpt, make_llm) -> None:
     llm = make_llm(max_total_tokens=80, page_size=4, chunked_prefill_size=8)
     cases = [(TWO_IMAGES, [WIDE, SMALL]), (ONE_IMAGE, [OTHER]), (ONE_IMAGE, [WIDE])]
     outputs = llm.generate([prompt(t, imgs) for t, imgs in cases], GREEDY, use_tqdm=False)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.core.scheduler.num_preemptions > 0
     tokenizer = llm.get_tokenizer()
     for out, (text, imgs) in zip(outputs, cases, strict=True):
         assert out.outputs[0].token_ids == reference(vision_ckpt, tokenizer, text, imgs)
@@ -186,7 +186,7 @@ def test_chat_with_image_parts(vision_ckpt, make_llm) -> None:
 
 def test_multimodal_off_by_default(vision_ckpt) -> None:
     llm = LLM(str(vision_ckpt[0]), dtype="float32")
-    assert isinstance(llm.engine.model, Llama4ForCausalLM)  # no vision tower built or loaded
+    assert isinstance(llm.engine.core.workers[0].model, Llama4ForCausalLM)  # no vision tower built or loaded
     with pytest.raises(RequestError, match="start the server with --enable-multimodal"):
         llm.generate(prompt(ONE_IMAGE, [WIDE]), GREEDY, use_tqdm=False)
     # Text still runs, and a prompt naming <|image|> without images is plain text.
@@ -205,7 +205,7 @@ def test_prompt_token_ids_with_images(vision_ckpt, make_llm) -> None:
 def test_engine_add_request_with_images(vision_ckpt, make_llm) -> None:
     engine = make_llm(chunked_prefill_size=4).engine
     engine.add_request("r", prompt(ONE_IMAGE, [WIDE]), GREEDY)
-    images = engine._requests["r"].seqs[0].images
+    images = engine.core.requests["r#0"].request.images
     assert images is not None
     done, kept_during_prefill = [], []
     while engine.has_unfinished_requests():

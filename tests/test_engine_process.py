@@ -1,58 +1,112 @@
-"""EngineProcess: the engine in a child process answers like the in-process Engine."""
+"""The engine core in a child process: the same tokens as in process, errors from the child, and a pipe that
+carries only each step's new tokens."""
 
 from __future__ import annotations
+
+import queue
+import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from herd.engine import Engine, RequestError
-from herd.engine_process import EngineProcess
+from herd.config.server_args import ServerArgs
+from herd.engine import CoreMessage, EngineCore
+from herd.engine.client import InprocCoreClient, ProcessCoreClient
+from herd.frontend.processor import InputProcessor, RequestError, load_frontend_tokenizer
+from herd.models.loader import CheckpointError
 from herd.sampling import SamplingParams
-from herd.server_args import ServerArgs
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
-def run(engine: Engine | EngineProcess, prompts: list[list[int]] | list[dict]) -> dict[str, list[int]]:
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    for i, ids in enumerate(prompts):
-        engine.add_request(str(i), ids, params)
-    tokens: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            tokens[out.request_id] = out.outputs[0].token_ids
-    return tokens
+class Driver:
+    """Sends requests to a core client and collects its messages, synchronously."""
+
+    def __init__(self, client: InprocCoreClient | ProcessCoreClient, args: ServerArgs) -> None:
+        config = args.to_config()
+        tokenizer = load_frontend_tokenizer(config.frontend)
+        context = config.engine.scheduler.context_length
+        self.processor = InputProcessor(config.frontend, config.engine.model, tokenizer, context, client.info)
+        self.client = client
+        self.messages: queue.Queue[CoreMessage] = queue.Queue()
+        client.start(self.messages.put)
+        self.ids = 0
+
+    def add(self, prompt: list[int] | dict, params: SamplingParams = GREEDY) -> str:
+        self.ids += 1
+        request = self.processor.process(str(self.ids), prompt, params)
+        self.client.add_requests(request.core_requests)
+        return request.core_requests[0].request_id
+
+    def next_message(self) -> CoreMessage:
+        message = self.messages.get(timeout=120)
+        assert message.dead is None, message.dead
+        return message
+
+    def run(self, prompts: list[list[int]] | list[dict]) -> dict[str, list[int]]:
+        ids = [self.add(p) for p in prompts]
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        unfinished = set(ids)
+        while unfinished:
+            for out in self.next_message().outputs:
+                tokens[out.request_id] += out.new_token_ids
+                if out.finish_reason is not None:
+                    unfinished.discard(out.request_id)
+        return tokens
+
+    def idle_stats(self) -> CoreMessage:
+        """The first message once the core has nothing running (an abort or a call makes it send one)."""
+        self.client.call(0, "stats")
+        while True:
+            message = self.next_message()
+            if message.replies:
+                return message
+
+
+def in_process(args: ServerArgs) -> Driver:
+    return Driver(InprocCoreClient(EngineCore(args.to_config().engine)), args)
 
 
 def test_same_tokens_errors_and_counters_as_in_process(scout_ckpt) -> None:
     args = ServerArgs(model_path=str(scout_ckpt[0]), dtype="float32", max_total_tokens=64, page_size=4)
     prompts = [[5, 6, 7], list(range(10, 30))]
-    expected = run(Engine(args), prompts)
-    engine = EngineProcess(args)
+    local = in_process(args)
+    expected = local.run(prompts)
+    local.client.close()
+    client = ProcessCoreClient(args.to_config().engine)
     try:
-        assert engine.context_length == 131072 and engine.tokenizer is None
-        assert run(engine, prompts) == expected
-        assert engine.num_running() == engine.num_waiting() == 0 and not engine.has_unfinished_requests()
+        driver = Driver(client, args)
+        assert client.info.max_request_tokens == 64
+        assert driver.run(prompts) == expected
+        assert driver.idle_stats().stats.num_running == 0
         with pytest.raises(RequestError, match="cannot fit the KV cache"):
-            engine.add_request("big", list(range(3, 80)), SamplingParams(max_tokens=8))
-        engine.add_request("gone", [5, 6], SamplingParams(max_tokens=50))
-        engine.step()
-        assert engine.num_running() == 1 and engine.kv.usage() > 0
-        engine.abort("gone")
-        assert engine.prefix_cache is not None
-        engine.prefix_cache.clear()
-        engine.step()  # refreshes the counters
-        assert engine.num_running() == 0 and engine.kv.usage() == 0
+            driver.add(list(range(3, 80)), SamplingParams(max_tokens=8))
+        gone = driver.add([5, 6], SamplingParams(max_tokens=50))
+        message = driver.next_message()
+        assert message.stats.num_running == 1 and message.stats.kv_usage > 0
+        client.abort_requests([gone])
+        client.call(1, "reset_prefix_cache")
+        while not (message := driver.next_message()).replies:
+            pass
+        assert message.replies == [(1, True, None)]
+        assert message.stats.num_running == 0 and message.stats.kv_usage == 0
     finally:
-        engine.close()
+        client.close()
+    assert not client.alive
 
 
-def test_a_bad_checkpoint_fails_at_start(tmp_path) -> None:
+def test_a_bad_checkpoint_fails_at_start(scout_ckpt, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
-        EngineProcess(ServerArgs(model_path=str(tmp_path)))
+        ServerArgs(model_path=str(tmp_path)).to_config()
+    shutil.copy(scout_ckpt[0] / "config.json", tmp_path / "config.json")  # a config, but no weights
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):  # raised in the child, reported here
+        ProcessCoreClient(ServerArgs(model_path=str(tmp_path)).to_config().engine)
 
 
 def test_images_cross_to_the_engine_process(vision_ckpt) -> None:
-    # The server hands PIL images over the pipe (pickled): what arrives must be the same picture.
+    # Pixels cross the pipe (pickled tensors): what arrives must give the same tokens.
     args = ServerArgs(model_path=str(vision_ckpt[0]), dtype="float32", enable_multimodal=True, max_total_tokens=512)
     palette = Image.frombytes("P", (40, 30), bytes(range(200)) * 6)
     palette.putpalette(bytes(range(256)) * 3)
@@ -62,9 +116,30 @@ def test_images_cross_to_the_engine_process(vision_ckpt) -> None:
         {"prompt": "Compare <|image|> and <|image|>.", "multi_modal_data": {"image": [palette, noise]}},
         {"prompt": "What is <|image|>?", "multi_modal_data": {"image": [noise]}},
     ]
-    expected = run(Engine(args), prompts)
-    engine = EngineProcess(args)
+    local = in_process(args)
+    expected = local.run(prompts)
+    local.client.close()
+    client = ProcessCoreClient(args.to_config().engine)
     try:
-        assert run(engine, prompts) == expected
+        assert Driver(client, args).run(prompts) == expected
     finally:
-        engine.close()
+        client.close()
+
+
+def test_the_pipe_carries_only_new_tokens(scout_ckpt) -> None:
+    """A message at output token 4,000 is as large as one at token 10: no step re-sends the output so far."""
+    args = ServerArgs(model_path=str(scout_ckpt[0]), dtype="float32", page_size=16)
+    client = ProcessCoreClient(args.to_config().engine)
+    try:
+        driver = Driver(client, args)
+        driver.add([5, 6, 7], SamplingParams(temperature=0, max_tokens=4001, ignore_eos=True))
+        size_at: dict[int, int] = {}  # output tokens so far -> bytes of the message that brought the last one
+        produced = 0
+        while produced < 4001:
+            message = driver.next_message()
+            for out in message.outputs:
+                produced += len(out.new_token_ids)
+                size_at[produced] = message.nbytes
+    finally:
+        client.close()
+    assert 0 < size_at[4000] <= 2 * size_at[10]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from herd.kv_cache import RELEASED, BlockPool, KVCacheManager, SeqBlocks
-from herd.prefix_cache import PrefixCache
+from herd.engine.kv_cache import RELEASED, BlockPool, KVCacheManager, SeqBlocks
+from herd.engine.prefix_cache import PrefixCache
 
 
 def test_pool_reference_counts() -> None:

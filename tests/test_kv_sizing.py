@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from herd.config import ModelConfig
-from herd.kv_sizing import plan_kv_cache
+from herd.config.engine import CacheConfig
+from herd.config.server_args import ArgumentError, ServerArgs
 from herd.layers.attention import PagedKVStorage
-from herd.server_args import ArgumentError, ServerArgs
+from herd.worker.kv_sizing import plan_kv_cache
 
 # 4 layers: 3 chunked (RoPE) + 1 global (NoPE); chunk 64.
 CONFIG = ModelConfig.from_dict(
@@ -27,24 +28,24 @@ CPU = torch.device("cpu")
 
 
 def test_max_total_tokens_sets_the_full_pool_and_ratio_the_local_pool() -> None:
-    args = ServerArgs(model_path="x", max_total_tokens=4096, swa_full_tokens_ratio=0.5, page_size=16)
+    args = CacheConfig(max_total_tokens=4096, swa_full_tokens_ratio=0.5, page_size=16)
     plan = plan_kv_cache(args, CONFIG, torch.float32, CPU, weight_bytes=0)
     assert (plan.num_full_blocks, plan.num_local_blocks, plan.block_size) == (256, 128, 16)
 
 
 def test_local_pool_never_smaller_than_one_chunk() -> None:
-    args = ServerArgs(model_path="x", max_total_tokens=256, swa_full_tokens_ratio=0.01, page_size=16)
+    args = CacheConfig(max_total_tokens=256, swa_full_tokens_ratio=0.01, page_size=16)
     plan = plan_kv_cache(args, CONFIG, torch.float32, CPU, weight_bytes=0)
     assert plan.num_local_blocks == 64 // 16 + 1
 
 
 def test_page_size_adapts_to_divide_the_chunk() -> None:
-    args = ServerArgs(model_path="x", max_total_tokens=1024, page_size=48)
+    args = CacheConfig(max_total_tokens=1024, page_size=48)
     assert plan_kv_cache(args, CONFIG, torch.float32, CPU, weight_bytes=0).block_size == 16
 
 
 def test_memory_fraction_of_the_cpu_budget() -> None:
-    args = ServerArgs(model_path="x", mem_fraction_static=0.5, cpu_memory_budget_gb=1.0, swa_full_tokens_ratio=0.8)
+    args = CacheConfig(mem_fraction_static=0.5, cpu_memory_budget_gb=1.0, swa_full_tokens_ratio=0.8)
     weights = 100 * 2**20
     plan = plan_kv_cache(args, CONFIG, torch.bfloat16, CPU, weight_bytes=weights)
     full = PagedKVStorage.bytes_per_token(CONFIG, torch.bfloat16, chunked=False)
@@ -56,7 +57,7 @@ def test_memory_fraction_of_the_cpu_budget() -> None:
 
 
 def test_weights_that_leave_no_room_are_a_clear_error() -> None:
-    args = ServerArgs(model_path="x", mem_fraction_static=0.1, cpu_memory_budget_gb=1.0)
+    args = CacheConfig(mem_fraction_static=0.1, cpu_memory_budget_gb=1.0)
     with pytest.raises(ArgumentError, match="leave no room for the KV cache.*raise --mem-fraction-static"):
         plan_kv_cache(args, CONFIG, torch.bfloat16, CPU, weight_bytes=2**30)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from herd.media import MediaError, decode_image, load_image
+from herd.frontend.media import MediaError, decode_image, load_image
 
 from local_web import Route, data_url, encode, local_web
 

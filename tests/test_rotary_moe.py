@@ -9,6 +9,7 @@ from transformers import Llama4TextConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from herd.config import ModelConfig
+from herd.layers.factory import LayerFactory
 from herd.layers.moe import grouped_experts, swiglu_expert
 from herd.layers.rotary import rope_inv_freq
 from herd.models.llama4_text import Llama4MoE
@@ -49,7 +50,7 @@ def tiny_moe(num_experts: int = 8, hidden: int = 32, inter: int = 48) -> Llama4M
         }
     )
     torch.manual_seed(0)
-    moe = Llama4MoE(config)
+    moe = Llama4MoE(config, LayerFactory(), prefix="feed_forward")
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.3)

@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from herd.server_args import ServerArgs
-from herd.tokenizer import Tokenizer
+from herd.config.server_args import ServerArgs
+from herd.frontend.tokenizer import Tokenizer
 
 from server_fixtures import ServerThread, metrics, wait_idle, wait_until
 
@@ -42,8 +42,8 @@ def server(real_vocab_ckpt) -> Iterator[ServerThread]:
 
 @pytest.fixture(scope="module")
 def tokenizer(server: ServerThread) -> Tokenizer:
-    assert server.engine.tokenizer is not None
-    return server.engine.tokenizer  # encoding from this thread is safe; the engine only decodes with it
+    assert server.tokenizer is not None
+    return server.tokenizer  # encoding from this thread is safe; the frontend only decodes with it
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from herd.bench_serving import main as bench_main
+from herd.config.server_args import ServerArgs
+from herd.frontend.tokenizer import Tokenizer, load_tokenizer
 from herd.multimodal import image_prompt_tokens, process_image
-from herd.server_args import ServerArgs
-from herd.tokenizer import Tokenizer, load_tokenizer
 
 from local_web import data_url, encode, local_web
 from server_fixtures import ServerThread, wait_idle

@@ -17,7 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
-from herd.server_args import ServerArgs
+from herd.config.server_args import ServerArgs
 
 from local_web import data_url, encode
 from server_fixtures import ServerThread, make_chain_checkpoint, wait_idle

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from herd.frontend.tokenizer import Tokenizer, load_tokenizer
+from herd.frontend.tool_parser import get_tool_parser
 from herd.server.context import load_generation_defaults
 from herd.server.errors import APIError
 from herd.server.params import build_sampling_params
 from herd.server.protocol import ChatCompletionRequest
 from herd.server.tools import ToolReader, plan_tools
-from herd.tokenizer import Tokenizer, load_tokenizer
-from herd.tool_parser import get_tool_parser
 
 from checkpoints import llama4_tokenizer_model
 

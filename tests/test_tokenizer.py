@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from herd.chat import JinjaChatTemplate, Llama4ChatTemplate
-from herd.tokenizer import HFTokenizer, TiktokenTokenizer, llama4_special_tokens, load_tokenizer
+from herd.frontend.chat import JinjaChatTemplate, Llama4ChatTemplate
+from herd.frontend.tokenizer import HFTokenizer, TiktokenTokenizer, llama4_special_tokens, load_tokenizer
 
 from llama4_tokenizers import MODEL_PATH, json_tokenizer, meta_tokenizer, tiktoken_tokenizer
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from herd.chat.llama4 import format_tool_calls
-from herd.tool_parser import TOOL_PARSERS, ParsedOutput, ToolParser, get_tool_parser, merge_deltas
+from herd.frontend.chat.llama4 import format_tool_calls
+from herd.frontend.tool_parser import TOOL_PARSERS, ParsedOutput, ToolParser, get_tool_parser, merge_deltas
 
 Calls = list[tuple[str, dict[str, Any]]]
 

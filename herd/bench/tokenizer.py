@@ -81,7 +81,7 @@ def load_bench_tokenizer(name_or_path: str) -> BenchTokenizer:
     reasons = []
     if Path(name_or_path).exists():
         try:
-            from herd.tokenizer import load_tokenizer
+            from herd.frontend.tokenizer import load_tokenizer
 
             return BenchTokenizer(load_tokenizer(name_or_path), name_or_path)
         except (ImportError, OSError, ValueError) as e:

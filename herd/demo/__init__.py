@@ -1,7 +1,8 @@
-"""The tiny demo model (issue 7): its synthetic data, tokenizer, trainer and evaluation, and the packaged model.
+"""The packaged demo model (issue 7).
 
 `MODEL_PATH` is the trained checkpoint shipped inside the package (Hugging Face layout), which `herd serve`
-serves when no `--model-path` is given.
+serves when no `--model-path` is given. The code that made it (synthetic data, tokenizer, trainer and
+evaluation) lives in scripts/demo, outside the runtime package.
 """
 
 from pathlib import Path

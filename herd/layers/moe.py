@@ -1,4 +1,10 @@
-"""Routed experts, computed only for the tokens that chose them."""
+"""Routed experts, computed only for the rows that chose them.
+
+`FusedMoE` holds the experts of one layer in Hugging Face's fused layout (`gate_up_proj [E, H, 2I]`,
+`down_proj [E, I, H]`); checkpoints that store each expert apart (`experts.<e>.gate_proj.weight ...`) load
+into the same parameters. Under tensor parallelism each rank keeps 1/tp of every expert's intermediate
+dimension. The computation is the layer's method: `routed_swiglu` here for unquantized weights.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,127 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from herd.layers.parameters import check_shape
+from herd.layers.quantization.base import FusedMoEMethodBase
+
+GATE, UP = 0, 1  # shard ids of the two halves of gate_up_proj
+
+
+class FusedMoE(nn.Module):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        method: FusedMoEMethodBase,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if intermediate_size % tp_size:
+            raise ValueError(f"intermediate_size {intermediate_size} does not split across {tp_size} ranks")
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.intermediate_size_per_rank = intermediate_size // tp_size
+        self.method = method
+        method.create_weights(self)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x [N, H] (scaled by the router), expert_ids [N] -> [N, H]."""
+        return self.method.apply(self, x, expert_ids)
+
+    def _slice(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        per_rank = self.intermediate_size_per_rank
+        return tensor.narrow(dim, self.tp_rank * per_rank, per_rank)
+
+    def load_gate_up(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None, expert_id: int | None = None
+    ) -> None:
+        """Fused `gate_up_proj [E, H, 2I]`, or one expert's `gate_proj`/`up_proj.weight [I, H]` (shard_id GATE/UP)."""
+        inter, per_rank = self.intermediate_size, self.intermediate_size_per_rank
+        if expert_id is None:
+            check_shape(loaded, [self.num_experts, self.hidden_size, 2 * inter])
+            gate, up = loaded.split(inter, dim=2)
+            param.data.copy_(torch.cat([self._slice(gate, 2), self._slice(up, 2)], dim=2))
+            return
+        check_shape(loaded, [inter, self.hidden_size])
+        assert shard_id in (GATE, UP)
+        param.data[expert_id, :, shard_id * per_rank : (shard_id + 1) * per_rank] = self._slice(loaded, 0).t()
+
+    def load_down(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None, expert_id: int | None = None
+    ) -> None:
+        """Fused `down_proj [E, I, H]`, or one expert's `down_proj.weight [H, I]`."""
+        if expert_id is None:
+            check_shape(loaded, [self.num_experts, self.intermediate_size, self.hidden_size])
+            param.data.copy_(self._slice(loaded, 1))
+            return
+        check_shape(loaded, [self.hidden_size, self.intermediate_size])
+        param.data[expert_id] = self._slice(loaded, 1).t()
+
+
+def routed_swiglu(x: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Each row of x through its expert, SwiGLU in HF's layout: gate_up [E, H, 2I] (gate first), down [E, I, H].
+
+    On a GPU: one grouped GEMM per projection over the rows sorted by expert, with group offsets computed on
+    the device, so nothing waits for the host. On the CPU the rows' expert ids are already in host memory:
+    one matmul per expert that has rows. Under torch.compile the whole call is one opaque op.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.herd.routed_swiglu(x, expert_ids, gate_up, down)
+    return _routed_swiglu(x, expert_ids, gate_up, down)
+
+
+def _routed_swiglu(
+    x: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    if x.is_cuda and _grouped_mm_supported(x, gate_up):
+        return _grouped_gemm_swiglu(x, expert_ids, gate_up, down)
+    return grouped_experts(x, expert_ids, lambda e, rows: swiglu_expert(rows, gate_up[e], down[e]))
+
+
+@torch.library.custom_op("herd::routed_swiglu", mutates_args=())
+def _routed_swiglu_op(
+    x: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    return _routed_swiglu(x, expert_ids, gate_up, down)
+
+
+@_routed_swiglu_op.register_fake
+def _(x: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], down.shape[-1]))
+
+
+def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # torch's grouped GEMM runs bf16 on Hopper and newer.
+    return x.dtype == weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def _grouped_gemm_swiglu(
+    x: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    order = torch.argsort(expert_ids, stable=True)
+    ends = torch.cumsum(torch.bincount(expert_ids, minlength=gate_up.shape[0]), 0).to(torch.int32)
+    gate, up = F.grouped_mm(x[order], gate_up, offs=ends).chunk(2, dim=-1)
+    out_sorted = F.grouped_mm(F.silu(gate) * up, down, offs=ends)
+    out = torch.empty_like(out_sorted)
+    out[order] = out_sorted
+    return out
 
 
 def grouped_experts(
-    x: torch.Tensor,  # [T, H], already scaled by each token's router score, one row per (token, choice)
-    expert_ids: torch.Tensor,  # [T] int64: the expert each row goes to
+    x: torch.Tensor,  # [N, H], one row per (token, choice)
+    expert_ids: torch.Tensor,  # [N] int64: the expert each row goes to, in host memory
     expert: Callable[[int, torch.Tensor], torch.Tensor],  # (e, rows [n, H]) -> expert e's output [n, H]
-) -> torch.Tensor:  # [T, H]
-    """Run each expert once on the rows that chose it: never all experts on all rows."""
+) -> torch.Tensor:  # [N, H]
+    """Run each expert once on the rows that chose it: never all experts on all rows.
+
+    Reads expert_ids on the host: free for CPU tensors; on a GPU that torch's grouped GEMM does not serve
+    (not bf16, or older than Hopper) it waits for the device, until a fused-MoE kernel replaces this path.
+    """
     if x.shape[0] == 1:  # one decoding sequence: skip the grouping
         return expert(int(expert_ids), x)
     order = torch.argsort(expert_ids, stable=True)

@@ -1,7 +1,9 @@
 """The Llama 4 vision tower: image tiles -> one feature vector per image token, in the text model's width.
 
 Parameter names follow the Hugging Face checkpoint (`vision_model.*`, `multi_modal_projector.*`), except
-that q, k and v are one fused matmul the loader fills from the three HF tensors. All tiles of a step (of
+that q, k and v are one fused matmul whose weight_loader fills it from the three HF tensors. The tower is
+replicated on every tensor-parallel rank; its linear layers come from the `LayerFactory` all the same, so a
+weight format decides their method (checkpoints keep the tower unquantized). All tiles of a step (of
 every image) go through the encoder as one batch: tiles are independent, attention is within a tile.
 """
 
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.config import VisionConfig
+from herd.layers.factory import LayerFactory
 
 
 def vision_rope_angles(config: VisionConfig) -> torch.Tensor:
@@ -45,13 +48,14 @@ def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 class Llama4VisionAttention(nn.Module):
-    def __init__(self, config: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig, factory: LayerFactory, prefix: str) -> None:
         super().__init__()
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        # The loader fills the three row blocks from q_proj, k_proj and v_proj (weights and biases).
-        self.q_dim = self.kv_dim = config.hidden_size
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        hidden = config.hidden_size
+        self.qkv_proj = factory.replicated(
+            f"{prefix}.qkv_proj", hidden, [hidden] * 3, bias=True, shard_ids=("q", "k", "v")
+        )
+        self.o_proj = factory.replicated(f"{prefix}.o_proj", hidden, [hidden], bias=True)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:  # x: [B, L, C], rope: [L, D / 2]
         batch, length, _ = x.shape
@@ -66,20 +70,20 @@ class Llama4VisionAttention(nn.Module):
 
 
 class Llama4VisionMLP(nn.Module):
-    def __init__(self, config: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig, factory: LayerFactory, prefix: str) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
+        self.fc1 = factory.replicated(f"{prefix}.fc1", config.hidden_size, [config.intermediate_size], bias=True)
+        self.fc2 = factory.replicated(f"{prefix}.fc2", config.intermediate_size, [config.hidden_size], bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Llama4VisionEncoderLayer(nn.Module):
-    def __init__(self, config: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig, factory: LayerFactory, prefix: str) -> None:
         super().__init__()
-        self.self_attn = Llama4VisionAttention(config)
-        self.mlp = Llama4VisionMLP(config)
+        self.self_attn = Llama4VisionAttention(config, factory, f"{prefix}.self_attn")
+        self.mlp = Llama4VisionMLP(config, factory, f"{prefix}.mlp")
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
 
@@ -89,18 +93,22 @@ class Llama4VisionEncoderLayer(nn.Module):
 
 
 class Llama4VisionEncoder(nn.Module):
-    def __init__(self, config: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig, factory: LayerFactory, prefix: str) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(Llama4VisionEncoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            Llama4VisionEncoderLayer(config, factory, f"{prefix}.layers.{i}") for i in range(config.num_layers)
+        )
 
 
 class Llama4UnfoldConvolution(nn.Module):
     """Non-overlapping patches, flattened (channel, row, column) as `nn.Unfold` does, then one matmul."""
 
-    def __init__(self, config: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig, factory: LayerFactory, prefix: str) -> None:
         super().__init__()
         self.patch_size = config.patch_size
-        self.linear = nn.Linear(config.num_channels * config.patch_size**2, config.hidden_size, bias=False)
+        self.linear = factory.replicated(
+            f"{prefix}.linear", config.num_channels * config.patch_size**2, [config.hidden_size]
+        )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # [B, channels, S, S] -> [B, (S / p)^2, C]
         batch, channels, size, _ = pixels.shape
@@ -110,20 +118,20 @@ class Llama4UnfoldConvolution(nn.Module):
 
 
 class Llama4VisionPixelShuffleMLP(nn.Module):
-    def __init__(self, config: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig, factory: LayerFactory, prefix: str) -> None:
         super().__init__()
         self.factor = config.shuffle_factor
-        self.mlp = Llama4VisionAdapterMLP(config)
+        self.mlp = Llama4VisionAdapterMLP(config, factory, f"{prefix}.mlp")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(pixel_shuffle(x, self.factor))
 
 
 class Llama4VisionAdapterMLP(nn.Module):
-    def __init__(self, config: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig, factory: LayerFactory, prefix: str) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.intermediate_size, config.projector_input_dim, bias=False)
-        self.fc2 = nn.Linear(config.projector_output_dim, config.projector_output_dim, bias=False)
+        self.fc1 = factory.replicated(f"{prefix}.fc1", config.intermediate_size, [config.projector_input_dim])
+        self.fc2 = factory.replicated(f"{prefix}.fc2", config.projector_output_dim, [config.projector_output_dim])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GELU after both layers: the reference's adapter ends on an activation too.
@@ -131,23 +139,23 @@ class Llama4VisionAdapterMLP(nn.Module):
 
 
 class Llama4VisionModel(nn.Module):
-    def __init__(self, config: VisionConfig) -> None:
+    def __init__(self, config: VisionConfig, factory: LayerFactory, prefix: str = "vision_model") -> None:
         super().__init__()
         self.config = config
         num_tokens = config.patches_per_side**2 + 1  # patches + CLS
-        self.patch_embedding = Llama4UnfoldConvolution(config)
+        self.patch_embedding = Llama4UnfoldConvolution(config, factory, f"{prefix}.patch_embedding")
         self.class_embedding = nn.Parameter(torch.empty(config.hidden_size))
         self.positional_embedding_vlm = nn.Parameter(torch.empty(num_tokens, config.hidden_size))
         self.layernorm_pre = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.layernorm_post = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-        self.model = Llama4VisionEncoder(config)
-        self.vision_adapter = Llama4VisionPixelShuffleMLP(config)
+        self.model = Llama4VisionEncoder(config, factory, f"{prefix}.model")
+        self.vision_adapter = Llama4VisionPixelShuffleMLP(config, factory, f"{prefix}.vision_adapter")
         # Not a buffer: derived from the config, never loaded, and it must survive meta-device init.
         self.rope = vision_rope_angles(config)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, channels, S, S] -> [tiles, tokens_per_tile, projector_output_dim]."""
-        dtype = self.patch_embedding.linear.weight.dtype
+        dtype = self.class_embedding.dtype
         x = self.patch_embedding(pixel_values.to(dtype))
         # The CLS token goes last, and is dropped again before the pixel shuffle.
         x = torch.cat([x, self.class_embedding.expand(x.shape[0], 1, -1)], dim=1)
@@ -161,9 +169,15 @@ class Llama4VisionModel(nn.Module):
 
 
 class Llama4MultiModalProjector(nn.Module):
-    def __init__(self, vision_output_dim: int, text_hidden_size: int) -> None:
+    def __init__(
+        self,
+        vision_output_dim: int,
+        text_hidden_size: int,
+        factory: LayerFactory,
+        prefix: str = "multi_modal_projector",
+    ) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(vision_output_dim, text_hidden_size, bias=False)
+        self.linear_1 = factory.replicated(f"{prefix}.linear_1", vision_output_dim, [text_hidden_size])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear_1(features)

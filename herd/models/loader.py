@@ -1,20 +1,24 @@
 """Checkpoint -> model: sharded safetensors in Hugging Face layout, or random weights (`dummy`).
 
-Accepts the multimodal layout (text weights under `language_model.`) and the text-only one,
-and experts stored fused (`experts.gate_up_proj [E, H, 2I]`, `experts.down_proj [E, I, H]`)
-or per expert (`experts.<e>.{gate,up,down}_proj.weight`). The vision tower of a multimodal
-checkpoint is built and loaded only with `enable_multimodal`; otherwise its tensors are never read.
-Anything that does not fit — a missing or unexpected tensor, a wrong shape — fails with the
-offending names listed.
+Accepts the multimodal layout (text weights under `language_model.`) and the text-only one, and experts
+stored fused (`experts.gate_up_proj [E, H, 2I]`, `experts.down_proj [E, I, H]`) or per expert
+(`experts.<e>.{gate,up,down}_proj.weight`). Every tensor goes through its parameter's `weight_loader`,
+which knows the fused q/k/v and gate/up blocks, the rank's tensor-parallel slice and the weight format;
+then each layer's method repacks what it loaded (`process_weights_after_loading`). The vision tower of a
+multimodal checkpoint is built and loaded only with `enable_multimodal`; otherwise its tensors are never
+read. Anything that does not fit (a missing or unexpected tensor, a wrong shape) fails with the offending
+names listed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -22,18 +26,38 @@ from torch import nn
 from tqdm import tqdm
 
 from herd.config import ModelConfig
-from herd.layers.attention import get_attention_backend
+from herd.config.engine import DTYPES, LOAD_FORMATS
+from herd.layers.attention import AttentionBackend, get_attention_backend
+from herd.layers.factory import LayerFactory
+from herd.layers.linear import LinearBase
+from herd.layers.moe import GATE, UP, FusedMoE
+from herd.layers.parameters import WeightShapeError, materialize, weight_loader_of
 from herd.models.llama4 import Llama4ForConditionalGeneration, text_model
 from herd.models.llama4_text import Llama4ForCausalLM
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
 Model = Llama4ForCausalLM | Llama4ForConditionalGeneration
 
 # Tensors of a multimodal checkpoint that the text model does not use.
 VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
+# (fused parameter, checkpoint tensor, shard id): the checkpoint's separate projections of a fused matmul.
+STACKED_PARAMS = (
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+)
+_PER_EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_SHARDS = {
+    "gate_proj": ("gate_up_proj", GATE),
+    "up_proj": ("gate_up_proj", UP),
+    "down_proj": ("down_proj", None),
+}
+
+# (parameter name, shard id, expert id) of one checkpoint tensor loaded.
+Loaded = tuple[str, Any, int | None]
 
 
 class CheckpointError(ValueError):
@@ -56,43 +80,46 @@ def load_model(
     dtype: str | torch.dtype = "bfloat16",
     device: str | torch.device = "cpu",
     load_format: str = "auto",
-    attention_backend: str = "torch_native",
+    attention_backend: str | AttentionBackend = "torch_native",
     seed: int = 0,
     enable_multimodal: bool = False,
+    factory: LayerFactory | None = None,
+    config: ModelConfig | None = None,
 ) -> Model:
     """Build the model of the checkpoint at `path` and fill its weights.
 
-    The text model alone, unless `enable_multimodal` and the checkpoint has a vision tower.
+    The text model alone, unless `enable_multimodal` and the checkpoint has a vision tower. `factory` makes
+    the linear layers and experts: this rank's tensor-parallel slice, in the weight format's method
+    (default: one rank, the weights as stored).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load format {load_format!r}; accepted: {', '.join(LOAD_FORMATS)}")
-    config = ModelConfig.from_hf(path)
+    config = config or ModelConfig.from_hf(path)
     if config.quantization is not None and load_format != "dummy":
         method = config.quantization.get("quant_method", "?")
         raise CheckpointError(f"quantized checkpoints (quant_method {method!r}) are not supported yet")
+    backend = (
+        attention_backend
+        if isinstance(attention_backend, AttentionBackend)
+        else get_attention_backend(attention_backend)
+    )
+    factory = factory or LayerFactory()
     torch_dtype = resolve_dtype(dtype, config)
     multimodal = enable_multimodal and config.vision is not None
-    model = _build_empty(config, torch_dtype, device, attention_backend, multimodal)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)  # the dtype of every parameter built without one
+    try:
+        with torch.device("meta"):  # no storage and no init work until the weights are known
+            model = (Llama4ForConditionalGeneration if multimodal else Llama4ForCausalLM)(config, factory, backend)
+    finally:
+        torch.set_default_dtype(previous)
+    materialize(model, device)
     if load_format == "dummy":
         init_dummy_weights(model, config, seed)
     else:
         load_weights(model, config, Path(path))
+    process_weights_after_loading(model)
     return model.eval()
-
-
-def _build_empty(
-    config: ModelConfig, dtype: torch.dtype, device: str | torch.device, attention_backend: str, multimodal: bool
-) -> Model:
-    """The model with uninitialised storage of the final dtype: no init work, no float32 copy."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    kind = Llama4ForConditionalGeneration if multimodal else Llama4ForCausalLM
-    try:
-        with torch.device("meta"):
-            model = kind(config, get_attention_backend(attention_backend))
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to_empty(device=device)
 
 
 def init_dummy_weights(model: nn.Module, config: ModelConfig, seed: int = 0) -> None:
@@ -108,13 +135,18 @@ def init_dummy_weights(model: nn.Module, config: ModelConfig, seed: int = 0) -> 
                 param.copy_(noise * config.initializer_range)
 
 
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let every layer's method repack what was loaded (CPU packing, quantized layouts)."""
+    for module in model.modules():
+        if isinstance(module, LinearBase | FusedMoE):
+            module.method.process_weights_after_loading(module)
+
+
 def load_weights(model: Model, config: ModelConfig, path: Path) -> None:
     # The multimodal model's names are the checkpoint's own; the text model's lack the prefix.
     multimodal = isinstance(model, Llama4ForConditionalGeneration)
-    text_prefix = config.weight_prefix if multimodal else ""
-    slots = checkpoint_slots(model)
-    expert_slots = per_expert_slots(model)
-    loaded: set[str] = set()
+    params = dict(model.named_parameters())
+    loaded: set[Loaded] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
     with ExitStack() as stack:
@@ -123,71 +155,66 @@ def load_weights(model: Model, config: ModelConfig, path: Path) -> None:
             name = ckpt_name if multimodal else _strip_prefix(ckpt_name, config)
             if name is None:
                 continue
-            target = slots.get(name)
-            transpose = False
-            if target is None and name in expert_slots:
-                (target, fused), transpose = expert_slots[name], True
+            target = _target(name, params)
             if target is None:
                 unexpected.append(ckpt_name)
                 continue
-            tensor = get()
-            shape = tuple(tensor.t().shape if transpose else tensor.shape)
-            if shape != tuple(target.shape):
-                want = list(target.t().shape if transpose else target.shape)
-                mismatched.append(f"{ckpt_name}: checkpoint {list(tensor.shape)} vs model {want}")
+            param_name, shard_id, expert_id = target
+            param, tensor = params[param_name], get()
+            extra = {} if expert_id is None else {"expert_id": expert_id}
+            try:
+                with torch.no_grad():
+                    weight_loader_of(param)(param, tensor, shard_id, **extra)
+            except WeightShapeError as e:
+                mismatched.append(f"{ckpt_name}: checkpoint {list(tensor.shape)} vs model {e.expected}")
                 continue
-            with torch.no_grad():
-                target.copy_(tensor.t() if transpose else tensor)
-            loaded.add(fused if transpose else name)
-    # A fused expert tensor counts as loaded once every expert's slice of it was.
-    for fused in {f for _, f in expert_slots.values()}:
-        parts = [n for n, (_, f) in expert_slots.items() if f == fused]
-        if sum(p in loaded for p in parts) == len(parts) or fused in loaded:
-            loaded.add(fused)
-    loaded = {n for n in loaded if n in slots}
-    if config.tie_word_embeddings and f"{text_prefix}lm_head.weight" not in loaded:
+            loaded.add(target)
+    missing = _missing(model, params, loaded)
+    head = f"{config.weight_prefix if multimodal else ''}lm_head.weight"
+    if config.tie_word_embeddings and head in missing:
         text = text_model(model)
         text.lm_head.weight = text.model.embed_tokens.weight
-        loaded.add(f"{text_prefix}lm_head.weight")
+        missing.remove(head)
     missing_prefix = "" if multimodal else config.weight_prefix
-    _raise_if_bad(path, sorted(set(slots) - loaded), unexpected, mismatched, missing_prefix)
+    _raise_if_bad(path, missing, unexpected, mismatched, missing_prefix)
     logger.info("loaded %d tensors from %s", len(tensors), path)
 
 
-def checkpoint_slots(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Checkpoint tensor name (HF, without prefix) -> the parameter, or the slice of a fused one, it fills."""
-    slots: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        base, _, leaf = name.rpartition(".")
-        if base.endswith("qkv_proj"):
-            attn = model.get_submodule(base.removesuffix(".qkv_proj"))
-            parts = param.split([attn.q_dim, attn.kv_dim, attn.kv_dim], dim=0)
-            prefix = base.removesuffix("qkv_proj")
-            for proj, part in zip(("q_proj", "k_proj", "v_proj"), parts, strict=True):
-                slots[f"{prefix}{proj}.{leaf}"] = part
-        elif base.endswith("gate_up_proj") and leaf == "weight":
-            prefix = base.removesuffix("gate_up_proj")
-            gate, up = param.chunk(2, dim=0)
-            slots[f"{prefix}gate_proj.weight"], slots[f"{prefix}up_proj.weight"] = gate, up
+def _target(name: str, params: dict[str, nn.Parameter]) -> Loaded | None:
+    """The parameter (and its part) that checkpoint tensor `name` fills; None if the model has no place for it."""
+    if name in params:
+        return name, None, None
+    per_expert = _PER_EXPERT.match(name)
+    if per_expert is not None:
+        param, shard_id = _EXPERT_SHARDS[per_expert["proj"]]
+        param_name = f"{per_expert['experts']}.{param}"
+        return (param_name, shard_id, int(per_expert["expert"])) if param_name in params else None
+    for fused, part, shard_id in STACKED_PARAMS:
+        base, sep, leaf = name.rpartition(f".{part}.")
+        if sep and f"{base}.{fused}.{leaf}" in params:
+            return f"{base}.{fused}.{leaf}", shard_id, None
+    return None
+
+
+def _missing(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[Loaded]) -> list[str]:
+    """Checkpoint names of what no tensor filled. A fused parameter is complete when it was loaded whole or
+    part by part; its missing parts are named as the checkpoint names them."""
+    missing = []
+    for name in params:
+        if (name, None, None) in loaded:
+            continue
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(owner, FusedMoE):
+            shards = (GATE, UP) if name.endswith("gate_up_proj") else (None,)
+            if not all((name, s, e) in loaded for e in range(owner.num_experts) for s in shards):
+                missing.append(name)
+        elif isinstance(owner, LinearBase) and owner.shard_ids is not None:
+            base, fused, leaf = name.rsplit(".", 2)
+            parts = {shard: part for f, part, shard in STACKED_PARAMS if f == fused}
+            missing += [f"{base}.{parts[s]}.{leaf}" for s in owner.shard_ids if (name, s, None) not in loaded]
         else:
-            slots[name] = param
-    return slots
-
-
-def per_expert_slots(model: nn.Module) -> dict[str, tuple[torch.Tensor, str]]:
-    """Per-expert checkpoint names (`experts.<e>.gate_proj.weight` ...) -> (transposed target, fused name)."""
-    slots: dict[str, tuple[torch.Tensor, str]] = {}
-    for name, param in model.named_parameters():
-        if name.endswith("experts.gate_up_proj"):
-            prefix, inter = name.removesuffix("gate_up_proj"), param.shape[2] // 2
-            for e in range(param.shape[0]):
-                slots[f"{prefix}{e}.gate_proj.weight"] = (param[e, :, :inter], name)
-                slots[f"{prefix}{e}.up_proj.weight"] = (param[e, :, inter:], name)
-        elif name.endswith("experts.down_proj"):
-            prefix = name.removesuffix("down_proj")
-            for e in range(param.shape[0]):
-                slots[f"{prefix}{e}.down_proj.weight"] = (param[e], name)
-    return slots
+            missing.append(name)
+    return sorted(missing)
 
 
 def _checkpoint_tensors(path: Path, stack: ExitStack) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:

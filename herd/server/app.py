@@ -14,7 +14,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from herd.async_engine import AsyncEngine
+from herd.config.engine import ServerConfig
+from herd.frontend.async_engine import AsyncEngine
 from herd.server.auth import APIKeyMiddleware
 from herd.server.chat import create_chat_completion
 from herd.server.completions import create_completion
@@ -22,14 +23,13 @@ from herd.server.context import ServerContext
 from herd.server.errors import APIError, error_response, install_error_handlers
 from herd.server.native import GenerateRequest, generate
 from herd.server.protocol import ChatCompletionRequest, CompletionRequest
-from herd.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
 
-def build_app(args: ServerArgs, engine: AsyncEngine, url: str | None = None) -> FastAPI:
+def build_app(config: ServerConfig, engine: AsyncEngine, url: str | None = None) -> FastAPI:
     """The app for `engine`; `url` is only for the startup log line."""
-    ctx = ServerContext.build(args, engine)
+    ctx = ServerContext.build(config, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,8 +41,8 @@ def build_app(args: ServerArgs, engine: AsyncEngine, url: str | None = None) -> 
     app = FastAPI(title="herd", lifespan=lifespan)
     app.state.ctx = ctx
     install_error_handlers(app)
-    if args.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     _add_openai_routes(app, ctx)
     _add_native_routes(app, ctx)
     return app
@@ -85,23 +85,15 @@ def _add_native_routes(app: FastAPI, ctx: ServerContext) -> None:
 
     @app.get("/get_model_info")
     async def model_info() -> dict[str, Any]:
-        tokenizer_path = ctx.args.tokenizer_path or ctx.args.model_path
-        return {"model_path": ctx.args.model_path, "tokenizer_path": tokenizer_path, "is_generation": True}
+        config = ctx.config
+        return {"model_path": config.model_path, "tokenizer_path": config.tokenizer_path, "is_generation": True}
 
     @app.post("/flush_cache")
     async def flush_cache() -> Response:
         """Drop the prefix cache (SGLang's route); refused while requests run, as in SGLang."""
-        if not await ctx.engine.call(_flush_prefix_cache):
+        if not await ctx.engine.reset_prefix_cache():
             raise APIError(400, "cache not flushed: requests are running")
         return JSONResponse({"message": "cache flushed"})
-
-
-def _flush_prefix_cache(engine: Any) -> bool:
-    if engine.has_unfinished_requests():
-        return False
-    if engine.prefix_cache is not None:
-        engine.prefix_cache.clear()
-    return True
 
 
 def _model_card(ctx: ServerContext) -> dict[str, Any]:
@@ -110,6 +102,6 @@ def _model_card(ctx: ServerContext) -> dict[str, Any]:
         "object": "model",
         "created": ctx.created,
         "owned_by": "herd",
-        "root": ctx.args.model_path,
+        "root": ctx.config.model_path,
         "max_model_len": ctx.context_length,
     }

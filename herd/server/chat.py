@@ -11,7 +11,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from herd.async_engine import CompletionDelta, RequestStream
+from herd.frontend.async_engine import CompletionDelta, RequestStream
+from herd.frontend.tokenizer import Tokenizer
 from herd.server.context import ServerContext, new_id
 from herd.server.errors import bad_request
 from herd.server.images import chat_image_refs, load_images, template_messages, with_images
@@ -21,7 +22,6 @@ from herd.server.protocol import ChatCompletionRequest
 from herd.server.serving import UsageCounter, error_event, submit
 from herd.server.streaming import SSE_DONE, EngineEventStream, cancel_on_disconnect, sse
 from herd.server.tools import ToolPlan, ToolReader, plan_tools
-from herd.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from herd.async_engine import CompletionDelta, RequestStream
+from herd.frontend.async_engine import CompletionDelta, RequestStream
 from herd.server.context import ServerContext, new_id
 from herd.server.errors import bad_request
 from herd.server.logprobs import CompletionLogprobs, TokenText, merge_completion_logprobs

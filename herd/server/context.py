@@ -10,22 +10,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from herd.async_engine import AsyncEngine
+from herd.config.engine import ServerConfig
+from herd.frontend.async_engine import AsyncEngine
+from herd.frontend.tokenizer import Tokenizer
 from herd.server.errors import APIError
 from herd.server.metrics import ServerMetrics
-from herd.server_args import ServerArgs
-from herd.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TOOL_PARSER = "llama4"  # herd serves Llama 4 only: read both shapes it writes calls in
 # generation_config.json keys that become defaults of a request that does not set them.
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @dataclass
 class ServerContext:
-    args: ServerArgs
+    config: ServerConfig
     engine: AsyncEngine
     metrics: ServerMetrics
     model_name: str
@@ -33,29 +32,29 @@ class ServerContext:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
-    def build(cls, args: ServerArgs, engine: AsyncEngine) -> ServerContext:
-        defaults = load_generation_defaults(Path(args.model_path))
+    def build(cls, config: ServerConfig, engine: AsyncEngine) -> ServerContext:
+        defaults = load_generation_defaults(Path(config.model_path))
         if defaults:
             logger.info("sampling defaults from generation_config.json: %s", defaults)
         return cls(
-            args=args,
+            config=config,
             engine=engine,
             metrics=ServerMetrics(lambda: engine.stats),
-            model_name=args.served_model_name or args.model_path,
+            model_name=config.served_model_name,
             generation_defaults=defaults,
         )
 
     @property
     def tokenizer(self) -> Tokenizer | None:
-        return self.engine.engine.tokenizer
+        return self.engine.tokenizer
 
     @property
     def context_length(self) -> int:
-        return self.engine.engine.context_length
+        return self.engine.context_length
 
     @property
     def tool_parser_name(self) -> str:
-        return self.args.tool_call_parser or DEFAULT_TOOL_PARSER
+        return self.config.tool_call_parser
 
     def require_tokenizer(self, what: str) -> Tokenizer:
         if self.tokenizer is None:

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from herd.async_engine import EngineDeadError
+from herd.frontend.async_engine import EngineDeadError
 
 logger = logging.getLogger(__name__)
 

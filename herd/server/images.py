@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from herd.media import MediaError, load_image_async
+from herd.frontend.media import MediaError, load_image_async
 from herd.server.context import ServerContext
 from herd.server.errors import bad_request
 
@@ -30,16 +30,16 @@ async def load_images(ctx: ServerContext, refs: Sequence[ImageRef]) -> list[Imag
     """The images `refs` name, all at once; the first bad one (in request order) is a 400 naming it."""
     if not refs:
         return []
-    if not ctx.args.enable_multimodal:
+    if not ctx.config.enable_multimodal:
         raise bad_request("image input needs a server started with --enable-multimodal", refs[0].param)
-    limit = ctx.args.max_images_per_request
+    limit = ctx.config.max_images_per_request
     if len(refs) > limit:
         raise bad_request(
             f"too many images: {len(refs)} in one request, and this server takes at most {limit} "
             "(--max-images-per-request)",
             refs[limit].param,
         )
-    loads = [load_image_async(ref.url, allowed_local_media_path=ctx.args.allowed_local_media_path) for ref in refs]
+    loads = [load_image_async(ref.url, allowed_local_media_path=ctx.config.allowed_local_media_path) for ref in refs]
     results = await asyncio.gather(*loads, return_exceptions=True)
     for ref, result in zip(refs, results, strict=True):
         if isinstance(result, MediaError):

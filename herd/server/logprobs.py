@@ -6,7 +6,7 @@ import math
 from functools import lru_cache
 from typing import Any
 
-from herd.tokenizer import Tokenizer
+from herd.frontend.tokenizer import Tokenizer
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM writes this for tokens that cannot be sampled
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from herd.async_engine import EngineStats, RequestDelta
+from herd.frontend.async_engine import EngineStats, RequestDelta
 
 logger = logging.getLogger("herd.server.requests")
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from herd.async_engine import CompletionDelta, RequestDelta, RequestStream
+from herd.frontend.async_engine import CompletionDelta, RequestDelta, RequestStream
 from herd.sampling import SamplingParams
 from herd.server.context import ServerContext
 from herd.server.errors import bad_request

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from herd.async_engine import EngineDeadError, Prompt, RequestDelta, RequestStream
+from herd.frontend.async_engine import EngineDeadError, Prompt, RequestDelta, RequestStream
 from herd.sampling import SamplingParams
 from herd.server.context import ServerContext
 from herd.server.errors import APIError, bad_request, error_body, param_of

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from herd.async_engine import RequestStream
+from herd.frontend.async_engine import RequestStream
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from herd.chat import Llama4ChatTemplate
+from herd.frontend.chat import Llama4ChatTemplate
+from herd.frontend.tokenizer import Tokenizer
+from herd.frontend.tool_parser import ParsedOutput, ParserDelta, ToolParser, get_tool_parser, merge_deltas
 from herd.server.errors import bad_request
 from herd.server.protocol import ChatCompletionRequest, NamedToolChoice
-from herd.tokenizer import Tokenizer
-from herd.tool_parser import ParsedOutput, ParserDelta, ToolParser, get_tool_parser, merge_deltas
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,18 @@
 """Attention over the paged KV cache, behind a small backend registry."""
 
-from herd.layers.attention import torch_sdpa  # noqa: F401  (registers "torch_native")
+from herd.layers.attention import torch_native  # noqa: F401  (registers "torch_native")
 from herd.layers.attention.base import AttentionBackend, available_backends, get_attention_backend
+from herd.layers.attention.batch import AttentionBatch, PoolTables
 from herd.layers.attention.kv_storage import PagedKVStorage
-from herd.layers.attention.metadata import AttentionMetadata, PoolView
+from herd.layers.attention.layer import PagedAttention, bind_kv_cache
 
 __all__ = [
     "AttentionBackend",
-    "AttentionMetadata",
+    "AttentionBatch",
+    "PagedAttention",
     "PagedKVStorage",
-    "PoolView",
+    "PoolTables",
     "available_backends",
+    "bind_kv_cache",
     "get_attention_backend",
 ]

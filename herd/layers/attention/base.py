@@ -1,21 +1,37 @@
-"""The attention backend contract and its registry."""
+"""The attention backend contract and its registry.
+
+A backend works in two phases per step. `build_metadata(batch)` runs once, on the host, and turns the
+step's `AttentionBatch` into whatever tensors its kernels want (kept in the returned object).
+`forward(q, k, v, layer, metadata)` runs per layer: it writes the layer's new K/V into the paged cache
+(`layer.kv_cache`) and attends each query to its context, causal within each sequence; for a chunked layer
+a query at position p sees only positions [(p // chunk) * chunk, p]. `forward` may not read tensors back
+to the host or loop over sequences in Python on data it has not already built into the metadata: that keeps
+a decode step capturable (CUDA graphs) and compilable (torch.compile with fullgraph=True). A backend that
+captures graphs builds its metadata into persistent buffers it owns, so a replay sees the new step's values.
+
+`torch_native` is the reference: every other backend is tested against it.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from herd.layers.attention.metadata import AttentionMetadata
+from herd.layers.attention.batch import AttentionBatch
+
+if TYPE_CHECKING:
+    from herd.layers.attention.layer import PagedAttention
 
 
 class AttentionBackend(ABC):
-    """Writes a layer's new K/V into the paged cache, then attends each query to its context.
+    name: ClassVar[str]
 
-    Causal within each sequence; for chunked layers a query at position p sees only
-    positions [(p // chunk) * chunk, p].
-    """
+    @abstractmethod
+    def build_metadata(self, batch: AttentionBatch) -> Any:
+        """Once per step: everything `forward` needs, as tensors on the batch's device."""
 
     @abstractmethod
     def forward(
@@ -23,10 +39,8 @@ class AttentionBackend(ABC):
         q: torch.Tensor,  # [T, n_heads, head_dim], already rotated / scaled
         k: torch.Tensor,  # [T, n_kv_heads, head_dim]
         v: torch.Tensor,  # [T, n_kv_heads, head_dim]
-        kv_cache: tuple[torch.Tensor, torch.Tensor],  # each [num_blocks, block_size, n_kv_heads, head_dim]
-        meta: AttentionMetadata,
-        chunk_size: int | None,  # None: global (full causal) attention
-        scale: float,
+        layer: PagedAttention,  # its kv_cache, chunk_size (None: global attention) and scale
+        metadata: Any,  # what build_metadata returned for this step
     ) -> torch.Tensor:  # [T, n_heads, head_dim]
         ...
 
@@ -34,12 +48,9 @@ class AttentionBackend(ABC):
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {}
 
 
-def register_backend(name: str) -> Callable[[type[AttentionBackend]], type[AttentionBackend]]:
-    def wrap(cls: type[AttentionBackend]) -> type[AttentionBackend]:
-        _BACKENDS[name] = cls
-        return cls
-
-    return wrap
+def register_backend(cls: type[AttentionBackend]) -> type[AttentionBackend]:
+    _BACKENDS[cls.name] = cls
+    return cls
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

@@ -1,0 +1,124 @@
+"""The frozen configs the engine is built from, one per concern, made once from the flags at the entry.
+
+`EngineConfig` travels to the engine core (in its own process) and to every worker; `FrontendConfig` to
+the request-side code (tokenizer, chat template, images); `ServerConfig` to the HTTP app. None of them
+changes after start-up, and nothing below the entry points reads `ServerArgs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from herd.config.model import ModelConfig
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+ATTENTION_BACKENDS = ("torch_native",)
+DEFAULT_MAX_RUNNING_REQUESTS = 128
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the server's and the engine process's
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    model_path: str
+    load_format: str = "auto"  # auto | safetensors | dummy (random weights from config.json alone)
+    dtype: str = "auto"  # auto (the checkpoint's) | bfloat16 | float16 | float32
+    seed: int = 0  # of the dummy weights
+    enable_multimodal: bool = False  # build and load the vision tower (when the checkpoint has one)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    page_size: int = 16  # tokens per KV block (lowered to divide the attention chunk)
+    mem_fraction_static: float | None = None  # of device memory for weights + KV (None: a default per device)
+    cpu_memory_budget_gb: float = 8.0  # what "device memory" means on the CPU
+    max_total_tokens: int | None = None  # full-pool tokens, overriding the memory fraction
+    swa_full_tokens_ratio: float = 0.8  # local-pool tokens per full-pool token
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    context_length: int  # longest prompt + output a request may have
+    max_running_requests: int = DEFAULT_MAX_RUNNING_REQUESTS
+    chunked_prefill_size: int = 8192  # prompt tokens per step; -1: a whole prompt per step
+
+    @property
+    def prefill_budget(self) -> int:
+        """Prompt tokens per step (SGLang's -1, no chunking, is bounded by the context length)."""
+        return self.chunked_prefill_size if self.chunked_prefill_size > 0 else self.context_length
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp_size: int = 1
+    ep_size: int = 1
+    dp_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.dp_size
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: nothing yet (no algorithm). The drafter, its checkpoint and step counts go here."""
+
+    algorithm: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str  # "cpu" or "cuda"
+    attention_backend: str = "torch_native"
+    enable_torch_compile: bool = False  # compile the decode step (CPU weights then stay unpacked)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    load: LoadConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    speculative: SpeculativeConfig
+    device: DeviceConfig
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    tokenizer_path: str | None  # None: no tokenizer (prompts are token ids, outputs carry no text)
+    tokenizer_required: bool  # the tokenizer was named explicitly: its absence is an error, not a warning
+    chat_template: str | None
+    enable_multimodal: bool
+    seed: int  # draws the sampling seed of requests that give none
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str
+    port: int
+    model_path: str
+    tokenizer_path: str
+    served_model_name: str
+    api_key: str | None
+    tool_call_parser: str
+    enable_multimodal: bool
+    allowed_local_media_path: str | None
+    max_images_per_request: int
+    log_level: str
+
+
+@dataclass(frozen=True)
+class HerdConfig:
+    """Everything a run of herd was configured with."""
+
+    engine: EngineConfig
+    frontend: FrontendConfig
+    server: ServerConfig

@@ -1,0 +1,261 @@
+"""Every engine and server option, in one dataclass, and how it becomes the frozen configs.
+
+Field names are the CLI flags in snake_case (`--chunked-prefill-size` is `chunked_prefill_size`)
+and follow SGLang's names and meanings where SGLang has the option; `LLM(model, **kwargs)`
+takes the same names. The entry points turn a `ServerArgs` into a `HerdConfig` (`to_config`) and pass
+only that down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from herd.config.engine import (
+    ATTENTION_BACKENDS,
+    DEFAULT_MAX_RUNNING_REQUESTS,
+    DTYPES,
+    LOAD_FORMATS,
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    FrontendConfig,
+    HerdConfig,
+    LoadConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    ServerConfig,
+    SpeculativeConfig,
+)
+from herd.config.fields import ArgumentError
+from herd.config.model import ModelConfig
+from herd.demo import MODEL_PATH as DEMO_MODEL_PATH
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# The frontend's tool-call parsers (herd.frontend.tool_parser.TOOL_PARSERS has one for each name).
+TOOL_CALL_PARSERS = ("llama4", "pythonic", "llama4_pythonic", "json", "llama4_json", "llama3_json")
+DEFAULT_TOOL_CALL_PARSER = "llama4"  # herd serves Llama 4 only: read both shapes it writes calls in
+
+# SGLang flags for features herd does not have yet, with the value that means "off". Setting one fails at
+# start: a command line copied from SGLang must not silently run something else than it asks for.
+NOT_YET: dict[str, Any] = {
+    "speculative_algorithm": None,
+    "speculative_draft_model_path": None,
+    "speculative_num_steps": None,
+    "speculative_eagle_topk": None,
+    "speculative_num_draft_tokens": None,
+    "quantization": None,
+    "kv_cache_dtype": "auto",
+    "dp_size": 1,
+    "ep_size": 1,
+    "lora_paths": None,
+}
+
+
+@dataclass
+class ServerArgs:
+    model_path: str = field(
+        default=str(DEMO_MODEL_PATH),
+        metadata={"aliases": ("--model",), "help": "checkpoint folder (Hugging Face layout); default: the demo model"},
+    )
+    tokenizer_path: str | None = None
+    skip_tokenizer_init: bool = False
+    chat_template: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    device: str | None = None  # None: cuda when available, else cpu
+    attention_backend: str | None = None  # None: chosen by hardware
+    context_length: int | None = None
+    # Memory: share of the device's memory for weights + KV cache (on CPU: of `cpu_memory_budget_gb`),
+    # or an explicit number of full-attention KV tokens.
+    mem_fraction_static: float | None = None
+    cpu_memory_budget_gb: float = 8.0
+    max_total_tokens: int | None = None
+    swa_full_tokens_ratio: float = 0.8
+    page_size: int = 16
+    max_running_requests: int | None = None
+    chunked_prefill_size: int = field(default=8192, metadata={"help": "prompt tokens per step; -1: no chunking"})
+    disable_radix_cache: bool = False
+    enable_torch_compile: bool = field(
+        default=False, metadata={"help": "compile the decode step with torch.compile (slow start, faster steps)"}
+    )
+    seed: int = field(default=0, metadata={"aliases": ("--random-seed",)})
+    # -- server -------------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 30000
+    tp_size: int = field(default=1, metadata={"aliases": ("--tp",), "help": "tensor parallel size (only 1 yet)"})
+    served_model_name: str | None = field(default=None, metadata={"help": "model id in the API (default: the path)"})
+    api_key: str | None = field(default=None, metadata={"help": "require `Authorization: Bearer KEY`"})
+    tool_call_parser: str | None = field(
+        default=None, metadata={"help": "tool-call format of the model's output (default: llama4, both shapes)"}
+    )
+    enable_multimodal: bool = False
+    allowed_local_media_path: str | None = field(
+        default=None, metadata={"help": "let requests name image files under this folder (vLLM's flag; off by default)"}
+    )
+    max_images_per_request: int = field(default=10, metadata={"help": "most images one request may carry"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "accepted for SGLang compatibility; no effect"})
+    enable_metrics: bool = field(default=False, metadata={"help": "accepted for SGLang compatibility: always on"})
+    log_level: str | None = field(default=None, metadata={"help": "default: info for serve, warning for generate"})
+    # -- not supported yet (see NOT_YET) --------------------------------------------------------------------
+    speculative_algorithm: str | None = None
+    speculative_draft_model_path: str | None = None
+    speculative_num_steps: int | None = None
+    speculative_eagle_topk: int | None = None
+    speculative_num_draft_tokens: int | None = None
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    dp_size: int = field(default=1, metadata={"aliases": ("--dp",)})
+    ep_size: int = field(default=1, metadata={"aliases": ("--ep",)})
+    lora_paths: str | None = None
+
+    def __post_init__(self) -> None:
+        self._check_not_yet()
+        self._check_server()
+        self._check_choice("dtype", ("auto", *DTYPES))
+        self._check_choice("load_format", LOAD_FORMATS)
+        if self.attention_backend is not None:
+            self._check_choice("attention_backend", ATTENTION_BACKENDS)
+        if self.device is not None:
+            self._check_choice("device", ("cpu", "cuda"))
+        for name in ("context_length", "max_total_tokens", "max_running_requests"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ArgumentError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        if not isinstance(self.page_size, int) or self.page_size < 1:
+            raise ArgumentError(f"--page-size must be a positive integer, got {self.page_size!r}")
+        if not isinstance(self.chunked_prefill_size, int) or not (
+            self.chunked_prefill_size >= 1 or self.chunked_prefill_size == -1
+        ):
+            raise ArgumentError(
+                "--chunked-prefill-size must be a positive integer or -1 (no chunking), "
+                f"got {self.chunked_prefill_size!r}"
+            )
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
+            raise ArgumentError(f"--mem-fraction-static must be in (0, 1], got {self.mem_fraction_static}")
+        if not (self.swa_full_tokens_ratio > 0 and math.isfinite(self.swa_full_tokens_ratio)):
+            raise ArgumentError(f"--swa-full-tokens-ratio must be a positive number, got {self.swa_full_tokens_ratio}")
+        if self.cpu_memory_budget_gb <= 0:
+            raise ArgumentError(f"--cpu-memory-budget-gb must be positive, got {self.cpu_memory_budget_gb}")
+
+    def _check_not_yet(self) -> None:
+        for name, off in NOT_YET.items():
+            value = getattr(self, name)
+            if value != off:
+                raise ArgumentError(f"{_flag(name)} {value!r}: not supported yet")
+        if self.tp_size != 1:
+            raise ArgumentError(f"--tp-size {self.tp_size}: tensor parallelism is not supported yet (only 1)")
+
+    def _check_server(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ArgumentError(f"--port must be in [0, 65535], got {self.port!r}")
+        if not self.host:
+            raise ArgumentError("--host must not be empty")
+        if self.tool_call_parser is not None:
+            self._check_choice("tool_call_parser", sorted(TOOL_CALL_PARSERS))
+        if self.log_level is not None:
+            self._check_choice("log_level", LOG_LEVELS)
+        if self.api_key == "":
+            raise ArgumentError("--api-key must not be empty")
+        if self.served_model_name == "":
+            raise ArgumentError("--served-model-name must not be empty")
+        if not isinstance(self.max_images_per_request, int) or self.max_images_per_request < 0:
+            raise ArgumentError(f"--max-images-per-request must be 0 or more, got {self.max_images_per_request!r}")
+        if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
+            raise ArgumentError(f"--allowed-local-media-path {self.allowed_local_media_path!r} is not a folder")
+
+    def _check_choice(self, name: str, choices: tuple[str, ...] | list[str]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ArgumentError(f"{_flag(name)} {value!r} is not supported; choose from {', '.join(choices)}")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def to_config(self) -> HerdConfig:
+        """The frozen configs of a run; reads the checkpoint's config.json (a bad one raises ConfigError)."""
+        model = ModelConfig.from_hf(self.model_path)
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        engine = EngineConfig(
+            model=model,
+            load=LoadConfig(
+                model_path=self.model_path,
+                load_format=self.load_format,
+                dtype=self.dtype,
+                seed=self.seed,
+                enable_multimodal=self.enable_multimodal,
+            ),
+            cache=CacheConfig(
+                page_size=self.page_size,
+                mem_fraction_static=self.mem_fraction_static,
+                cpu_memory_budget_gb=self.cpu_memory_budget_gb,
+                max_total_tokens=self.max_total_tokens,
+                swa_full_tokens_ratio=self.swa_full_tokens_ratio,
+                enable_prefix_caching=not self.disable_radix_cache,
+            ),
+            scheduler=SchedulerConfig(
+                context_length=self.context_length or model.max_position_embeddings,
+                max_running_requests=self.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS,
+                chunked_prefill_size=self.chunked_prefill_size,
+            ),
+            parallel=ParallelConfig(tp_size=self.tp_size, ep_size=self.ep_size, dp_size=self.dp_size),
+            speculative=SpeculativeConfig(algorithm=self.speculative_algorithm),
+            device=DeviceConfig(
+                device=device,
+                attention_backend=self.attention_backend or "torch_native",
+                enable_torch_compile=self.enable_torch_compile,
+            ),
+        )
+        tokenizer_path = self.tokenizer_path or self.model_path
+        frontend = FrontendConfig(
+            tokenizer_path=None if self.skip_tokenizer_init else tokenizer_path,
+            tokenizer_required=self.tokenizer_path is not None,
+            chat_template=self.chat_template,
+            enable_multimodal=self.enable_multimodal,
+            seed=self.seed,
+        )
+        server = ServerConfig(
+            host=self.host,
+            port=self.port,
+            model_path=self.model_path,
+            tokenizer_path=tokenizer_path,
+            served_model_name=self.served_model_name or self.model_path,
+            api_key=self.api_key,
+            tool_call_parser=self.tool_call_parser or DEFAULT_TOOL_CALL_PARSER,
+            enable_multimodal=self.enable_multimodal,
+            allowed_local_media_path=self.allowed_local_media_path,
+            max_images_per_request=self.max_images_per_request,
+            log_level=self.log_level or "info",
+        )
+        return HerdConfig(engine=engine, frontend=frontend, server=server)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerArgs field, `--field-name`, typed as the field."""
+    hints = typing.get_type_hints(ServerArgs)
+    for f in dataclasses.fields(ServerArgs):
+        flags, hint = (_flag(f.name), *f.metadata.get("aliases", ())), hints[f.name]
+        required = f.default is dataclasses.MISSING
+        help_ = "not supported yet" if f.name in NOT_YET else f.metadata.get("help")
+        if hint is bool:
+            parser.add_argument(*flags, dest=f.name, action="store_true", help=help_)
+            continue
+        kind = next((t for t in (int, float, str) if t is hint or t in typing.get_args(hint)), str)
+        default = None if required else f.default
+        parser.add_argument(*flags, dest=f.name, type=kind, default=default, required=required, help=help_)
+
+
+def server_args_from(namespace: argparse.Namespace) -> ServerArgs:
+    return ServerArgs(**{name: getattr(namespace, name) for name in ServerArgs.field_names()})

@@ -1,0 +1,210 @@
+"""Running the engine core where it does not block the caller: in a thread, or in a process of its own.
+
+Both clients run the same loop (`run_core_loop`): take the queued commands (waiting for one while there is
+no work), run a step when there is work, send one `CoreMessage` back. The caller sends requests and aborts
+without waiting, and gets every message through the callback it gave `start`, on the client's thread.
+
+`ProcessCoreClient` is what the server uses: the core gets its own interpreter and all of torch's threads,
+so the HTTP side never competes with it for the GIL. Messages cross the pipe pickled, and hold only the
+step's new tokens: their size does not grow with how long the outputs are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import pickle
+import queue
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from herd.config.engine import LOG_FORMAT, EngineConfig
+from herd.engine.core import EngineCore
+from herd.engine.protocol import CoreInfo, CoreMessage, EngineCoreRequest
+
+logger = logging.getLogger(__name__)
+
+# ("add", [EngineCoreRequest, ...]) | ("abort", [request id, ...]) | ("call", call id, method name) | ("stop",)
+Command = tuple[Any, ...]
+OnMessage = Callable[[CoreMessage], None]
+
+
+def run_core_loop(core: EngineCore, next_commands: Callable[[bool], list[Command]], send: OnMessage) -> None:
+    """Serve commands and step until told to stop; a crash is sent as a last message with `dead` set."""
+    try:
+        while True:
+            message = CoreMessage()
+            for command in next_commands(not core.has_unfinished_requests()):
+                if command[0] == "stop":
+                    return
+                _handle(core, command, message)
+            if core.has_unfinished_requests():
+                message.outputs = core.step()
+            message.stats = core.stats()
+            send(message)
+    except Exception as e:  # a bug in the engine: tell the frontend, so that it fails requests instead of hanging
+        logger.exception("the engine loop crashed")
+        send(CoreMessage(dead=RuntimeError(f"the engine crashed: {e!r}")))
+
+
+def _handle(core: EngineCore, command: Command, message: CoreMessage) -> None:
+    kind = command[0]
+    if kind == "add":
+        try:
+            core.add_requests(command[1])
+        except ValueError as e:
+            message.failed.append(([r.request_id for r in command[1]], e))
+    elif kind == "abort":
+        core.abort_requests(command[1])
+    elif kind == "call":
+        call_id, method = command[1], command[2]
+        try:
+            message.replies.append((call_id, getattr(core, method)(), None))
+        except Exception as e:
+            message.replies.append((call_id, None, e))
+    else:
+        raise ValueError(f"unknown engine command {kind!r}")
+
+
+class InprocCoreClient:
+    """The core in a thread of this process (tests, and servers embedded in another program)."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.info: CoreInfo = core.info
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self, on_message: OnMessage) -> None:
+        self._thread = threading.Thread(
+            target=run_core_loop, args=(self.core, self._next_commands, on_message), name="herd-engine", daemon=True
+        )
+        self._thread.start()
+
+    def _next_commands(self, block: bool) -> list[Command]:
+        try:
+            commands = [self._commands.get(block=block)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+        self._commands.put(("add", requests))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self._commands.put(("abort", request_ids))
+
+    def call(self, call_id: int, method: str) -> None:
+        self._commands.put(("call", call_id, method))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._commands.put(("stop",))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+class ProcessCoreClient:
+    """The core in a child process; the constructor returns once it is ready (or raises what stopped it)."""
+
+    def __init__(self, config: EngineConfig, log_level: str = "info") -> None:
+        ctx = mp.get_context("spawn")  # fork would copy torch's thread pools in a broken state
+        commands_out, self._commands = ctx.Pipe(duplex=False)
+        self._messages, messages_in = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(
+            target=_child_main, args=(config, log_level, commands_out, messages_in), name="herd-engine", daemon=True
+        )
+        self._process.start()
+        commands_out.close()
+        messages_in.close()
+        self._send_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        try:
+            status, payload = pickle.loads(self._messages.recv_bytes())
+        except EOFError:
+            raise RuntimeError(f"the engine process exited at start (code {self._process.exitcode})") from None
+        if status == "error":
+            self._process.join(timeout=10)
+            raise payload
+        self.info: CoreInfo = payload
+
+    def start(self, on_message: OnMessage) -> None:
+        self._reader = threading.Thread(target=self._read, args=(on_message,), name="herd-engine-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self, on_message: OnMessage) -> None:
+        while True:
+            try:
+                data = self._messages.recv_bytes()
+            except (EOFError, OSError):
+                code = self._process.exitcode
+                on_message(CoreMessage(dead=RuntimeError(f"the engine process exited (code {code})")))
+                return
+            message: CoreMessage = pickle.loads(data)
+            message.nbytes = len(data)
+            on_message(message)
+            if message.dead is not None:
+                return
+
+    def _send(self, command: Command) -> None:
+        with self._send_lock, contextlib.suppress(OSError):  # a dead process: the reader reports it
+            self._commands.send(command)
+
+    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+        self._send(("add", requests))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self._send(("abort", request_ids))
+
+    def call(self, call_id: int, method: str) -> None:
+        self._send(("call", call_id, method))
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._process.is_alive():
+            self._send(("stop",))
+            self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout)
+
+
+def _child_main(config: EngineConfig, log_level: str, commands: Connection, messages: Connection) -> None:
+    """The engine process: build the core, say it is ready, then serve until told to stop (or orphaned)."""
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    try:
+        core = EngineCore(config)
+    except Exception as e:  # a bad checkpoint or flag: the parent reports it and exits
+        messages.send_bytes(pickle.dumps(("error", e)))
+        return
+    messages.send_bytes(pickle.dumps(("ready", core.info)))
+
+    def next_commands(block: bool) -> list[Command]:
+        if not block and not commands.poll():
+            return []
+        try:
+            received = [commands.recv()]
+            while commands.poll():
+                received.append(commands.recv())
+        except EOFError:  # the parent is gone
+            return [("stop",)]
+        return received
+
+    def send(message: CoreMessage) -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the parent is gone: stop at next read
+            messages.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+    run_core_loop(core, next_commands, send)

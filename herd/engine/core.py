@@ -1,0 +1,166 @@
+"""The engine core: token ids in, new token ids out, many sequences at once over the paged hybrid KV cache.
+
+Each `step()` schedules a batch (continuous batching, chunked prefill, prefix cache, preemption), has the
+workers run it, appends the sampled tokens, and ends the sequences that hit a stop token, max_tokens or
+the context length. It knows nothing of text: tokenizing, detokenizing, stop strings, `n` and response
+formats are the frontend's (herd.frontend), which talks to the core in `herd.engine.protocol` messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from herd.config.engine import EngineConfig
+from herd.engine.kv_cache import KVCacheManager
+from herd.engine.prefix_cache import PrefixCache
+from herd.engine.protocol import CoreInfo, EngineCoreOutput, EngineCoreRequest, EngineStats
+from herd.engine.scheduler import Scheduler, SchedulerOutput, Sequence
+from herd.sampling import SampleResult
+from herd.worker import NewSequence, ScheduledChunk, StepPlan, Worker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Live:
+    request: EngineCoreRequest
+    seq: Sequence
+    introduced: bool = False  # the workers know it (its NewSequence went out)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.workers = [Worker(config, rank=0)]
+        # Every rank must hold the same blocks, so the smallest plan (the rank with least free memory) wins.
+        plan = min((worker.plan_kv_cache() for worker in self.workers), key=lambda p: p.num_full_blocks)
+        for worker in self.workers:
+            worker.init_kv_cache(plan)
+        self.kv = KVCacheManager(plan.num_full_blocks, plan.num_local_blocks, plan.block_size, plan.chunk_size)
+        self.prefix_cache = PrefixCache(self.kv) if config.cache.enable_prefix_caching else None
+        sched = config.scheduler
+        self.scheduler = Scheduler(self.kv, self.prefix_cache, sched.max_running_requests, sched.prefill_budget)
+        self.context_length = sched.context_length
+        self.requests: dict[str, _Live] = {}
+        self._finished: list[str] = []  # sequences the workers should forget at the next step
+        self.info = CoreInfo(max_request_tokens=plan.num_full_blocks * plan.block_size)
+        logger.info(
+            "KV cache: %d full tokens, %d local tokens, page size %d",
+            plan.num_full_blocks * plan.block_size,
+            plan.num_local_blocks * plan.block_size,
+            plan.block_size,
+        )
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+        """Queue requests the frontend has checked; all or none (a duplicate id refuses the batch)."""
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids) or any(i in self.requests for i in ids):
+            raise ValueError(f"request ids {ids} are not distinct or already in use")
+        for request in requests:
+            seq = Sequence(
+                seq_id=request.request_id,
+                prompt_token_ids=request.prompt_token_ids,
+                max_tokens=request.max_tokens,
+                prompt_key_ids=request.cache_key,
+            )
+            self.requests[request.request_id] = _Live(request, seq)
+            self.scheduler.add(seq)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Stop these requests and free their blocks; unknown or finished ids are ignored."""
+        for request_id in request_ids:
+            live = self.requests.get(request_id)
+            if live is not None:
+                self._finish(live)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Run one batch; return the new tokens of every sequence that sampled."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.scheduled:
+            # Nothing runs and nothing can be admitted: the frontend's size checks make this a bug.
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("scheduler stalled: a waiting request cannot be admitted into an idle engine")
+            return []
+        plan = self._plan(scheduled)
+        per_rank = [worker.execute(plan) for worker in self.workers]  # every rank runs the step
+        results = per_rank[0]  # and rank 0's samples are the step's
+        self.scheduler.update(scheduled)
+        sampling = [item.seq for item in scheduled.scheduled if item.samples]
+        return [self._append(self.requests[seq.seq_id], r) for seq, r in zip(sampling, results, strict=True)]
+
+    def _plan(self, scheduled: SchedulerOutput) -> StepPlan:
+        plan = StepPlan(finished_seq_ids=self._finished)
+        self._finished = []
+        for item in scheduled.scheduled:
+            seq = item.seq
+            live = self.requests[seq.seq_id]
+            if not live.introduced:
+                live.introduced = True
+                r = live.request
+                plan.new_sequences.append(
+                    NewSequence(seq.seq_id, r.prompt_token_ids, r.params, r.seed, r.eos_token_ids, r.images)
+                )
+            end = item.start + item.num_tokens
+            plan.chunks.append(
+                ScheduledChunk(
+                    seq_id=seq.seq_id,
+                    start=item.start,
+                    token_ids=seq.token_slice(item.start, end),
+                    full_blocks=seq.blocks.full,
+                    local_blocks=seq.blocks.local,
+                    samples=item.samples,
+                )
+            )
+        plan.fresh_full_blocks, plan.fresh_local_blocks = self.kv.full.take_fresh(), self.kv.local.take_fresh()
+        return plan
+
+    def _append(self, live: _Live, result: SampleResult) -> EngineCoreOutput:
+        seq, request, params = live.seq, live.request, live.request.params
+        token = result.token_id
+        seq.output_token_ids.append(token)
+        out = EngineCoreOutput(request.request_id, [token], num_cached_tokens=seq.num_cached_tokens)
+        if params.logprobs is not None:
+            out.new_logprobs = [{token: result.logprob, **dict(result.top_logprobs or [])}]
+        n_out = len(seq.output_token_ids)
+        if n_out >= params.min_tokens and (
+            token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in request.eos_token_ids)
+        ):
+            out.finish_reason, out.stop_reason = "stop", token
+        elif n_out >= seq.max_tokens or seq.num_tokens >= self.context_length:
+            out.finish_reason = "length"
+        if out.finish_reason is not None:
+            self._finish(live)
+        return out
+
+    def _finish(self, live: _Live) -> None:
+        self.scheduler.finish(live.seq)
+        del self.requests[live.request.request_id]
+        if live.introduced:
+            self._finished.append(live.request.request_id)
+
+    # -- state (metrics, tests, admin routes) -------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        cache = self.prefix_cache
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.kv.usage(),
+            prefix_hit_rate=cache.hit_rate if cache is not None else 0.0,
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix; refused (False) while requests run, as SGLang's /flush_cache is."""
+        if self.requests:
+            return False
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        return True

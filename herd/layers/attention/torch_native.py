@@ -1,0 +1,168 @@
+"""Paged attention in plain PyTorch: gather each sequence's visible KV, then SDPA.
+
+The CPU default and the reference every other backend is tested against. Sequences with one new token
+(decode) are served together: one padded gather of their visible blocks and one SDPA call. Sequences with
+several new tokens (prefill) are served one at a time with a causal (and chunked) mask. Everything a layer
+needs (slot indices, padded block tables, masks) is built once per step by `build_metadata`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from herd.layers.attention.base import AttentionBackend, register_backend
+from herd.layers.attention.batch import AttentionBatch, PoolTables
+from herd.layers.attention.layer import PagedAttention
+
+
+@dataclass
+class DecodeLayout:
+    rows: torch.Tensor | None  # [D] token-axis rows of the decode queries; None when every row decodes
+    table: torch.Tensor  # [D, W] the visible blocks of each decoding sequence, padded with its last one
+    valid: torch.Tensor  # [D, W * block_size] bool: which gathered slots the query sees
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # token-axis rows [start, end) are one sequence's queries
+    end: int
+    kv_slots: torch.Tensor  # [L] physical slots of the visible context, in position order
+    mask: torch.Tensor  # [end - start, L] bool, True where a query may attend
+
+
+@dataclass
+class PoolMetadata:
+    slot_mapping: torch.Tensor  # [T] where this step's K/V go
+    decode: DecodeLayout | None
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+@dataclass
+class TorchNativeMetadata:
+    full: PoolMetadata
+    local: PoolMetadata | None  # None when the model has no chunked layers
+
+    def pool(self, chunked: bool) -> PoolMetadata:
+        pool = self.local if chunked else self.full
+        assert pool is not None
+        return pool
+
+
+@register_backend
+class TorchNativeBackend(AttentionBackend):
+    name = "torch_native"
+
+    def build_metadata(self, batch: AttentionBatch) -> TorchNativeMetadata:
+        local = None if batch.chunk_size is None else _pool_metadata(batch, batch.local, batch.chunk_size)
+        return TorchNativeMetadata(full=_pool_metadata(batch, batch.full, None), local=local)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: PagedAttention, metadata: TorchNativeMetadata
+    ) -> torch.Tensor:
+        assert layer.kv_cache is not None, "the KV cache is not bound to the model (bind_kv_cache)"
+        k_cache, v_cache = layer.kv_cache
+        pool = metadata.pool(layer.chunk_size is not None)
+        # Scatter this step's K/V into their slots: [num_blocks * block_size, kv_heads, head_dim] views.
+        k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+        k_flat.index_copy_(0, pool.slot_mapping, k)
+        v_flat.index_copy_(0, pool.slot_mapping, v)
+        if not pool.prefills and pool.decode is not None and pool.decode.rows is None:
+            return _decode(q, k_cache, v_cache, pool.decode, layer.scale)  # a pure decode step
+        out = torch.empty_like(q)
+        for span in pool.prefills:
+            o = F.scaled_dot_product_attention(
+                q[span.start : span.end].transpose(0, 1),
+                k_flat[span.kv_slots].transpose(0, 1),
+                v_flat[span.kv_slots].transpose(0, 1),
+                attn_mask=span.mask,
+                scale=layer.scale,
+                enable_gqa=True,
+            )
+            out[span.start : span.end] = o.transpose(0, 1)
+        if pool.decode is not None:
+            rows = pool.decode.rows
+            out[rows] = _decode(q[rows], k_cache, v_cache, pool.decode, layer.scale)
+        return out
+
+
+def _decode(
+    q: torch.Tensor,  # [D, n_heads, head_dim], one query per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: DecodeLayout,
+    scale: float,
+) -> torch.Tensor:  # [D, n_heads, head_dim]
+    # Masked slots hold finite values (blocks are zeroed on first use; padding repeats the row's own
+    # last block), so the mask alone excludes them.
+    keys = k_cache[layout.table].flatten(1, 2)  # [D, W * block_size, kv_heads, head_dim]
+    values = v_cache[layout.table].flatten(1, 2)
+    o = F.scaled_dot_product_attention(
+        q[:, :, None, :],  # [D, n_heads, 1, head_dim]
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=layout.valid[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o[:, :, 0, :]
+
+
+def _pool_metadata(batch: AttentionBatch, tables: PoolTables, chunk: int | None) -> PoolMetadata:
+    decode: list[int] = []
+    prefills = []
+    starts = batch.query_start_loc
+    for i in range(batch.num_seqs):
+        if starts[i + 1] - starts[i] == 1:
+            decode.append(i)
+        else:
+            prefills.append(_prefill_span(batch, tables.block_tables[i], i, chunk))
+    layout = _decode_layout(batch, tables, decode, chunk) if decode else None
+    return PoolMetadata(slot_mapping=tables.slot_mapping, decode=layout, prefills=prefills)
+
+
+def _visible_start(first_query: int, chunk: int | None) -> int:
+    """First context position any query at `first_query` or later can see."""
+    return (first_query // chunk) * chunk if chunk else 0
+
+
+def _prefill_span(batch: AttentionBatch, table: list[int], i: int, chunk: int | None) -> PrefillSpan:
+    start, end = batch.query_start_loc[i], batch.query_start_loc[i + 1]
+    ctx, bs, device = batch.context_lens[i], batch.block_size, batch.device
+    first_q = ctx - (end - start)
+    # Chunked layers: no query of this step can see anything before its own chunk.
+    kv_start = _visible_start(first_q, chunk)
+    first_block = kv_start // bs
+    blocks = torch.tensor(table[first_block : (ctx + bs - 1) // bs], dtype=torch.long)
+    slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()
+    offset = kv_start - first_block * bs
+    kv_slots = slots[offset : offset + ctx - kv_start]
+    q_pos = torch.arange(first_q, ctx)[:, None]
+    k_pos = torch.arange(kv_start, ctx)[None, :]
+    mask = k_pos <= q_pos
+    if chunk is not None:
+        mask &= k_pos >= (q_pos // chunk) * chunk
+    return PrefillSpan(start, end, kv_slots.to(device), mask.to(device))
+
+
+def _decode_layout(batch: AttentionBatch, tables: PoolTables, seqs: list[int], chunk: int | None) -> DecodeLayout:
+    """Padded block table [D, width] of the visible blocks, and which of their slots are visible."""
+    bs = batch.block_size
+    rows, offsets, lengths = [], [], []
+    for i in seqs:
+        ctx = batch.context_lens[i]
+        kv_start = _visible_start(ctx - 1, chunk)
+        first = kv_start // bs
+        rows.append(tables.block_tables[i][first : (ctx + bs - 1) // bs])
+        offsets.append(kv_start - first * bs)
+        lengths.append(ctx - kv_start)
+    width = max(map(len, rows))
+    table = torch.tensor([row + row[-1:] * (width - len(row)) for row in rows], dtype=torch.long)
+    pos = torch.arange(width * bs)[None, :]
+    start = torch.tensor(offsets)[:, None]
+    valid = (pos >= start) & (pos < start + torch.tensor(lengths)[:, None])
+    all_decode = len(seqs) == batch.num_seqs
+    query_rows = None if all_decode else torch.tensor([batch.query_start_loc[i] for i in seqs], device=batch.device)
+    return DecodeLayout(rows=query_rows, table=table.to(batch.device), valid=valid.to(batch.device))

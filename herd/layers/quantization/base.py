@@ -1,0 +1,61 @@
+"""The method seam: how a linear layer or a block of experts stores its weights and computes with them.
+
+A layer owns its shapes and how checkpoint tensors map onto them (its `weight_loader`s); its method owns
+the storage and the kernel. A new weight format (FP8, INT4, GGUF, a CPU-packed layout) is a new method and
+a new `QuantizationConfig`, never a branch in the model: the `LayerFactory` asks the config for the method
+of each layer it builds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from herd.layers.linear import LinearBase
+    from herd.layers.moe import FusedMoE
+
+
+class LinearMethodBase(ABC):
+    @abstractmethod
+    def create_weights(self, layer: LinearBase) -> None:
+        """Register the layer's weight parameters for this rank (`layer.input_size_per_rank`,
+        `layer.output_size_per_rank`), each with a `weight_loader` (usually `layer.weight_loader`)."""
+
+    @abstractmethod
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [..., in] -> [..., out] for this rank's part of the layer."""
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:  # noqa: B027  (optional hook)
+        """Repack loaded weights for the kernel (called once, after every tensor is loaded)."""
+
+
+class FusedMoEMethodBase(ABC):
+    @abstractmethod
+    def create_weights(self, layer: FusedMoE) -> None:
+        """Register the experts' parameters for this rank, each with a `weight_loader`."""
+
+    @abstractmethod
+    def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Rows x [N, H] (already scaled by their router scores) through expert expert_ids[i] each: [N, H].
+
+        Only the chosen expert of each row runs; no result may depend on reading expert_ids on the host
+        when x lives on a GPU (the step must stay capturable).
+        """
+
+    def process_weights_after_loading(self, layer: FusedMoE) -> None:  # noqa: B027  (optional hook)
+        """Repack loaded weights for the kernel (called once, after every tensor is loaded)."""
+
+
+class QuantizationConfig(ABC):
+    """Picks the method of each layer, by the layer's checkpoint name (`prefix`), for one weight format."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def linear_method(self, prefix: str) -> LinearMethodBase: ...
+
+    @abstractmethod
+    def moe_method(self, prefix: str) -> FusedMoEMethodBase: ...

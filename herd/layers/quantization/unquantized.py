@@ -1,0 +1,108 @@
+"""Weights as the checkpoint stores them (bf16 / fp16 / fp32): plain matmuls, and the CPU's prepacked form.
+
+oneDNN runs a matmul against a weight already in its blocked layout without reordering it on every call;
+for the small-batch GEMVs of decoding on a CPU that is up to ~1.7x faster per call (benchmarks/RESULTS.md).
+The packed methods load exactly like the plain ones, then repack in `process_weights_after_loading`.
+They run eagerly only (torch.compile does not lower oneDNN's packed ops), so the worker picks them only
+for CPU runs without --enable-torch-compile.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from herd.layers.moe import grouped_experts, routed_swiglu
+from herd.layers.parameters import new_parameter
+from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
+
+if TYPE_CHECKING:
+    from herd.layers.linear import LinearBase
+    from herd.layers.moe import FusedMoE
+
+# Layers left unpacked on the CPU: the vision tower runs large batches, where oneDNN's default layout suits.
+UNPACKED_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+
+class UnquantizedLinearMethod(LinearMethodBase):
+    def create_weights(self, layer: LinearBase) -> None:
+        layer.weight = new_parameter((layer.output_size_per_rank, layer.input_size_per_rank), layer.weight_loader)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
+    def create_weights(self, layer: FusedMoE) -> None:
+        experts, hidden, inter = layer.num_experts, layer.hidden_size, layer.intermediate_size_per_rank
+        layer.gate_up_proj = new_parameter((experts, hidden, 2 * inter), layer.load_gate_up)
+        layer.down_proj = new_parameter((experts, inter, hidden), layer.load_down)
+
+    def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        return routed_swiglu(x, expert_ids, layer.gate_up_proj, layer.down_proj)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """A [out, in] linear weight in oneDNN's layout (tuned for small batches: decoding)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def cpu_packing_available(device: torch.device) -> bool:
+    return (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+class CPUPackedLinearMethod(UnquantizedLinearMethod):
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        packed = pack(layer.weight)
+        del layer.weight  # the packed copy replaces it (a tied embedding keeps its own reference)
+        layer.register_buffer("packed_weight", packed, persistent=False)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return packed_linear(x, layer.packed_weight, bias)
+
+
+class CPUPackedFusedMoEMethod(UnquantizedFusedMoEMethod):
+    """Each expert's two projections packed as linear weights."""
+
+    def process_weights_after_loading(self, layer: FusedMoE) -> None:
+        gate_up, down = layer.gate_up_proj.detach(), layer.down_proj.detach()
+        del layer.gate_up_proj, layer.down_proj
+        layer.packed_gate_up = [pack(gate_up[e].t()) for e in range(layer.num_experts)]  # each [2I, H]
+        layer.packed_down = [pack(down[e].t()) for e in range(layer.num_experts)]  # each [H, I]
+        for e in range(layer.num_experts):  # buffers too, so that the module's memory counts them
+            layer.register_buffer(f"packed_gate_up_{e}", layer.packed_gate_up[e], persistent=False)
+            layer.register_buffer(f"packed_down_{e}", layer.packed_down[e], persistent=False)
+
+    def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            gate, up = packed_linear(rows, layer.packed_gate_up[e]).chunk(2, dim=-1)
+            return packed_linear(F.silu(gate) * up, layer.packed_down[e])
+
+        return grouped_experts(x, expert_ids, expert)
+
+
+class UnquantizedConfig(QuantizationConfig):
+    name = "unquantized"
+
+    def __init__(self, cpu_packed: bool = False) -> None:
+        self.cpu_packed = cpu_packed
+
+    def _packed(self, prefix: str) -> bool:
+        return self.cpu_packed and not prefix.startswith(UNPACKED_PREFIXES)
+
+    def linear_method(self, prefix: str) -> LinearMethodBase:
+        return CPUPackedLinearMethod() if self._packed(prefix) else UnquantizedLinearMethod()
+
+    def moe_method(self, prefix: str) -> FusedMoEMethodBase:
+        return CPUPackedFusedMoEMethod() if self._packed(prefix) else UnquantizedFusedMoEMethod()

@@ -1,0 +1,126 @@
+"""A worker: one rank's model, KV storage, per-step attention metadata and sampler.
+
+The engine core drives its workers through three calls: `plan_kv_cache` (how many blocks fit beside the
+weights), `init_kv_cache` (allocate them and bind them to the attention layers) and `execute(plan)` (run
+one step, return the sampled tokens). Everything in a `StepPlan` is plain data, so more ranks (tensor
+parallelism) mean more workers running the same plan, not another code path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from herd.config.engine import EngineConfig
+from herd.layers.attention import PagedKVStorage, bind_kv_cache, get_attention_backend
+from herd.layers.factory import LayerFactory
+from herd.layers.quantization.unquantized import UnquantizedConfig, cpu_packing_available
+from herd.models.llama4 import Llama4ForConditionalGeneration
+from herd.models.loader import load_model, resolve_dtype
+from herd.multimodal import RequestImages
+from herd.sampling import Sampler, SampleResult, SamplingState
+from herd.worker.images import release_finished_images, step_image_features
+from herd.worker.inputs import build_step_inputs
+from herd.worker.kv_sizing import KVPlan, plan_kv_cache
+from herd.worker.plan import StepPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sequence:
+    sampling: SamplingState
+    images: RequestImages | None
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
+        self.config, self.rank = config, rank
+        self.device = config.device.torch_device
+        self.dtype = resolve_dtype(config.load.dtype, config.model)
+        compile_decode = config.device.enable_torch_compile
+        # oneDNN's packed weights are faster on the CPU, but torch.compile cannot lower them.
+        packed = not compile_decode and cpu_packing_available(self.device) and self.dtype != torch.float16
+        self.backend = get_attention_backend(config.device.attention_backend)
+        self.model = load_model(
+            config.load.model_path,
+            dtype=self.dtype,
+            device=self.device,
+            load_format=config.load.load_format,
+            attention_backend=self.backend,
+            seed=config.load.seed,
+            enable_multimodal=config.load.enable_multimodal,
+            factory=LayerFactory(UnquantizedConfig(cpu_packed=packed), tp_rank=rank, tp_size=config.parallel.tp_size),
+            config=config.model,
+        )
+        self.multimodal = isinstance(self.model, Llama4ForConditionalGeneration)
+        # Decode steps only: prefill shapes vary too much to be worth compiling.
+        self.compiled_decode = torch.compile(self.model, fullgraph=True, dynamic=True) if compile_decode else None
+        self.sampler = Sampler()
+        self.sequences: dict[str, _Sequence] = {}
+        self.kv_storage: PagedKVStorage | None = None
+        self.block_size = 0
+        self.chunk_size: int | None = None
+        logger.info("worker %d: %s on %s, weights %.2f GiB", rank, config.model.architecture, self.device,
+                    self.weight_bytes() / 2**30)  # fmt: skip
+
+    def weight_bytes(self) -> int:
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def plan_kv_cache(self) -> KVPlan:
+        return plan_kv_cache(self.config.cache, self.config.model, self.dtype, self.device, self.weight_bytes())
+
+    def init_kv_cache(self, plan: KVPlan) -> None:
+        self.kv_storage = PagedKVStorage(
+            self.config.model,
+            num_full_blocks=plan.num_full_blocks,
+            num_local_blocks=plan.num_local_blocks,
+            block_size=plan.block_size,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.block_size, self.chunk_size = plan.block_size, plan.chunk_size
+        bind_kv_cache(self.model, self.kv_storage.layer)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> list[SampleResult]:
+        """Run one step; one result per chunk that samples, in chunk order."""
+        assert self.kv_storage is not None, "init_kv_cache first"
+        self._update_sequences(plan)
+        self.kv_storage.zero_blocks(plan.fresh_full_blocks, plan.fresh_local_blocks)
+        if not plan.chunks:
+            return []
+        inputs = build_step_inputs(plan.chunks, self.block_size, self.chunk_size, self.device)
+        metadata = self.backend.build_metadata(inputs.attention)
+        image_inputs = None
+        if self.multimodal:
+            assert isinstance(self.model, Llama4ForConditionalGeneration)
+            images_of = {c.seq_id: self.sequences[c.seq_id].images for c in plan.chunks}
+            image_inputs = step_image_features(self.model, plan.chunks, images_of, inputs.query_starts, self.device)
+            release_finished_images(plan.chunks, images_of)  # the features stay in image_inputs for this step
+        if image_inputs is not None:
+            hidden = self.model(inputs.input_ids, inputs.positions, metadata, *image_inputs)
+        elif self.compiled_decode is not None and inputs.attention.is_decode:
+            hidden = self.compiled_decode(inputs.input_ids, inputs.positions, metadata)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, metadata)
+        states = [self.sequences[c.seq_id].sampling for c in plan.chunks if c.samples]
+        if not states:
+            return []
+        logits = self.model.compute_logits(hidden[inputs.sample_rows]).float()
+        results = self.sampler(logits, states)
+        for state, result in zip(states, results, strict=True):
+            state.append_token(result.token_id)
+        return results
+
+    def _update_sequences(self, plan: StepPlan) -> None:
+        for seq_id in plan.finished_seq_ids:
+            seq = self.sequences.pop(seq_id, None)
+            if seq is not None and seq.images is not None:
+                seq.images.release(seq_id)
+        for new in plan.new_sequences:
+            state = SamplingState(new.params, new.prompt_token_ids, seed=new.seed, eos_token_ids=new.eos_token_ids)
+            self.sequences[new.seq_id] = _Sequence(state, new.images)
