@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None, prog: str = "herd serve") -> ServerArgs:
 def bind_socket(host: str, port: int) -> socket.socket:
     """The listening socket, bound now so that a busy port fails at once (port 0: any free port)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the listening socket says
+    # it is TCP. Without it a kept-alive client (the openai SDK) waits ~40 ms for a delayed ACK per request.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

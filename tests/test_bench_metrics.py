@@ -77,18 +77,22 @@ def test_metrics_match_hand_computed_values() -> None:
     assert (m.mean_e2e_latency_ms, m.median_e2e_latency_ms) == pytest.approx((850, 850))
     assert m.p99_e2e_latency_ms == pytest.approx(700 + 0.99 * 300)
     assert m.concurrency == pytest.approx(1.7 / 2.0)
-    # Second 0 holds all four chunks of the first request and two of the second; both requests touch it.
+    # Second 0 holds all four chunks of the first request and two of the second; both run in 0.5-0.7.
     assert m.max_output_tokens_per_s == 6.0
     assert m.max_concurrent_requests == 2
 
 
-def test_peak_rates_bucket_by_second_from_the_first_start() -> None:
+def test_peak_tokens_bucket_by_second_and_peak_requests_count_overlap() -> None:
     def req(start: float, ttft: float, itl: list[float]) -> RequestOutput:
         return RequestOutput(success=True, start_time=start, ttft=ttft, itl=itl, latency=ttft + sum(itl))
 
     # Tokens at 10.5, 11.2, 11.4, 11.6 (first request) and 12.1, 12.3 (second); t0 = 10.
     outputs = [req(10.0, 0.5, [0.7, 0.2, 0.2]), req(11.9, 0.2, [0.2]), RequestOutput(start_time=0.0)]
-    assert peak_rates(outputs) == (3.0, 2)  # second 1 holds three tokens and both requests
+    # Second 1 holds three tokens; the requests (10.0-11.6, 11.9-12.3) never overlap, though both touch second 1.
+    assert peak_rates(outputs) == (3.0, 1)
+    # Back to back, as at --max-concurrency 1: one ends as the next starts.
+    assert peak_rates([req(0.0, 0.125, [0.375]), req(0.5, 0.125, [0.125]), req(0.75, 0.125, [0.125])]) == (5.0, 1)
+    assert peak_rates([req(0.0, 0.125, [0.375]), req(0.25, 0.125, [0.125])]) == (4.0, 2)
     assert peak_rates([RequestOutput()]) == (0.0, 0)
 
 

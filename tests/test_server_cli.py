@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +17,8 @@ import pytest
 
 from herd.cli import main as herd_main
 from herd.demo import MODEL_PATH
+from herd.launch_server import bind_socket, parse_args
 from herd.launch_server import main as launch_main
-from herd.launch_server import parse_args
 
 
 def test_sglang_command_line_is_accepted() -> None:
@@ -146,3 +148,26 @@ def test_launch_server_process(real_vocab_ckpt) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_accepted_connections_set_tcp_nodelay() -> None:
+    """uvicorn serves the socket through loop.create_server(sock=...), as here; asyncio turns Nagle off on each
+    accepted connection only if the listening socket was made as TCP."""
+
+    async def nodelay_of_accepted() -> int:
+        loop = asyncio.get_running_loop()
+        sock = bind_socket("127.0.0.1", 0)
+        seen: asyncio.Future[int] = loop.create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                seen.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        server = await loop.create_server(Probe, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            value = await asyncio.wait_for(seen, 10)
+            writer.close()
+        return value
+
+    assert asyncio.run(nodelay_of_accepted()) != 0

@@ -1,8 +1,10 @@
 """Drive a benchmark run: warm up, send every request on its arrival schedule, collect timed outputs.
 
-One `httpx.AsyncClient` (one connection pool) carries every request of a run. Arrivals are all at once for
-an infinite request rate, else a Poisson process (exponential gaps); `max_concurrency` caps requests in
-flight whatever the arrival rate, as in SGLang.
+One `httpx.AsyncClient` sends every request of a run, each on a connection of its own as SGLang's client
+does: a server may close a kept-alive connection just as the next request goes out on it (llama-server
+does), and that request would be lost. Arrivals are all at once for an infinite request rate, else a
+Poisson process (exponential gaps); `max_concurrency` caps requests in flight whatever the arrival rate,
+as in SGLang.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def raise_open_file_limit(target: int = 65535) -> None:
 
 def make_client(max_concurrency: int | None) -> httpx.AsyncClient:
     # No cap on connections unless the run caps concurrency: a burst must not queue inside the client.
-    limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+    limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=0)
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, pool=None)
     return httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
 
