@@ -44,8 +44,10 @@ def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(3, vocab, (n, length), generator=gen).tolist()
 
 
-def bench_herd(path: Path, batch_sizes: list[int], input_len: int, output_len: int, repeats: int) -> dict[str, float]:
-    llm = LLM(str(path), dtype="bfloat16")
+def bench_herd(
+    path: Path, batch_sizes: list[int], input_len: int, output_len: int, repeats: int, quantization: str | None = None
+) -> dict[str, float]:
+    llm = LLM(str(path), dtype="bfloat16", quantization=quantization)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     vocab = llm.engine.config.vocab_size
     llm.generate([{"prompt_token_ids": p} for p in prompts(2, input_len, vocab)], params, use_tqdm=False)  # warm up
@@ -120,14 +122,21 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per figure")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--quantization", nargs="+", default=["none"], choices=["none", "w8a16"], help="a herd column for each"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = make_checkpoint(args.config, args.workdir)
     sizes, lengths = args.batch_sizes, (args.input_len, args.output_len)
-    rows = {"herd": bench_herd(path, sizes, *lengths, args.repeats)}
+    rows = {}
+    for q in args.quantization:
+        rows["herd" if q == "none" else f"herd-{q}"] = bench_herd(
+            path, sizes, *lengths, args.repeats, None if q == "none" else q
+        )
     if not args.skip_transformers:
         rows["transformers"] = bench_transformers(path, sizes, *lengths, args.repeats)
-    keys = list(rows["herd"])
+    keys = list(next(iter(rows.values())))
     print(
         f"config={args.config} threads={args.threads} input={args.input_len} output={args.output_len} "
         f"repeats={args.repeats} torch={torch.__version__} cpu={platform.processor() or platform.machine()}"

@@ -16,6 +16,7 @@ from herd.config.model import ModelConfig
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("torch_native",)
+QUANTIZATIONS = ("w8a16",)  # --quantization: formats a full-precision checkpoint is quantized to at load
 DEFAULT_MAX_RUNNING_REQUESTS = 128
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the server's and the engine process's
 
@@ -27,6 +28,7 @@ class LoadConfig:
     dtype: str = "auto"  # auto (the checkpoint's) | bfloat16 | float16 | float32
     seed: int = 0  # of the dummy weights
     enable_multimodal: bool = False  # build and load the vision tower (when the checkpoint has one)
+    quantization: str | None = None  # one of QUANTIZATIONS: quantize the checkpoint's weights as they load
 
 
 @dataclass(frozen=True)

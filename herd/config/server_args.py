@@ -23,6 +23,7 @@ from herd.config.engine import (
     DEFAULT_MAX_RUNNING_REQUESTS,
     DTYPES,
     LOAD_FORMATS,
+    QUANTIZATIONS,
     CacheConfig,
     DeviceConfig,
     EngineConfig,
@@ -51,7 +52,6 @@ NOT_YET: dict[str, Any] = {
     "speculative_num_steps": None,
     "speculative_eagle_topk": None,
     "speculative_num_draft_tokens": None,
-    "quantization": None,
     "kv_cache_dtype": "auto",
     "dp_size": 1,
     "ep_size": 1,
@@ -70,6 +70,8 @@ class ServerArgs:
     chat_template: str | None = None
     dtype: str = "auto"
     load_format: str = "auto"
+    # w8a16: INT8 weights (per output channel) made from a full-precision checkpoint at load (SGLang's flag).
+    quantization: str | None = None
     device: str | None = None  # None: cuda when available, else cpu
     attention_backend: str | None = None  # None: chosen by hardware
     context_length: int | None = None
@@ -110,7 +112,6 @@ class ServerArgs:
     speculative_num_steps: int | None = None
     speculative_eagle_topk: int | None = None
     speculative_num_draft_tokens: int | None = None
-    quantization: str | None = None
     kv_cache_dtype: str = "auto"
     dp_size: int = field(default=1, metadata={"aliases": ("--dp",)})
     ep_size: int = field(default=1, metadata={"aliases": ("--ep",)})
@@ -125,6 +126,10 @@ class ServerArgs:
             self._check_choice("attention_backend", ATTENTION_BACKENDS)
         if self.device is not None:
             self._check_choice("device", ("cpu", "cuda"))
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ArgumentError(
+                f"--quantization {self.quantization!r}: not supported yet; supported: {', '.join(QUANTIZATIONS)}"
+            )
         for name in ("context_length", "max_total_tokens", "max_running_requests"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -192,6 +197,7 @@ class ServerArgs:
                 dtype=self.dtype,
                 seed=self.seed,
                 enable_multimodal=self.enable_multimodal,
+                quantization=self.quantization,
             ),
             cache=CacheConfig(
                 page_size=self.page_size,

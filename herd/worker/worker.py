@@ -16,6 +16,8 @@ import torch
 from herd.config.engine import EngineConfig
 from herd.layers.attention import PagedKVStorage, bind_kv_cache, get_attention_backend
 from herd.layers.factory import LayerFactory
+from herd.layers.quantization import QuantizationConfig
+from herd.layers.quantization.int8 import Int8Config
 from herd.layers.quantization.unquantized import UnquantizedConfig, cpu_packing_available
 from herd.models.llama4 import Llama4ForConditionalGeneration
 from herd.models.loader import load_model, resolve_dtype
@@ -41,8 +43,6 @@ class Worker:
         self.device = config.device.torch_device
         self.dtype = resolve_dtype(config.load.dtype, config.model)
         compile_decode = config.device.enable_torch_compile
-        # oneDNN's packed weights are faster on the CPU, but torch.compile cannot lower them.
-        packed = not compile_decode and cpu_packing_available(self.device) and self.dtype != torch.float16
         self.backend = get_attention_backend(config.device.attention_backend)
         self.model = load_model(
             config.load.model_path,
@@ -52,7 +52,7 @@ class Worker:
             attention_backend=self.backend,
             seed=config.load.seed,
             enable_multimodal=config.load.enable_multimodal,
-            factory=LayerFactory(UnquantizedConfig(cpu_packed=packed), tp_rank=rank, tp_size=config.parallel.tp_size),
+            factory=LayerFactory(self._quant_config(), tp_rank=rank, tp_size=config.parallel.tp_size),
             config=config.model,
         )
         self.multimodal = isinstance(self.model, Llama4ForConditionalGeneration)
@@ -65,6 +65,17 @@ class Worker:
         self.chunk_size: int | None = None
         logger.info("worker %d: %s on %s, weights %.2f GiB", rank, config.model.architecture, self.device,
                     self.weight_bytes() / 2**30)  # fmt: skip
+
+    def _quant_config(self) -> QuantizationConfig:
+        if self.config.load.quantization == "w8a16":
+            return Int8Config()
+        # oneDNN's packed weights are faster on the CPU, but torch.compile cannot lower them.
+        packed = (
+            not self.config.device.enable_torch_compile
+            and cpu_packing_available(self.device)
+            and self.dtype != torch.float16
+        )
+        return UnquantizedConfig(cpu_packed=packed)
 
     def weight_bytes(self) -> int:
         tensors = [*self.model.parameters(), *self.model.buffers()]
