@@ -1,0 +1,93 @@
+"""The server under pressure: metrics that tell the truth, a KV budget far below the load, a full queue.
+
+Each test starts its own small server on 127.0.0.1 (the tiny real-vocabulary checkpoint), since each needs
+other limits; traffic is bounded in requests and every wait in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from herd.config.server_args import ServerArgs
+
+from server_fixtures import ServerThread, metrics, wait_idle
+
+MODEL = "herd-test"
+PAGE = 16
+
+
+def make_args(ckpt, **kwargs) -> ServerArgs:  # type: ignore[no-untyped-def]
+    base = {"model_path": str(ckpt[0]), "dtype": "float32", "served_model_name": MODEL, "context_length": 256}
+    return ServerArgs(**{**base, **kwargs})
+
+
+@pytest.fixture
+def small_kv_server(real_vocab_ckpt) -> Iterator[ServerThread]:
+    # 12 pages of 16 tokens: about 10 requests of 16 prompt + output tokens at a time.
+    with ServerThread(make_args(real_vocab_ckpt, max_total_tokens=12 * PAGE, page_size=PAGE)) as running:
+        yield running
+
+
+def prompt_ids(i: int) -> list[int]:
+    """Distinct 10-token prompts (ids of ordinary words), so the prefix cache cannot serve them whole."""
+    return [1000 + (i * 7 + j) % 5000 for j in range(10)]
+
+
+def test_kv_usage_counts_only_blocks_held_by_requests(small_kv_server: ServerThread) -> None:
+    url = small_kv_server.url
+    body = {"model": MODEL, "prompt": prompt_ids(0), "max_tokens": 100, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):  # a few events in: the request is decoding
+            next(lines)
+        with small_kv_server.paused() as engine_waiting:
+            engine_waiting.wait(timeout=60)
+            # One request of 10 prompt tokens and a few outputs holds one or two of the 12 pages.
+            during = metrics(url)["herd:kv_cache_usage_perc"]
+            r.close()
+    assert during in (1 / 12, 2 / 12)
+    wait_idle(url)
+    m = metrics(url)
+    # Nothing runs: no request holds a block; its prefix stays in the prefix cache, evictable.
+    assert m["herd:kv_cache_usage_perc"] == 0
+    assert m["herd:kv_cache_evictable_perc"] > 0
+    assert m["herd:num_aborted_requests_total"] == 1
+    assert httpx.post(f"{url}/flush_cache").status_code == 200
+    assert metrics(url)["herd:kv_cache_evictable_perc"] == 0
+
+
+def test_500_requests_over_a_kv_budget_for_10(real_vocab_ckpt) -> None:
+    # 20 pages; each request needs 2 (10 prompt + 8 output tokens): 10 at a time, and decoding past the
+    # first page makes the scheduler preempt, since it admits as many as the prompts alone fit.
+    args = make_args(real_vocab_ckpt, max_total_tokens=20 * PAGE, page_size=PAGE)
+    with ServerThread(args) as server:
+        results = asyncio.run(_many(server.url, 500, concurrency=100))
+        wait_idle(server.url)
+        assert len(results) == 500
+        assert all(usage["completion_tokens"] == 8 for usage in results), "a request lost or gained tokens"
+        m = metrics(server.url)
+        assert m["herd:num_preemptions_total"] > 0
+        assert m["herd:kv_cache_usage_perc"] == 0
+        assert m['herd:requests_finished_total{finish_reason="length"}'] == 500
+        # With the prefix cache flushed, any block still taken would be a leak.
+        assert httpx.post(f"{server.url}/flush_cache").status_code == 200
+        assert metrics(server.url)["herd:kv_cache_evictable_perc"] == 0
+
+
+async def _many(url: str, count: int, concurrency: int) -> list[dict[str, int]]:
+    limit = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency)
+
+    async def one(client: httpx.AsyncClient, i: int) -> dict[str, int]:
+        body = {"model": MODEL, "prompt": prompt_ids(i), "max_tokens": 8, "ignore_eos": True, "temperature": 1.0}
+        async with limit:
+            r = await client.post(f"{url}/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]
+
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        return await asyncio.gather(*(one(client, i) for i in range(count)))
