@@ -112,6 +112,10 @@ class ServerConfig:
     enable_multimodal: bool
     allowed_local_media_path: str | None
     max_images_per_request: int
+    allowed_media_domains: tuple[str, ...] | None  # None: any host with a public address
+    media_fetch_timeout: float  # seconds
+    max_media_bytes: int
+    max_image_pixels: int
     log_level: str
 
 
