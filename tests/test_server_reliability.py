@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import httpx
 import pytest
 
 from herd.config.server_args import ServerArgs
 
-from server_fixtures import ServerThread, metrics, wait_idle
+from server_fixtures import ServerThread, metrics, wait_idle, wait_until
 
 MODEL = "herd-test"
 PAGE = 16
@@ -91,3 +93,37 @@ async def _many(url: str, count: int, concurrency: int) -> list[dict[str, int]]:
 
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         return await asyncio.gather(*(one(client, i) for i in range(count)))
+
+
+def test_a_full_queue_gets_503_with_retry_after(real_vocab_ckpt) -> None:
+    args = make_args(real_vocab_ckpt, max_running_requests=2, max_queued_requests=1, max_request_body_bytes=2000)
+    with ServerThread(args) as server, ThreadPoolExecutor(3) as pool:
+        engine = server.app.state.ctx.engine
+        body = {"model": MODEL, "prompt": prompt_ids(0), "max_tokens": 4, "ignore_eos": True}
+        post = partial(httpx.post, f"{server.url}/v1/completions", timeout=60)
+        with server.paused():
+            accepted = [pool.submit(post, json=body) for _ in range(3)]  # 2 may run, 1 may wait
+            wait_until(lambda: engine.outputs.num_sequences == 3, "three requests in the engine")
+            refused = httpx.post(f"{server.url}/v1/completions", json=body)
+            too_many = httpx.post(f"{server.url}/v1/completions", json={**body, "n": 2})
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        error = refused.json()["error"]
+        assert error["code"] == "queue_full" and "--max-queued-requests" in error["message"]
+        assert too_many.status_code == 503
+        assert [f.result().status_code for f in accepted] == [200, 200, 200]
+        assert metrics(server.url)["herd:num_rejected_requests_total"] == 2
+        assert httpx.post(f"{server.url}/v1/completions", json=body).status_code == 200  # room again
+
+        # Limits, each a clear refusal naming it.
+        big = httpx.post(f"{server.url}/v1/completions", json={**body, "prompt": "x" * 3000})
+        assert big.status_code == 413 and "--max-request-body-bytes" in big.json()["error"]["message"]
+        chunked = httpx.post(f"{server.url}/v1/completions", content=iter([b"{" + b" " * 1500, b" " * 1500 + b"}"]))
+        assert chunked.status_code == 413
+        for extra, words in (
+            ({"n": 129}, ["n must be at most 128"]),
+            ({"stop": ["."] * 65}, ["stop must hold at most 64"]),
+            ({"logprobs": 21}, ["logprobs", "20"]),
+            ({"max_tokens": 300}, ["context length (256 tokens)"]),
+        ):
+            r = httpx.post(f"{server.url}/v1/completions", json={**body, **extra})
+            assert r.status_code == 400 and all(w in r.json()["error"]["message"] for w in words), r.text

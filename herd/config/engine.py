@@ -98,6 +98,8 @@ class FrontendConfig:
     chat_template: str | None
     enable_multimodal: bool
     seed: int  # draws the sampling seed of requests that give none
+    # Sequences that may wait beyond those that can run (max_running_requests); None: no limit.
+    max_queued_requests: int | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class ServerConfig:
     enable_multimodal: bool
     allowed_local_media_path: str | None
     max_images_per_request: int
+    max_request_body_bytes: int
     allowed_media_domains: tuple[str, ...] | None  # None: any host with a public address
     media_fetch_timeout: float  # seconds
     max_media_bytes: int

@@ -81,6 +81,10 @@ class ServerArgs:
     swa_full_tokens_ratio: float = 0.8
     page_size: int = 16
     max_running_requests: int | None = None
+    max_queued_requests: int | None = field(
+        default=None,
+        metadata={"help": "most requests waiting beyond the running ones; more get 503 + Retry-After (SGLang's)"},
+    )
     chunked_prefill_size: int = field(default=8192, metadata={"help": "prompt tokens per step; -1: no chunking"})
     disable_radix_cache: bool = False
     enable_torch_compile: bool = field(
@@ -99,6 +103,9 @@ class ServerArgs:
     enable_multimodal: bool = False
     allowed_local_media_path: str | None = field(
         default=None, metadata={"help": "let requests name image files under this folder (vLLM's flag; off by default)"}
+    )
+    max_request_body_bytes: int = field(
+        default=64 * 1024 * 1024, metadata={"help": "largest request body (images as base64 included); more: 413"}
     )
     max_images_per_request: int = field(default=10, metadata={"help": "most images one request may carry"})
     allowed_media_domains: list[str] | None = field(
@@ -136,6 +143,10 @@ class ServerArgs:
             self._check_choice("attention_backend", ATTENTION_BACKENDS)
         if self.device is not None:
             self._check_choice("device", ("cpu", "cuda"))
+        if self.max_queued_requests is not None and (
+            not isinstance(self.max_queued_requests, int) or self.max_queued_requests < 0
+        ):
+            raise ArgumentError(f"--max-queued-requests must be 0 or more, got {self.max_queued_requests!r}")
         for name in ("context_length", "max_total_tokens", "max_running_requests"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -183,7 +194,7 @@ class ServerArgs:
             raise ArgumentError("--allowed-media-domains needs host names, got an empty one")
         if not (isinstance(self.media_fetch_timeout, int | float) and 0 < self.media_fetch_timeout < math.inf):
             raise ArgumentError(f"--media-fetch-timeout must be a positive number, got {self.media_fetch_timeout!r}")
-        for name in ("max_media_bytes", "max_image_pixels"):
+        for name in ("max_media_bytes", "max_image_pixels", "max_request_body_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ArgumentError(f"{_flag(name)} must be a positive integer, got {value!r}")
@@ -240,6 +251,7 @@ class ServerArgs:
             chat_template=self.chat_template,
             enable_multimodal=self.enable_multimodal,
             seed=self.seed,
+            max_queued_requests=self.max_queued_requests,
         )
         server = ServerConfig(
             host=self.host,
@@ -252,6 +264,7 @@ class ServerArgs:
             enable_multimodal=self.enable_multimodal,
             allowed_local_media_path=self.allowed_local_media_path,
             max_images_per_request=self.max_images_per_request,
+            max_request_body_bytes=self.max_request_body_bytes,
             allowed_media_domains=None if self.allowed_media_domains is None else tuple(self.allowed_media_domains),
             media_fetch_timeout=float(self.media_fetch_timeout),
             max_media_bytes=self.max_media_bytes,

@@ -21,6 +21,7 @@ from herd.server.chat import create_chat_completion
 from herd.server.completions import create_completion
 from herd.server.context import ServerContext
 from herd.server.errors import APIError, error_response, install_error_handlers
+from herd.server.limits import BodySizeLimitMiddleware
 from herd.server.native import GenerateRequest, generate
 from herd.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -43,6 +44,7 @@ def build_app(config: ServerConfig, engine: AsyncEngine, url: str | None = None)
     install_error_handlers(app)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_body_bytes)
     _add_openai_routes(app, ctx)
     _add_native_routes(app, ctx)
     return app
