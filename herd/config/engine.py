@@ -115,6 +115,7 @@ class ServerConfig:
     allowed_local_media_path: str | None
     max_images_per_request: int
     max_request_body_bytes: int
+    graceful_shutdown_timeout: float  # seconds a SIGTERM / SIGINT waits for requests in flight
     allowed_media_domains: tuple[str, ...] | None  # None: any host with a public address
     media_fetch_timeout: float  # seconds
     max_media_bytes: int

@@ -104,6 +104,9 @@ class ServerArgs:
     allowed_local_media_path: str | None = field(
         default=None, metadata={"help": "let requests name image files under this folder (vLLM's flag; off by default)"}
     )
+    graceful_shutdown_timeout: float = field(
+        default=30.0, metadata={"help": "seconds SIGTERM / SIGINT wait for requests in flight before stopping"}
+    )
     max_request_body_bytes: int = field(
         default=64 * 1024 * 1024, metadata={"help": "largest request body (images as base64 included); more: 413"}
     )
@@ -192,6 +195,10 @@ class ServerArgs:
             raise ArgumentError(f"--max-images-per-request must be 0 or more, got {self.max_images_per_request!r}")
         if self.allowed_media_domains is not None and not all(d.strip() for d in self.allowed_media_domains):
             raise ArgumentError("--allowed-media-domains needs host names, got an empty one")
+        if not (isinstance(self.graceful_shutdown_timeout, int | float) and self.graceful_shutdown_timeout >= 0):
+            raise ArgumentError(
+                f"--graceful-shutdown-timeout must be 0 or more, got {self.graceful_shutdown_timeout!r}"
+            )
         if not (isinstance(self.media_fetch_timeout, int | float) and 0 < self.media_fetch_timeout < math.inf):
             raise ArgumentError(f"--media-fetch-timeout must be a positive number, got {self.media_fetch_timeout!r}")
         for name in ("max_media_bytes", "max_image_pixels", "max_request_body_bytes"):
@@ -265,6 +272,7 @@ class ServerArgs:
             allowed_local_media_path=self.allowed_local_media_path,
             max_images_per_request=self.max_images_per_request,
             max_request_body_bytes=self.max_request_body_bytes,
+            graceful_shutdown_timeout=float(self.graceful_shutdown_timeout),
             allowed_media_domains=None if self.allowed_media_domains is None else tuple(self.allowed_media_domains),
             media_fetch_timeout=float(self.media_fetch_timeout),
             max_media_bytes=self.max_media_bytes,

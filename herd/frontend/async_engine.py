@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from herd.config.engine import HerdConfig
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "AsyncEngine",
     "CompletionDelta",
+    "EngineCrashedError",
     "EngineDeadError",
     "Prompt",
     "QueueFullError",
@@ -41,6 +42,10 @@ CoreClient = InprocCoreClient | ProcessCoreClient
 
 class EngineDeadError(RuntimeError):
     """The engine stopped (a crash or shutdown): no request can be served."""
+
+
+class EngineCrashedError(EngineDeadError):
+    """The engine died while serving (its process killed, out of memory, a CUDA error): a server error."""
 
 
 class QueueFullError(RuntimeError):
@@ -120,6 +125,8 @@ class AsyncEngine:
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called once on the event loop if the engine dies while serving (not at shutdown): the server stops.
+        self.on_dead: Callable[[BaseException], None] | None = None
 
     @classmethod
     def create(cls, config: HerdConfig, in_process: bool = False) -> AsyncEngine:
@@ -247,7 +254,9 @@ class AsyncEngine:
     def _die(self, cause: BaseException) -> None:
         if self.error is None:
             logger.error("the engine stopped; every request fails from now on: %s", cause)
-            self.error = EngineDeadError(str(cause))
+            self.error = EngineCrashedError(str(cause))
+            if self.on_dead is not None:
+                self.on_dead(cause)
         for stream in set(self._streams.values()):
             stream.queue.put_nowait(self.error)
         for future in self._calls.values():

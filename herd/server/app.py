@@ -24,6 +24,7 @@ from herd.server.errors import APIError, error_response, install_error_handlers
 from herd.server.limits import BodySizeLimitMiddleware
 from herd.server.native import GenerateRequest, generate
 from herd.server.protocol import ChatCompletionRequest, CompletionRequest
+from herd.server.shutdown import DrainMiddleware, ShutdownState
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def build_app(config: ServerConfig, engine: AsyncEngine, url: str | None = None)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    app.state.shutdown = ShutdownState()
+    app.add_middleware(DrainMiddleware, state=app.state.shutdown)  # added last: runs first
     _add_openai_routes(app, ctx)
     _add_native_routes(app, ctx)
     return app

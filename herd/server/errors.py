@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from herd.frontend.async_engine import EngineDeadError
+from herd.frontend.async_engine import EngineCrashedError, EngineDeadError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_response(503, str(exc))
+        # A crash under a running request is a server error; a stopped engine is only unavailable.
+        return error_response(500 if isinstance(exc, EngineCrashedError) else 503, str(exc))
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from herd.frontend.async_engine import EngineDeadError, Prompt, QueueFullError, RequestDelta, RequestStream
+from herd.frontend.async_engine import (
+    EngineCrashedError,
+    EngineDeadError,
+    Prompt,
+    QueueFullError,
+    RequestDelta,
+    RequestStream,
+)
 from herd.sampling import SamplingParams
 from herd.server.context import ServerContext
 from herd.server.errors import APIError, bad_request, error_body, param_of
@@ -31,7 +38,7 @@ async def submit(ctx: ServerContext, requests: Sequence[tuple[str, Prompt, Sampl
 
 def error_event(error: BaseException) -> str:
     """The SSE event for a failure after the response has started (the status line is already sent)."""
-    status = 503 if isinstance(error, EngineDeadError) else 500
+    status = 503 if isinstance(error, EngineDeadError) and not isinstance(error, EngineCrashedError) else 500
     return sse(error_body(status, str(error)))
 
 
