@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from herd.frontend.async_engine import EngineCrashedError, EngineDeadError
@@ -41,6 +42,32 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error (OpenAI's shape); in the OpenAPI schema for every route."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "the request is invalid; the message names the field and what is accepted"),
+        (401, "missing or wrong API key (--api-key)"),
+        (404, "no such model or route"),
+        (413, "the body is larger than --max-request-body-bytes"),
+        (500, "the engine failed while serving the request"),
+        (503, "overloaded (--max-queued-requests, with Retry-After), shutting down, or the engine is not running"),
+    )
+}
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
