@@ -60,6 +60,10 @@ def test_kv_usage_counts_only_blocks_held_by_requests(small_kv_server: ServerThr
     assert m["herd:num_aborted_requests_total"] == 1
     assert httpx.post(f"{url}/flush_cache").status_code == 200
     assert metrics(url)["herd:kv_cache_evictable_perc"] == 0
+    # Within the context length (256) but beyond the whole KV pool (192 tokens): refused at once, not queued.
+    never_fits = {"model": MODEL, "prompt": prompt_ids(1), "max_tokens": 200}
+    r = httpx.post(f"{url}/v1/completions", json=never_fits, timeout=60)
+    assert r.status_code == 400 and "cannot fit the KV cache (192 tokens)" in r.json()["error"]["message"], r.text
 
 
 def test_500_requests_over_a_kv_budget_for_10(real_vocab_ckpt) -> None:

@@ -30,6 +30,7 @@ CLOSE_TIMEOUT_S = 3
 @dataclass
 class ShutdownState:
     draining: bool = False
+    reason: str = "the server is shutting down"
     deadline: float = 0.0  # time.monotonic() by which the drain ends, finished or not
     exit_code: int = 0
 
@@ -43,7 +44,7 @@ class DrainMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.state.draining:
-            response = error_response(503, "the server is shutting down", code="shutting_down")
+            response = error_response(503, self.state.reason, code="shutting_down")
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return
@@ -78,6 +79,7 @@ class GracefulServer(uvicorn.Server):
     def engine_died(self, cause: BaseException) -> None:
         logger.error("the engine died (%s): stopping the server with exit status 1", cause)
         self.state.exit_code = 1
+        self.state.reason = f"the server is stopping: the engine died ({cause})"
         self.state.draining = True
         self.should_exit = True
 
