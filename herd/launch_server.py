@@ -63,7 +63,9 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def make_server(config: ServerConfig, engine: AsyncEngine, sock: socket.socket) -> GracefulServer:
+def make_server(
+    config: ServerConfig, engine: AsyncEngine, sock: socket.socket, exit_on_engine_death: bool = False
+) -> GracefulServer:
     """A uvicorn server for `engine`; run it with `server.run(sockets=[sock])`. The app's lifespan starts
     the engine and shuts it down; `server.state.exit_code` is the status to exit with."""
     app = build_app(config, engine, url=url_of(sock))
@@ -71,7 +73,8 @@ def make_server(config: ServerConfig, engine: AsyncEngine, sock: socket.socket) 
     # log_config=None: uvicorn's loggers go through the root handler, in herd's format. The drain
     # (GracefulServer) waits for requests in flight; uvicorn's own wait then only flushes the last bytes.
     uv = uvicorn.Config(app, log_config=None, log_level=level, timeout_graceful_shutdown=CLOSE_TIMEOUT_S)
-    return GracefulServer(uv, engine, app.state.shutdown, config.graceful_shutdown_timeout)
+    timeout = config.graceful_shutdown_timeout
+    return GracefulServer(uv, engine, app.state.shutdown, timeout, exit_on_engine_death=exit_on_engine_death)
 
 
 def main(argv: list[str] | None = None, prog: str = "herd serve") -> int:
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None, prog: str = "herd serve") -> int:
     except (ValueError, OSError) as e:  # a missing or unreadable checkpoint, a bad --chat-template, ...
         logger.error("cannot load the model at --model-path %s: %s", args.model_path, e)
         return 1
-    server = make_server(config.server, engine, sock)
+    server = make_server(config.server, engine, sock, exit_on_engine_death=True)
     # uvicorn re-raises a Ctrl-C that forced the stop once it has shut down: that is a normal exit.
     try:
         with contextlib.suppress(KeyboardInterrupt):

@@ -4,7 +4,8 @@ On the first SIGTERM or SIGINT the server drains: every new request, `/health` i
 load balancer stops sending work), while the requests in flight run to their end, for at most
 `--graceful-shutdown-timeout` seconds; then uvicorn stops and the process exits 0. A second signal stops
 at once. If the engine dies (its process killed, out of memory, a CUDA error), the requests in flight
-fail with a 500 naming the cause, and the server stops with exit status 1, so a supervisor restarts it.
+fail with a 500 naming the cause, and `herd serve` stops with exit status 1, so a supervisor restarts it
+(a server embedded in a program, `exit_on_engine_death=False`, keeps answering 503 naming the cause).
 """
 
 from __future__ import annotations
@@ -54,12 +55,22 @@ class DrainMiddleware:
 class GracefulServer(uvicorn.Server):
     """uvicorn's server, with the drain above in front of its own shutdown."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, state: ShutdownState, timeout_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        engine: AsyncEngine,
+        state: ShutdownState,
+        timeout_s: float,
+        exit_on_engine_death: bool = False,
+    ) -> None:
         super().__init__(config)
         self.engine = engine
         self.state = state
         self.timeout_s = timeout_s
-        engine.on_dead = self.engine_died
+        # The command line stops (a supervisor restarts it); a server embedded in a program keeps answering
+        # 503 with the cause, and its owner decides.
+        if exit_on_engine_death:
+            engine.on_dead = self.engine_died
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.state.draining:  # a second signal: stop now (uvicorn's own handling)
