@@ -1,7 +1,8 @@
 """`python -m herd.launch_server ...` (alias `herd serve ...`): SGLang's command line, herd's server.
 
 Start-up order: check every flag (a bad one fails naming it), bind the port (a busy one fails before
-minutes of weight loading), load the model, then serve with uvicorn until SIGINT / SIGTERM.
+minutes of weight loading), load the model, then serve with uvicorn until SIGINT / SIGTERM (a graceful
+drain, exit 0) or until the engine dies (exit 1); see herd.server.shutdown.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from herd.config.engine import LOG_FORMAT, ServerConfig
 from herd.config.server_args import ArgumentError, ServerArgs, add_server_args, server_args_from
 from herd.frontend.async_engine import AsyncEngine
 from herd.server import build_app
+from herd.server.shutdown import CLOSE_TIMEOUT_S, GracefulServer
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +65,18 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def make_server(config: ServerConfig, engine: AsyncEngine, sock: socket.socket) -> uvicorn.Server:
+def make_server(
+    config: ServerConfig, engine: AsyncEngine, sock: socket.socket, exit_on_engine_death: bool = False
+) -> GracefulServer:
     """A uvicorn server for `engine`; run it with `server.run(sockets=[sock])`. The app's lifespan starts
-    the engine and shuts it down."""
+    the engine and shuts it down; `server.state.exit_code` is the status to exit with."""
     app = build_app(config, engine, url=url_of(sock))
     level = config.log_level.lower()
-    # log_config=None: uvicorn's loggers go through the root handler, in herd's format.
-    config = uvicorn.Config(app, log_config=None, log_level=level, timeout_graceful_shutdown=10)
-    return uvicorn.Server(config)
+    # log_config=None: uvicorn's loggers go through the root handler, in herd's format. The drain
+    # (GracefulServer) waits for requests in flight; uvicorn's own wait then only flushes the last bytes.
+    uv = uvicorn.Config(app, log_config=None, log_level=level, timeout_graceful_shutdown=CLOSE_TIMEOUT_S)
+    timeout = config.graceful_shutdown_timeout
+    return GracefulServer(uv, engine, app.state.shutdown, timeout, exit_on_engine_death=exit_on_engine_death)
 
 
 def main(argv: list[str] | None = None, prog: str = "herd serve") -> int:
@@ -88,13 +94,14 @@ def main(argv: list[str] | None = None, prog: str = "herd serve") -> int:
     except (ValueError, OSError) as e:  # a missing or unreadable checkpoint, a bad --chat-template, ...
         logger.error("cannot load the model at --model-path %s: %s", args.model_path, e)
         return 1
-    # uvicorn re-raises the Ctrl-C it caught once it has shut down cleanly: that is a normal exit.
+    server = make_server(config.server, engine, sock, exit_on_engine_death=True)
+    # uvicorn re-raises a Ctrl-C that forced the stop once it has shut down: that is a normal exit.
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            make_server(config.server, engine, sock).run(sockets=[sock])
+            server.run(sockets=[sock])
     finally:
         engine.client.close()
-    return 0
+    return server.state.exit_code
 
 
 if __name__ == "__main__":

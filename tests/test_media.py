@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from herd.frontend.media import MediaError, decode_image, load_image
+from herd.frontend.media import MediaError, decode_image, load_image, read_image_bytes
+from herd.frontend.media_guard import MediaHostPolicy, is_public
 
 from local_web import Route, data_url, encode, local_web
 
@@ -57,7 +58,13 @@ def web() -> Iterator[str]:
 
 
 def load(url: str, **kwargs: object) -> Image.Image:
-    limits = {"allowed_local_media_path": None, "timeout_s": 5.0, "max_bytes": 1 << 20, "max_redirects": 3}
+    limits = {
+        "allowed_local_media_path": None,
+        "timeout_s": 5.0,
+        "max_bytes": 1 << 20,
+        "max_redirects": 3,
+        "allowed_media_domains": ("127.0.0.1",),  # the test server; refused by default (see the guard tests)
+    }
     return load_image(url, **{**limits, **kwargs})  # type: ignore[arg-type]
 
 
@@ -170,3 +177,71 @@ def test_local_files_only_under_the_allowed_folder(tmp_path: Path) -> None:
         load("red.png", allowed_local_media_path=root, max_bytes=10)
     with pytest.raises(MediaError, match="another host"):
         load("file://example.com/red.png", allowed_local_media_path=root)
+
+
+# -- which hosts may be fetched (server-side request forgery) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:1/x.png",
+        "http://localhost:1/x.png",
+        "http://[::1]:1/x.png",
+        "http://[::ffff:127.0.0.1]:1/x.png",
+        "http://169.254.169.254/latest/meta-data/",  # cloud metadata
+        "http://[fd00:ec2::254]/latest/meta-data/",
+        "http://10.1.2.3/x.png",
+        "http://192.168.0.1/x.png",
+        "http://0.0.0.0:1/x.png",
+    ],
+)
+def test_loopback_private_and_metadata_hosts_are_refused_by_default(url: str) -> None:
+    with pytest.raises(MediaError, match="loopback, private, link-local or reserved"):
+        load(url, allowed_media_domains=None)
+
+
+def test_allowed_media_domains_is_the_only_list_fetched(web: str) -> None:
+    with pytest.raises(MediaError, match="127.0.0.1"):  # refused by default, naming the address
+        load(f"{web}/red.png", allowed_media_domains=None)
+    assert load(f"{web}/red.png", allowed_media_domains=("127.0.0.1",)).size == (5, 3)
+    with pytest.raises(MediaError, match="not in --allowed-media-domains"):
+        load(f"{web}/red.png", allowed_media_domains=("images.example.com",))
+
+
+def test_every_redirect_hop_is_checked(web: str) -> None:
+    port = web.rsplit(":", 1)[1]
+    with local_web({"/to-localhost": (302, {"Location": f"http://localhost:{port}/red.png"}, b"")}) as other:
+        hop_elsewhere = f"{other}/to-localhost"
+        # The first host is allowed by name; the one it redirects to is not.
+        with pytest.raises(MediaError, match="'localhost' is not in --allowed-media-domains"):
+            load(hop_elsewhere, allowed_media_domains=("127.0.0.1",))
+
+
+def test_a_host_that_resolves_to_a_private_address_is_refused() -> None:
+    policy = MediaHostPolicy()
+    policy.resolve = lambda host, port, **kw: [(2, 1, 6, "", ("10.0.0.7", port))]  # type: ignore[assignment]
+    with pytest.raises(MediaError, match="'images.example.com' resolves to 10.0.0.7"):
+        read_image_bytes(
+            "http://images.example.com/cat.png",
+            allowed_local_media_path=None,
+            timeout_s=5,
+            max_bytes=1000,
+            max_redirects=0,
+            hosts=policy,
+        )
+
+
+def test_the_connected_address_is_checked_too(web: str) -> None:
+    # DNS rebinding: the check's lookup says public, the connection lands on loopback; nothing is read.
+    policy = MediaHostPolicy()
+    policy.resolve = lambda host, port, **kw: [(2, 1, 6, "", ("93.184.216.34", port))]  # type: ignore[assignment]
+    with pytest.raises(MediaError, match="resolves to 127.0.0.1"):
+        read_image_bytes(
+            f"{web}/red.png", allowed_local_media_path=None, timeout_s=5, max_bytes=1000, max_redirects=0, hosts=policy
+        )
+
+
+def test_public_and_internal_addresses() -> None:
+    assert is_public("93.184.216.34") and is_public("2606:4700::1111")
+    assert not any(is_public(a) for a in ("127.0.0.1", "::1", "169.254.169.254", "100.64.0.1", "fe80::1%eth0"))

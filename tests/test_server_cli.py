@@ -60,6 +60,10 @@ def test_image_flags(tmp_path: Path) -> None:
         ["--model-path", "m", "--allowed-local-media-path", str(tmp_path), "--max-images-per-request", "2"]
     )
     assert (args.allowed_local_media_path, args.max_images_per_request) == (str(tmp_path), 2)
+    media = ["--allowed-media-domains", "a.example", "b.example", "--media-fetch-timeout", "2.5"]
+    args = parse_args(["--model-path", "m", *media, "--max-media-bytes", "1000", "--max-image-pixels", "4096"])
+    assert args.allowed_media_domains == ["a.example", "b.example"] and args.media_fetch_timeout == 2.5
+    assert (args.max_media_bytes, args.max_image_pixels) == (1000, 4096)
 
 
 @pytest.mark.parametrize(
@@ -78,6 +82,9 @@ def test_image_flags(tmp_path: Path) -> None:
         (["--mem-fraction-static", "1.5"], ["--mem-fraction-static"]),
         (["--max-images-per-request", "-1"], ["--max-images-per-request", "0 or more"]),
         (["--allowed-local-media-path", "/no/such/folder"], ["--allowed-local-media-path", "not a folder"]),
+        (["--media-fetch-timeout", "0"], ["--media-fetch-timeout", "positive"]),
+        (["--max-image-pixels", "0"], ["--max-image-pixels", "positive integer"]),
+        (["--allowed-media-domains", ""], ["--allowed-media-domains", "empty"]),
         (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
     ],
 )

@@ -75,6 +75,7 @@ def server(vision_ckpt, media: Path) -> Iterator[ServerThread]:
         served_model_name=MODEL,
         enable_multimodal=True,
         allowed_local_media_path=str(media / "allowed"),
+        allowed_media_domains=["127.0.0.1"],  # the test's web server; refused by default
         max_images_per_request=MAX_IMAGES,
         chunked_prefill_size=16,  # every image prompt is prefilled over several steps
         max_total_tokens=4096,
@@ -273,6 +274,25 @@ def test_local_files_need_the_flag(server: ServerThread, media: Path) -> None:
             with pytest.raises(openai.BadRequestError, match="local files are not allowed"):
                 ask(client, [image_part(url)])
         assert ask(client, [image_part(data_url(encode(SMALL)))]).usage.completion_tokens == MAX_TOKENS
+
+
+def test_image_url_to_127_0_0_1_refused_unless_allowed(server: ServerThread, web: str) -> None:
+    args = replace(server.args, allowed_media_domains=None, max_image_pixels=20 * 20)
+    with ServerThread(args) as other:
+        client = openai.OpenAI(base_url=f"{other.url}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="resolves to 127.0.0.1, a loopback") as e:
+            ask(client, [image_part(f"{web}/tall.png")])
+        assert "--allowed-media-domains" in e.value.response.json()["error"]["message"]
+        # The pixel cap is the flag's: a 20x20 image passes, a 30x90 one does not.
+        assert ask(client, [image_part(data_url(encode(SMALL)))]).usage.completion_tokens == MAX_TOKENS
+        with pytest.raises(openai.BadRequestError, match="more than the limit of 400 pixels"):
+            ask(client, [image_part(data_url(encode(TALL)))])
+    # The module's server names 127.0.0.1 in --allowed-media-domains.
+    assert ask(client_of(server), [image_part(f"{web}/tall.png")]).usage.completion_tokens == MAX_TOKENS
+
+
+def client_of(server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
 
 
 def test_bench_image_dataset_against_herd(server: ServerThread, tmp_path: Path) -> None:

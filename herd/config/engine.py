@@ -100,6 +100,8 @@ class FrontendConfig:
     chat_template: str | None
     enable_multimodal: bool
     seed: int  # draws the sampling seed of requests that give none
+    # Sequences that may wait beyond those that can run (max_running_requests); None: no limit.
+    max_queued_requests: int | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,12 @@ class ServerConfig:
     enable_multimodal: bool
     allowed_local_media_path: str | None
     max_images_per_request: int
+    max_request_body_bytes: int
+    graceful_shutdown_timeout: float  # seconds a SIGTERM / SIGINT waits for requests in flight
+    allowed_media_domains: tuple[str, ...] | None  # None: any host with a public address
+    media_fetch_timeout: float  # seconds
+    max_media_bytes: int
+    max_image_pixels: int
     log_level: str
 
 

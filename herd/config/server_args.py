@@ -83,6 +83,10 @@ class ServerArgs:
     swa_full_tokens_ratio: float = 0.8
     page_size: int = 16
     max_running_requests: int | None = None
+    max_queued_requests: int | None = field(
+        default=None,
+        metadata={"help": "most requests waiting beyond the running ones; more get 503 + Retry-After (SGLang's)"},
+    )
     chunked_prefill_size: int = field(default=8192, metadata={"help": "prompt tokens per step; -1: no chunking"})
     disable_radix_cache: bool = False
     enable_torch_compile: bool = field(
@@ -102,7 +106,24 @@ class ServerArgs:
     allowed_local_media_path: str | None = field(
         default=None, metadata={"help": "let requests name image files under this folder (vLLM's flag; off by default)"}
     )
+    graceful_shutdown_timeout: float = field(
+        default=30.0, metadata={"help": "seconds SIGTERM / SIGINT wait for requests in flight before stopping"}
+    )
+    max_request_body_bytes: int = field(
+        default=64 * 1024 * 1024, metadata={"help": "largest request body (images as base64 included); more: 413"}
+    )
     max_images_per_request: int = field(default=10, metadata={"help": "most images one request may carry"})
+    allowed_media_domains: list[str] | None = field(
+        default=None,
+        metadata={
+            "nargs": "+",
+            "help": "the only hosts image URLs may name (vLLM's flag); default: any host with a public address "
+            "(loopback, private, link-local and metadata addresses are refused)",
+        },
+    )
+    media_fetch_timeout: float = field(default=10.0, metadata={"help": "seconds to download one image URL"})
+    max_media_bytes: int = field(default=32 * 1024 * 1024, metadata={"help": "largest image file, in bytes"})
+    max_image_pixels: int = field(default=8192 * 8192, metadata={"help": "largest image, width x height"})
     trust_remote_code: bool = field(default=False, metadata={"help": "accepted for SGLang compatibility; no effect"})
     enable_metrics: bool = field(default=False, metadata={"help": "accepted for SGLang compatibility: always on"})
     log_level: str | None = field(default=None, metadata={"help": "default: info for serve, warning for generate"})
@@ -130,6 +151,10 @@ class ServerArgs:
             raise ArgumentError(
                 f"--quantization {self.quantization!r}: not supported yet; supported: {', '.join(QUANTIZATIONS)}"
             )
+        if self.max_queued_requests is not None and (
+            not isinstance(self.max_queued_requests, int) or self.max_queued_requests < 0
+        ):
+            raise ArgumentError(f"--max-queued-requests must be 0 or more, got {self.max_queued_requests!r}")
         for name in ("context_length", "max_total_tokens", "max_running_requests"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -173,6 +198,18 @@ class ServerArgs:
             raise ArgumentError("--served-model-name must not be empty")
         if not isinstance(self.max_images_per_request, int) or self.max_images_per_request < 0:
             raise ArgumentError(f"--max-images-per-request must be 0 or more, got {self.max_images_per_request!r}")
+        if self.allowed_media_domains is not None and not all(d.strip() for d in self.allowed_media_domains):
+            raise ArgumentError("--allowed-media-domains needs host names, got an empty one")
+        if not (isinstance(self.graceful_shutdown_timeout, int | float) and self.graceful_shutdown_timeout >= 0):
+            raise ArgumentError(
+                f"--graceful-shutdown-timeout must be 0 or more, got {self.graceful_shutdown_timeout!r}"
+            )
+        if not (isinstance(self.media_fetch_timeout, int | float) and 0 < self.media_fetch_timeout < math.inf):
+            raise ArgumentError(f"--media-fetch-timeout must be a positive number, got {self.media_fetch_timeout!r}")
+        for name in ("max_media_bytes", "max_image_pixels", "max_request_body_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ArgumentError(f"{_flag(name)} must be a positive integer, got {value!r}")
         if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
             raise ArgumentError(f"--allowed-local-media-path {self.allowed_local_media_path!r} is not a folder")
 
@@ -227,6 +264,7 @@ class ServerArgs:
             chat_template=self.chat_template,
             enable_multimodal=self.enable_multimodal,
             seed=self.seed,
+            max_queued_requests=self.max_queued_requests,
         )
         server = ServerConfig(
             host=self.host,
@@ -239,6 +277,12 @@ class ServerArgs:
             enable_multimodal=self.enable_multimodal,
             allowed_local_media_path=self.allowed_local_media_path,
             max_images_per_request=self.max_images_per_request,
+            max_request_body_bytes=self.max_request_body_bytes,
+            graceful_shutdown_timeout=float(self.graceful_shutdown_timeout),
+            allowed_media_domains=None if self.allowed_media_domains is None else tuple(self.allowed_media_domains),
+            media_fetch_timeout=float(self.media_fetch_timeout),
+            max_media_bytes=self.max_media_bytes,
+            max_image_pixels=self.max_image_pixels,
             log_level=self.log_level or "info",
         )
         return HerdConfig(engine=engine, frontend=frontend, server=server)
@@ -260,7 +304,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
             continue
         kind = next((t for t in (int, float, str) if t is hint or t in typing.get_args(hint)), str)
         default = None if required else f.default
-        parser.add_argument(*flags, dest=f.name, type=kind, default=default, required=required, help=help_)
+        extra = {"nargs": f.metadata["nargs"]} if "nargs" in f.metadata else {}
+        parser.add_argument(*flags, dest=f.name, type=kind, default=default, required=required, help=help_, **extra)
 
 
 def server_args_from(namespace: argparse.Namespace) -> ServerArgs:

@@ -16,6 +16,7 @@ import logging
 import multiprocessing as mp
 import pickle
 import queue
+import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -137,6 +138,7 @@ class ProcessCoreClient:
             self._process.join(timeout=10)
             raise payload
         self.info: CoreInfo = payload
+        logger.info("the engine core runs in process %d", self._process.pid)
 
     def start(self, on_message: OnMessage) -> None:
         self._reader = threading.Thread(target=self._read, args=(on_message,), name="herd-engine-reader", daemon=True)
@@ -147,14 +149,21 @@ class ProcessCoreClient:
             try:
                 data = self._messages.recv_bytes()
             except (EOFError, OSError):
-                code = self._process.exitcode
-                on_message(CoreMessage(dead=RuntimeError(f"the engine process exited (code {code})")))
+                on_message(CoreMessage(dead=RuntimeError(self._exit_cause())))
                 return
             message: CoreMessage = pickle.loads(data)
             message.nbytes = len(data)
             on_message(message)
             if message.dead is not None:
                 return
+
+    def _exit_cause(self) -> str:
+        self._process.join(timeout=5)  # the pipe closes a moment before the exit status is known
+        code = self._process.exitcode
+        if code is not None and code < 0:
+            # SIGKILL is also what the kernel's out-of-memory killer sends.
+            return f"the engine process was killed by {signal.Signals(-code).name} (out of memory, or killed)"
+        return f"the engine process exited (code {code})"
 
     def _send(self, command: Command) -> None:
         with self._send_lock, contextlib.suppress(OSError):  # a dead process: the reader reports it
@@ -185,6 +194,8 @@ class ProcessCoreClient:
 def _child_main(config: EngineConfig, log_level: str, commands: Connection, messages: Connection) -> None:
     """The engine process: build the core, say it is ready, then serve until told to stop (or orphaned)."""
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    # Ctrl-C reaches the whole process group: the server drains and then stops this process itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         core = EngineCore(config)
     except Exception as e:  # a bad checkpoint or flag: the parent reports it and exits

@@ -149,12 +149,18 @@ class EngineCore:
     # -- state (metrics, tests, admin routes) -------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        cache = self.prefix_cache
+        cache, pool = self.prefix_cache, self.kv.full
+        # Blocks the prefix cache alone holds are free for the taking: counting them as used would read
+        # near 100% on an idle server after a load run. Waiting sequences hold no blocks (see Scheduler).
+        held = len({block for seq in self.scheduler.running for block in seq.blocks.full})
+        total = max(1, pool.num_blocks)
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
-            kv_usage=self.kv.usage(),
+            kv_usage=held / total,
+            kv_cached_usage=(pool.num_used - held) / total,
             prefix_hit_rate=cache.hit_rate if cache is not None else 0.0,
+            num_preemptions=self.scheduler.num_preemptions,
         )
 
     def reset_prefix_cache(self) -> bool:

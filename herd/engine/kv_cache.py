@@ -127,7 +127,3 @@ class KVCacheManager:
                 self.local.release(block)
         seq.full.clear()
         seq.local.clear()
-
-    def usage(self) -> float:
-        """Share of the full pool in use (the pool that bounds how much context fits)."""
-        return self.full.num_used / max(1, self.full.num_blocks)

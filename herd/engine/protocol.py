@@ -42,8 +42,11 @@ class EngineCoreOutput:
 class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
-    kv_usage: float = 0.0  # share of the full-attention pool held by running requests
+    kv_usage: float = 0.0  # share of the full-attention pool held by requests (running or being prefilled)
+    # Share of the full pool that only the prefix cache holds: free for the taking (evicted on demand).
+    kv_cached_usage: float = 0.0
     prefix_hit_rate: float = 0.0
+    num_preemptions: int = 0  # since start: sequences whose blocks were taken back to make room
 
 
 @dataclass(frozen=True)

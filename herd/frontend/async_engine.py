@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from herd.config.engine import HerdConfig
@@ -26,13 +26,30 @@ from herd.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncEngine", "CompletionDelta", "EngineDeadError", "Prompt", "RequestDelta", "RequestStream"]
+__all__ = [
+    "AsyncEngine",
+    "CompletionDelta",
+    "EngineCrashedError",
+    "EngineDeadError",
+    "Prompt",
+    "QueueFullError",
+    "RequestDelta",
+    "RequestStream",
+]
 
 CoreClient = InprocCoreClient | ProcessCoreClient
 
 
 class EngineDeadError(RuntimeError):
     """The engine stopped (a crash or shutdown): no request can be served."""
+
+
+class EngineCrashedError(EngineDeadError):
+    """The engine died while serving (its process killed, out of memory, a CUDA error): a server error."""
+
+
+class QueueFullError(RuntimeError):
+    """More sequences are waiting than `--max-queued-requests` allows: try again later."""
 
 
 class StreamObserver(Protocol):
@@ -91,8 +108,15 @@ class RequestStream:
 class AsyncEngine:
     """Serve requests over `client`; `start()` it from inside the event loop that will use it."""
 
-    def __init__(self, client: CoreClient, processor: InputProcessor, tokenizer: Tokenizer | None) -> None:
+    def __init__(
+        self,
+        client: CoreClient,
+        processor: InputProcessor,
+        tokenizer: Tokenizer | None,
+        max_sequences: int | None = None,
+    ) -> None:
         self.client, self.processor, self.tokenizer = client, processor, tokenizer
+        self.max_sequences = max_sequences  # running + queued; None: no limit
         self.context_length = processor.context_length
         self.outputs = OutputProcessor(tokenizer)
         self.stats = EngineStats()  # the core's latest figures (replaced, never mutated)
@@ -101,6 +125,8 @@ class AsyncEngine:
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called once on the event loop if the engine dies while serving (not at shutdown): the server stops.
+        self.on_dead: Callable[[BaseException], None] | None = None
 
     @classmethod
     def create(cls, config: HerdConfig, in_process: bool = False) -> AsyncEngine:
@@ -113,7 +139,9 @@ class AsyncEngine:
             client = ProcessCoreClient(config.engine, log_level=config.server.log_level)
         context_length = config.engine.scheduler.context_length
         processor = InputProcessor(config.frontend, config.engine.model, tokenizer, context_length, client.info)
-        return cls(client, processor, tokenizer)
+        queued = config.frontend.max_queued_requests
+        max_sequences = None if queued is None else config.engine.scheduler.max_running_requests + queued
+        return cls(client, processor, tokenizer, max_sequences)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -141,6 +169,7 @@ class AsyncEngine:
     ) -> RequestStream:
         """Add requests (all or none: the first that fails raises, none of them runs)."""
         self._check_alive()
+        self._check_room(sum(r[2].n for r in requests))
         ids = [r[0] for r in requests]
         if len(set(ids)) != len(ids) or any(request_id in self._streams for request_id in ids):
             raise RequestError(f"request ids {ids} are not distinct or already in use")
@@ -152,6 +181,15 @@ class AsyncEngine:
             self.outputs.add(request)
         self.client.add_requests([core for request in processed for core in request.core_requests])
         return stream
+
+    def _check_room(self, num_sequences: int) -> None:
+        """Refuse what would make the queue longer than allowed: a client retries sooner than it waits."""
+        limit = self.max_sequences
+        if limit is not None and self.outputs.num_sequences + num_sequences > limit:
+            raise QueueFullError(
+                f"the server is overloaded: {self.outputs.num_sequences} sequences are running or queued, "
+                f"the limit is {limit} (--max-running-requests + --max-queued-requests); retry later"
+            )
 
     async def _process(self, request_id: str, prompt: Prompt, params: SamplingParams) -> ProcessedRequest:
         if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
@@ -216,7 +254,9 @@ class AsyncEngine:
     def _die(self, cause: BaseException) -> None:
         if self.error is None:
             logger.error("the engine stopped; every request fails from now on: %s", cause)
-            self.error = EngineDeadError(str(cause))
+            self.error = EngineCrashedError(str(cause))
+            if self.on_dead is not None:
+                self.on_dead(cause)
         for stream in set(self._streams.values()):
             stream.queue.put_nowait(self.error)
         for future in self._calls.values():

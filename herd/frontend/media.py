@@ -2,8 +2,9 @@
 allowed folder (`--allowed-local-media-path`, vLLM's flag; off by default).
 
 Everything a client controls is bounded: bytes (also while downloading), pixels (checked from the header,
-before decoding, so a small file cannot expand into gigabytes), redirects and time. Only common photo and
-screenshot formats are decoded. Every failure is a `MediaError` whose message a client can act on.
+before decoding, so a small file cannot expand into gigabytes), redirects and time; and the hosts fetched
+from (`media_guard`: no loopback, private or metadata addresses unless allowed by name). Only common photo
+and screenshot formats are decoded. Every failure is a `MediaError` whose message a client can act on.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from herd.frontend.media_guard import ForbiddenMediaURL, MediaHostPolicy
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers cameras' multi-picture MPO
 _FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -41,6 +44,7 @@ def load_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_redirects: int = DEFAULT_MAX_REDIRECTS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    allowed_media_domains: tuple[str, ...] | None = None,
 ) -> Image.Image:
     """The decoded image `url` names (blocking: network and decoding; see `load_image_async`)."""
     data, declared = read_image_bytes(
@@ -49,6 +53,7 @@ def load_image(
         timeout_s=timeout_s,
         max_bytes=max_bytes,
         max_redirects=max_redirects,
+        hosts=MediaHostPolicy(allowed_media_domains),
     )
     return decode_image(data, max_pixels=max_pixels, declared_type=declared)
 
@@ -59,14 +64,20 @@ async def load_image_async(url: str, **limits: object) -> Image.Image:
 
 
 def read_image_bytes(
-    url: str, *, allowed_local_media_path: str | None, timeout_s: float, max_bytes: int, max_redirects: int
+    url: str,
+    *,
+    allowed_local_media_path: str | None,
+    timeout_s: float,
+    max_bytes: int,
+    max_redirects: int,
+    hosts: MediaHostPolicy | None = None,
 ) -> tuple[bytes, str | None]:
     """The bytes `url` names and the media type its source declared (None when it declares none)."""
     scheme = url[: url.find(":")].lower() if ":" in url[:12] else ""
     if scheme == "data":
         return _read_data_url(url, max_bytes)
     if scheme in ("http", "https"):
-        return _fetch(url, timeout_s, max_bytes, max_redirects)
+        return _fetch(url, timeout_s, max_bytes, max_redirects, hosts or MediaHostPolicy())
     if scheme == "file":
         parsed = urllib.parse.urlsplit(url)
         if parsed.netloc not in ("", "localhost"):
@@ -129,32 +140,56 @@ def _decode_base64(text: str, max_bytes: int, what: str) -> bytes:
         ) from None
 
 
-def _fetch(url: str, timeout_s: float, max_bytes: int, max_redirects: int) -> tuple[bytes, str | None]:
+def _fetch(
+    url: str, timeout_s: float, max_bytes: int, max_redirects: int, hosts: MediaHostPolicy
+) -> tuple[bytes, str | None]:
     deadline = time.monotonic() + timeout_s
     try:
-        with (
-            httpx.Client(timeout=timeout_s, follow_redirects=True, max_redirects=max_redirects) as client,
-            client.stream("GET", url) as response,
-        ):
-            if response.status_code != 200:
-                raise MediaError(f"fetching {_short(url)} failed: HTTP {response.status_code}")
-            length = response.headers.get("content-length")
-            if length is not None and length.isdigit():
-                _check_size(int(length), max_bytes)
-            data = bytearray()
-            for chunk in response.iter_bytes():
-                data += chunk
-                _check_size(len(data), max_bytes)
-                if time.monotonic() > deadline:  # a server that trickles bytes must not hold us forever
-                    raise MediaError(f"fetching {_short(url)} timed out after {timeout_s:g} s")
-            declared = response.headers.get("content-type", "").split(";")[0].strip().lower() or None
-            return bytes(data), declared
-    except httpx.TooManyRedirects:
-        raise MediaError(f"fetching {_short(url)}: more than {max_redirects} redirects") from None
+        with httpx.Client(timeout=timeout_s, follow_redirects=False) as client:
+            # Redirects are followed here, not by httpx: every hop's host must pass the policy.
+            for _ in range(max_redirects + 1):
+                trusted = hosts.check_url(url)
+                with client.stream("GET", url) as response:
+                    if not trusted:
+                        _check_peer(response, url, hosts)
+                    if response.is_redirect:
+                        url = str(response.next_request.url) if response.next_request else url
+                        continue
+                    return _read_body(response, url, timeout_s, max_bytes, deadline)
+            raise MediaError(f"fetching {_short(url)}: more than {max_redirects} redirects")
+    except ForbiddenMediaURL as e:
+        raise MediaError(str(e)) from None
     except httpx.TimeoutException:
         raise MediaError(f"fetching {_short(url)} timed out after {timeout_s:g} s") from None
     except (httpx.HTTPError, httpx.InvalidURL) as e:
         raise MediaError(f"cannot fetch {_short(url)}: {e or type(e).__name__}") from None
+
+
+def _check_peer(response: httpx.Response, url: str, hosts: MediaHostPolicy) -> None:
+    """The address the connection really went to must be public too (DNS may answer differently now)."""
+    stream = response.extensions.get("network_stream")
+    peer = stream.get_extra_info("server_addr") if stream is not None else None
+    if peer is None:  # no way to tell (not a plain TCP stream): the resolution check stands alone
+        return
+    hosts.check_address(urllib.parse.urlsplit(url).hostname or "", str(peer[0]))
+
+
+def _read_body(
+    response: httpx.Response, url: str, timeout_s: float, max_bytes: int, deadline: float
+) -> tuple[bytes, str | None]:
+    if response.status_code != 200:
+        raise MediaError(f"fetching {_short(url)} failed: HTTP {response.status_code}")
+    length = response.headers.get("content-length")
+    if length is not None and length.isdigit():
+        _check_size(int(length), max_bytes)
+    data = bytearray()
+    for chunk in response.iter_bytes():
+        data += chunk
+        _check_size(len(data), max_bytes)
+        if time.monotonic() > deadline:  # a server that trickles bytes must not hold us forever
+            raise MediaError(f"fetching {_short(url)} timed out after {timeout_s:g} s")
+    declared = response.headers.get("content-type", "").split(";")[0].strip().lower() or None
+    return bytes(data), declared
 
 
 def _read_local(name: str, allowed: str | None, max_bytes: int) -> bytes:

@@ -58,6 +58,11 @@ class OutputProcessor:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
+    @property
+    def num_sequences(self) -> int:
+        """Completions of requests not yet finished (what the engine runs or queues)."""
+        return len(self._by_core_id)
+
     def abort(self, request_id: str) -> list[str]:
         """Forget a request; returns the core ids of its unfinished completions (for the core to abort)."""
         state = self._requests.pop(request_id, None)

@@ -9,6 +9,7 @@ from typing import Any
 # Below this temperature a request is greedy, as in vLLM: dividing logits by ~0 would only overflow.
 GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+MAX_STOP_STRINGS = 64  # every output token is matched against each: a bound on what a request costs
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ def _stop_strings(stop: Any) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) for s in stops):
         raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
     return [s for s in stops if s]  # an empty stop string would match everywhere; it means nothing
 
 

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from herd.config.engine import ServerConfig
 from herd.frontend.async_engine import AsyncEngine
@@ -20,9 +20,11 @@ from herd.server.auth import APIKeyMiddleware
 from herd.server.chat import create_chat_completion
 from herd.server.completions import create_completion
 from herd.server.context import ServerContext
-from herd.server.errors import APIError, error_response, install_error_handlers
+from herd.server.errors import ERROR_RESPONSES, APIError, error_response, install_error_handlers
+from herd.server.limits import BodySizeLimitMiddleware
 from herd.server.native import GenerateRequest, generate
 from herd.server.protocol import ChatCompletionRequest, CompletionRequest
+from herd.server.shutdown import DrainMiddleware, ShutdownState
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +40,14 @@ def build_app(config: ServerConfig, engine: AsyncEngine, url: str | None = None)
         yield
         await engine.shutdown()
 
-    app = FastAPI(title="herd", lifespan=lifespan)
+    app = FastAPI(title="herd", lifespan=lifespan, responses=ERROR_RESPONSES)
     app.state.ctx = ctx
     install_error_handlers(app)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    app.state.shutdown = ShutdownState()
+    app.add_middleware(DrainMiddleware, state=app.state.shutdown)  # added last: runs first
     _add_openai_routes(app, ctx)
     _add_native_routes(app, ctx)
     return app
@@ -68,14 +73,14 @@ def _add_openai_routes(app: FastAPI, ctx: ServerContext) -> None:
 
 
 def _add_native_routes(app: FastAPI, ctx: ServerContext) -> None:
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={200: {"description": "serving (an empty body)"}})
     async def health() -> Response:
         # 200 only while the engine thread runs: a load balancer must stop sending work to a dead engine.
         if not ctx.engine.healthy:
             return error_response(503, f"the engine is not running: {ctx.engine.error}")
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)
 

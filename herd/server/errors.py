@@ -13,9 +13,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from herd.frontend.async_engine import EngineDeadError
+from herd.frontend.async_engine import EngineCrashedError, EngineDeadError
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +27,47 @@ _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "inva
 class APIError(Exception):
     """A request that fails with `status`; `message` says why in words a client can act on."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error (OpenAI's shape); in the OpenAPI schema for every route."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "the request is invalid; the message names the field and what is accepted"),
+        (401, "missing or wrong API key (--api-key)"),
+        (404, "no such model or route"),
+        (413, "the body is larger than --max-request-body-bytes"),
+        (500, "the engine failed while serving the request"),
+        (503, "overloaded (--max-queued-requests, with Retry-After), shutting down, or the engine is not running"),
+    )
+}
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -43,8 +79,14 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 def param_of(message: str, known: set[str]) -> str | None:
@@ -56,7 +98,7 @@ def param_of(message: str, known: set[str]) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -65,7 +107,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_response(503, str(exc))
+        # A crash under a running request is a server error; a stopped engine is only unavailable.
+        return error_response(500 if isinstance(exc, EngineCrashedError) else 503, str(exc))
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

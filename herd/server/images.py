@@ -39,7 +39,15 @@ async def load_images(ctx: ServerContext, refs: Sequence[ImageRef]) -> list[Imag
             "(--max-images-per-request)",
             refs[limit].param,
         )
-    loads = [load_image_async(ref.url, allowed_local_media_path=ctx.config.allowed_local_media_path) for ref in refs]
+    config = ctx.config
+    limits = {
+        "allowed_local_media_path": config.allowed_local_media_path,
+        "allowed_media_domains": config.allowed_media_domains,
+        "timeout_s": config.media_fetch_timeout,
+        "max_bytes": config.max_media_bytes,
+        "max_pixels": config.max_image_pixels,
+    }
+    loads = [load_image_async(ref.url, **limits) for ref in refs]
     results = await asyncio.gather(*loads, return_exceptions=True)
     for ref, result in zip(refs, results, strict=True):
         if isinstance(result, MediaError):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from herd.frontend.async_engine import EngineStats, RequestDelta
 
@@ -35,8 +37,20 @@ class ServerMetrics:
         Gauge("herd:num_requests_waiting", "Sequences waiting to be admitted", registry=r).set_function(
             lambda: stats().num_waiting
         )
-        Gauge("herd:kv_cache_usage_perc", "Share of the full-attention KV pool in use (0-1)", registry=r).set_function(
-            lambda: stats().kv_usage
+        Gauge(
+            "herd:kv_cache_usage_perc", "Share of the full-attention KV pool held by requests (0-1)", registry=r
+        ).set_function(lambda: stats().kv_usage)
+        Gauge(
+            "herd:kv_cache_evictable_perc",
+            "Share of the full-attention KV pool that only the prefix cache holds, reusable on demand (0-1)",
+            registry=r,
+        ).set_function(lambda: stats().kv_cached_usage)
+        r.register(_EngineCounters(stats))
+        self.aborts = Counter(
+            "herd:num_aborted_requests", "Requests stopped before they finished (client gone or error)", registry=r
+        )
+        self.rejected = Counter(
+            "herd:num_rejected_requests", "Requests refused with 503 because the queue was full", registry=r
         )
         Gauge("herd:prefix_cache_hit_rate", "Prompt tokens found in the prefix cache (0-1)", registry=r).set_function(
             lambda: stats().prefix_hit_rate
@@ -59,6 +73,20 @@ class ServerMetrics:
 
     def tracker(self, request_ids: list[str]) -> RequestTracker:
         return RequestTracker(self, request_ids)
+
+
+class _EngineCounters(Collector):
+    """Counters the engine core keeps (its totals since start), read at scrape time."""
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "herd:num_preemptions",
+            "Sequences preempted to make room in the KV cache (recomputed later)",
+            value=self.stats().num_preemptions,
+        )
 
 
 @dataclass
@@ -108,6 +136,8 @@ class RequestTracker:
                 self._done(request_id, p, now)
 
     def _done(self, request_id: str, p: _Progress, now: float) -> None:
+        if "abort" in p.finish_reasons:
+            self.metrics.aborts.inc()
         p.done = True
         reason = "abort" if "abort" in p.finish_reasons else ",".join(sorted(set(p.finish_reasons))) or "abort"
         self.metrics.e2e.observe(now - p.arrival)

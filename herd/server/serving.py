@@ -5,12 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from herd.frontend.async_engine import EngineDeadError, Prompt, RequestDelta, RequestStream
+from herd.frontend.async_engine import (
+    EngineCrashedError,
+    EngineDeadError,
+    Prompt,
+    QueueFullError,
+    RequestDelta,
+    RequestStream,
+)
 from herd.sampling import SamplingParams
 from herd.server.context import ServerContext
 from herd.server.errors import APIError, bad_request, error_body, param_of
 from herd.server.streaming import sse
 
+RETRY_AFTER_S = "1"  # seconds: short requests free their places within about that on a busy server
 _PARAMS = {"max_tokens", "n", "stop_token_ids", "logit_bias", "prompt"}
 
 
@@ -21,13 +29,16 @@ async def submit(ctx: ServerContext, requests: Sequence[tuple[str, Prompt, Sampl
         return await ctx.engine.submit(requests, observer=tracker)
     except EngineDeadError as e:
         raise APIError(503, str(e)) from e
+    except QueueFullError as e:
+        ctx.metrics.rejected.inc()
+        raise APIError(503, str(e), code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from e
     except ValueError as e:  # RequestError, or SamplingParams.check_vocab
         raise bad_request(str(e), param_of(str(e), _PARAMS)) from e
 
 
 def error_event(error: BaseException) -> str:
     """The SSE event for a failure after the response has started (the status line is already sent)."""
-    status = 503 if isinstance(error, EngineDeadError) else 500
+    status = 503 if isinstance(error, EngineDeadError) and not isinstance(error, EngineCrashedError) else 500
     return sse(error_body(status, str(error)))
 
 
