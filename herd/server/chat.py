@@ -21,6 +21,7 @@ from herd.server.params import build_sampling_params
 from herd.server.protocol import ChatCompletionRequest
 from herd.server.serving import UsageCounter, error_event, submit
 from herd.server.streaming import SSE_DONE, EngineEventStream, cancel_on_disconnect, sse
+from herd.server.structured import constrained, from_response_format
 from herd.server.tools import ToolPlan, ToolReader, plan_tools
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     # Off the event loop: a long conversation takes a while to tokenize, and other streams must flow.
     ids = await asyncio.to_thread(_prompt_ids, tokenizer, template_messages(messages), plan)
     params = build_sampling_params(_sampling_values(req), ctx.generation_defaults, default_max_tokens=None)
+    params = constrained(params, from_response_format(req.response_format))
     request_id = new_id("chatcmpl")
     reply = _ChatReply(ctx, req, plan, request_id)
     stream = await submit(ctx, [(request_id, with_images(ids, images), params)])
@@ -45,8 +47,6 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
 
 
 def _check_supported(req: ChatCompletionRequest) -> None:
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(f"response_format {req.response_format.type!r} is not supported yet", "response_format")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     if req.top_logprobs is not None and not req.logprobs:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from herd.frontend.async_engine import EngineDeadError, Prompt, RequestDelta, RequestStream
+from herd.frontend.structured import GrammarError
 from herd.sampling import SamplingParams
 from herd.server.context import ServerContext
 from herd.server.errors import APIError, bad_request, error_body, param_of
@@ -21,6 +22,8 @@ async def submit(ctx: ServerContext, requests: Sequence[tuple[str, Prompt, Sampl
         return await ctx.engine.submit(requests, observer=tracker)
     except EngineDeadError as e:
         raise APIError(503, str(e)) from e
+    except GrammarError as e:
+        raise bad_request(str(e), e.field) from e
     except ValueError as e:  # RequestError, or SamplingParams.check_vocab
         raise bad_request(str(e), param_of(str(e), _PARAMS)) from e
 
