@@ -24,6 +24,7 @@ from herd.sampling.grammar import GrammarBlob, StructuredOutput
 logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 256
+_BYTE_LEVEL_NUL = "\u0100"  # byte 0 in the GPT-2 byte-to-character mapping of byte-level vocabularies
 
 
 class GrammarError(ValueError):
@@ -37,12 +38,15 @@ class GrammarError(ValueError):
 def tokenizer_info(tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Iterable[int]) -> xgr.TokenizerInfo:
     """xgrammar's view of the vocabulary: byte-level token strings, special tokens as "" (never text).
 
-    `vocab_size` is the model's (the logits' width), which may exceed the tokenizer's.
+    `vocab_size` is the model's (the logits' width), which may exceed the tokenizer's. Tokens holding a
+    NUL byte are treated as special too: xgrammar lets them through where a grammar forbids control
+    characters (a JSON string), and no structured output wants one.
     """
     special = tokenizer.all_special_ids
-    vocab = [
-        "" if i in special else (tokenizer.id_to_token(i) or "") for i in range(min(tokenizer.vocab_size, vocab_size))
-    ]
+    vocab = []
+    for i in range(min(tokenizer.vocab_size, vocab_size)):
+        token = tokenizer.id_to_token(i) or ""
+        vocab.append("" if i in special or _BYTE_LEVEL_NUL in token else token)
     return xgr.TokenizerInfo(
         vocab, xgr.VocabType.BYTE_LEVEL, vocab_size=vocab_size, stop_token_ids=sorted(set(stop_token_ids))
     )

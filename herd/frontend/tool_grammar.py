@@ -28,45 +28,64 @@ Mode = Literal["required", "auto"]
 
 
 def tool_call_structural_tag(
-    tools: list[dict[str, Any]], *, pythonic: bool, mode: Mode, parallel: bool = True, only: str | None = None
+    tools: list[dict[str, Any]],
+    *,
+    pythonic: bool,
+    json_shape: bool,
+    mode: Mode,
+    parallel: bool = True,
+    only: str | None = None,
 ) -> str:
-    """The structural tag (JSON text) for calls to `tools` (OpenAI tool dicts), or to `only` of them."""
+    """The structural tag (JSON text) for calls to `tools` (OpenAI tool dicts), or to `only` of them, in
+    the shapes the parser reads (both: the model may write either, whatever its prompt asked for)."""
+    if not (pythonic or json_shape):
+        raise ValueError("a tool-call grammar needs at least one shape")
     functions = [t["function"] for t in tools if only is None or t["function"]["name"] == only]
-    key = json.dumps([functions, pythonic, mode, parallel], sort_keys=True)
+    key = json.dumps([functions, pythonic, json_shape, mode, parallel], sort_keys=True)
     return _structural_tag(key)
 
 
 @lru_cache(maxsize=128)
 def _structural_tag(key: str) -> str:
-    functions, pythonic, mode, parallel = json.loads(key)
-    fmt = _pythonic(functions, mode, parallel) if pythonic else _json(functions, mode, parallel)
+    functions, pythonic, json_shape, mode, parallel = json.loads(key)
+    kwargs = {f["name"]: _grammar(_kwargs(f.get("parameters") or {})) for f in functions} if pythonic else {}
+    if mode == "required":
+        shapes = [_pythonic_calls(kwargs, parallel)] if pythonic else []
+        shapes += [_json_calls(functions, parallel)] if json_shape else []
+        fmt = shapes[0] if len(shapes) == 1 else {"type": "or", "elements": shapes}
+    else:
+        triggers = (["["] if pythonic else []) + (['{"name": '] if json_shape else [])
+        tags = (_pythonic_opened(kwargs) if pythonic else []) + (_json_tags(functions) if json_shape else [])
+        fmt = {"type": "triggered_tags", "triggers": triggers, "tags": tags}
     return json.dumps({"type": "structural_tag", "format": fmt})
 
 
-def _pythonic(functions: list[dict[str, Any]], mode: Mode, parallel: bool) -> dict[str, Any]:
-    kwargs = {f["name"]: _grammar(_kwargs(f.get("parameters") or {})) for f in functions}
+def _pythonic_calls(kwargs: dict[str, dict[str, Any]], parallel: bool) -> dict[str, Any]:
     calls = [_tag(f"{name}(", grammar, ")") for name, grammar in kwargs.items()]
-    if mode == "required":
-        listed = _separated(calls, ", ", stop_after_first=not parallel)
-        return _sequence(_const("["), listed, _const("]"))
-    # auto: the trigger `[` must open `[name(` of an offered name; more calls may follow in the list.
+    return _sequence(_const("["), _separated(calls, ", ", stop_after_first=not parallel), _const("]"))
+
+
+def _pythonic_opened(kwargs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """auto mode: the trigger `[` must open `[name(` of an offered name; more calls may follow in the list."""
+    calls = [_tag(f"{name}(", grammar, ")") for name, grammar in kwargs.items()]
     more = {"type": "optional", "content": _sequence(_const(", "), _separated(calls, ", "))}
-    opened = [_tag(f"[{name}(", _sequence(grammar, _const(")"), more), "]") for name, grammar in kwargs.items()]
-    return {"type": "triggered_tags", "triggers": ["["], "tags": opened}
+    return [_tag(f"[{name}(", _sequence(grammar, _const(")"), more), "]") for name, grammar in kwargs.items()]
 
 
-def _json(functions: list[dict[str, Any]], mode: Mode, parallel: bool) -> dict[str, Any]:
-    calls = [
+def _json_tags(functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
         _tag(
             f'{{"name": {json.dumps(f["name"])}, "parameters": ',
-            {"type": "json_schema", "json_schema": f.get("parameters") or {"type": "object"}},
+            # One space at most between tokens: the JSON shape stays on one line, as the parser reads it.
+            {"type": "json_schema", "json_schema": f.get("parameters") or {"type": "object"}, "max_whitespace_cnt": 1},
             "}",
         )
         for f in functions
     ]
-    if mode == "required":
-        return _separated(calls, "; ", stop_after_first=not parallel)
-    return {"type": "triggered_tags", "triggers": ['{"name": '], "tags": calls}
+
+
+def _json_calls(functions: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    return _separated(_json_tags(functions), "; ", stop_after_first=not parallel)
 
 
 def _kwargs(parameters: dict[str, Any]) -> xgr.Grammar:

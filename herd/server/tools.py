@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from herd.frontend.chat import Llama4ChatTemplate
 from herd.frontend.tokenizer import Tokenizer
 from herd.frontend.tool_grammar import tool_call_structural_tag
 from herd.frontend.tool_parser import ParsedOutput, ParserDelta, ToolParser, get_tool_parser, merge_deltas
@@ -47,7 +46,7 @@ def plan_tools(
         return ToolPlan()
     names = [t.function.name for t in req.tools]
     tools = [t.model_dump(exclude_none=True) for t in req.tools]
-    pythonic = _writes_pythonic(get_tool_parser(parser_name), tokenizer)
+    pythonic, json_shape = get_tool_parser(parser_name).shapes
     only = None
     if isinstance(choice, NamedToolChoice):
         only = choice.function.name
@@ -59,21 +58,12 @@ def plan_tools(
         mode = "required" if forced else "auto"
         try:
             tag = tool_call_structural_tag(
-                tools, pythonic=pythonic, mode=mode, parallel=req.parallel_tool_calls, only=only
+                tools, pythonic=pythonic, json_shape=json_shape, mode=mode, parallel=req.parallel_tool_calls, only=only
             )
         except (RuntimeError, ValueError, TypeError) as e:  # a parameters schema xgrammar cannot use
             raise bad_request(f"tools: a function's parameters schema cannot be used: {e}", "tools") from e
         structured = StructuredOutput("structural_tag", tag, "tools")
     return ToolPlan(tools, parser_name, "", req.parallel_tool_calls, structured, forced)
-
-
-def _writes_pythonic(parser: ToolParser, tokenizer: Tokenizer) -> bool:
-    # A parser reading both shapes: the model writes what its prompt asked for. herd's llama-4 template
-    # asks for Meta's pythonic calls; the checkpoints' jinja templates ask for JSON.
-    pythonic, json = parser.shapes
-    if pythonic and json:
-        return isinstance(tokenizer.chat_template, Llama4ChatTemplate)
-    return pythonic
 
 
 class ToolReader:
