@@ -7,10 +7,10 @@ compile (a large JSON schema over a 200k vocabulary) off the engine's step loop,
 not compile is refused before anything reaches the engine. Here a blob is only deserialized, once per
 grammar (`_compiled` is keyed by the blob's key), and each sequence gets its own `GrammarState`.
 
-Masking is plain tensor ops on whatever device the logits live on: xgrammar fills a packed int32
-bitmask per row on the CPU (the matcher is a CPU automaton), the mask is unpacked to booleans on the
-logits' device, and disallowed tokens get -inf before logit_bias, penalties and temperature. The
-unpacking is elementwise per row, so a row's tokens still do not depend on the rest of the batch.
+Masking: xgrammar fills a packed int32 bitmask per row on the CPU (the matcher is a CPU automaton), the
+bitmask moves to the logits' device, and xgrammar's kernel (C++ on the CPU, a GPU kernel on CUDA) sets
+the disallowed logits to -inf, before logit_bias, penalties and temperature. It works row by row, so a
+row's tokens still do not depend on the rest of the batch.
 """
 
 from __future__ import annotations
@@ -81,7 +81,6 @@ class GrammarState:
 
     def __init__(self, blob: GrammarBlob) -> None:
         compiled = load_compiled(blob)
-        self.vocab_size = compiled.tokenizer_info.vocab_size
         self.matcher = xgr.GrammarMatcher(compiled)
         self.failed = False
 
@@ -100,32 +99,15 @@ class GrammarState:
         return True
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+def mask_in_place(x: torch.Tensor, grammars: Sequence[GrammarState | None]) -> None:
+    """Set to -inf, in place, every logit of x ([len(grammars), V]) its row's grammar forbids.
 
-
-def apply_grammars(logits: torch.Tensor, grammars: Sequence[GrammarState | None]) -> torch.Tensor:
-    """`logits` with every token its row's grammar forbids at -inf; the same tensor when no row is constrained.
-
-    Never modifies `logits` in place (it may be the caller's). Columns past the grammar's vocabulary
-    (padding rows of the embedding) are forbidden too.
+    Columns past the grammar's vocabulary (padding rows of the embedding) are forbidden too: the bitmask
+    covers x's whole width and xgrammar leaves ids it has no token for unset.
     """
-    rows = [i for i, g in enumerate(grammars) if g is not None]
-    if not rows:
-        return logits
-    vocab = logits.shape[1]
-    bitmask = torch.full((len(rows), (vocab + 31) // 32), -1, dtype=torch.int32)
-    masked = [k for k, i in enumerate(rows) if grammars[i].fill(bitmask, k)]  # type: ignore[union-attr]
-    if not masked:
-        return logits
-    device = logits.device
-    bits = bitmask[masked].to(device, non_blocking=True)
-    allowed = ((bits[:, :, None] >> _BITS.to(device)) & 1).bool().reshape(len(masked), -1)[:, :vocab]
-    for j, k in enumerate(masked):
-        grammar = grammars[rows[k]]
-        assert grammar is not None
-        if grammar.vocab_size < vocab:
-            allowed[j, grammar.vocab_size :] = False
-    index = torch.tensor([rows[k] for k in masked], dtype=torch.long, device=device)
-    out = logits.clone()
-    out[index] = logits[index].masked_fill(~allowed, float("-inf"))
-    return out
+    bitmask = torch.full((len(grammars), (x.shape[1] + 31) // 32), -1, dtype=torch.int32)
+    masked = [i for i, g in enumerate(grammars) if g is not None and g.fill(bitmask, i)]
+    if masked:
+        # xgrammar's kernel: C++ on the CPU, a GPU kernel on CUDA. On the CPU it was 8x faster than
+        # unpacking the bits with torch ops (16 rows of 202k logits: ~20 ms against ~160 ms, dev-cpu).
+        xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device, non_blocking=True), indices=masked)

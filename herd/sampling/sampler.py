@@ -1,7 +1,7 @@
 """The sampler: one token per sequence from a batch of logits.
 
-Per row, in vLLM's order: the grammar's mask (constrained decoding, herd.sampling.grammar); logit_bias and
-the min_tokens ban on EOS / stop tokens; the repetition
+Per row, in vLLM's order: the grammar's mask (constrained decoding, herd.sampling.grammar), logit_bias
+and the min_tokens ban on EOS / stop tokens; the repetition
 penalty (prompt + output tokens); presence and frequency penalties (output tokens); then either argmax
 (greedy) or temperature, top-k, top-p, min-p and a draw.
 
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from herd.sampling.grammar import apply_grammars
 from herd.sampling.penalties import adjusted_logits, as_floats, as_index, take_rows
 from herd.sampling.state import SamplingState
 
@@ -58,8 +57,7 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> list[SampleResult]:
-        raw = _checked(logits, states)
-        logits = apply_grammars(raw, [s.grammar for s in states])
+        logits = _checked(logits, states)
         tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
         greedy, drawn = _split(states)
         if greedy:
@@ -70,7 +68,7 @@ class Sampler:
             # The only per-row loop: each row's uniform number comes from its own generator.
             u = torch.tensor([states[i].uniform() for i in drawn], dtype=torch.float64).to(logits.device)
             tokens[as_index(drawn, logits.device)] = _inverse_cdf(probs, u)
-        return _results(raw, tokens, states)
+        return _results(logits, tokens, states)
 
     @torch.inference_mode()
     def probs(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
@@ -79,7 +77,7 @@ class Sampler:
         That is after logit_bias, min_tokens, penalties, temperature, top-k, top-p and min-p. Draws no
         random numbers. For speculative decoding's acceptance test, and for tests.
         """
-        logits = apply_grammars(_checked(logits, states), [s.grammar for s in states])
+        logits = _checked(logits, states)
         out = torch.zeros_like(logits)
         greedy, drawn = _split(states)
         if greedy:
