@@ -350,3 +350,31 @@ def test_tool_call_constraint_off_leaves_auto_mode_free() -> None:
         )  # fmt: skip
     # Unconstrained, the demo model calls get_time, which it was not offered: why the constraint exists.
     assert [c.function.name for c in out.choices[0].message.tool_calls or []] == ["get_time"]
+
+
+def test_a_grammar_crosses_to_the_engine_process() -> None:
+    # The compiled grammar travels pickled (xgrammar's JSON serialization) to the core's own process.
+    from test_engine_process import Driver
+
+    from herd.engine.client import ProcessCoreClient
+
+    args = ServerArgs(model_path=DEMO, dtype="float32")
+    client = ProcessCoreClient(args.to_config().engine)
+    try:
+        driver = Driver(client, args)
+        pattern = r"(red|green|blue) [0-9]{2}"
+        params = SamplingParams(
+            n=1, temperature=1.0, max_tokens=20, seed=5, structured=StructuredOutput("regex", pattern)
+        )
+        ids = driver.processor.tokenizer.encode("Pick a color.")  # type: ignore[union-attr]
+        request_id = driver.add(ids, params)
+        tokens: list[int] = []
+        while True:
+            outs = [o for o in driver.next_message().outputs if o.request_id == request_id]
+            tokens += [t for o in outs for t in o.new_token_ids]
+            if any(o.finish_reason for o in outs):
+                break
+        text = driver.processor.tokenizer.decode(tokens, skip_special_tokens=True)  # type: ignore[union-attr]
+        assert re.fullmatch(pattern, text), text
+    finally:
+        client.close()
