@@ -264,7 +264,13 @@ BAD_REQUESTS = [
     (CHAT, {**OK_CHAT, "max_tokens": CONTEXT}, 400, [f"({CONTEXT})", f"context length ({CONTEXT} tokens)"], None),
     (CHAT, {**OK_CHAT, "stream_options": {"include_usage": True}}, 400, ["stream"], "stream_options"),
     (CHAT, {**OK_CHAT, "tool_choice": "required"}, 400, ["tools"], "tool_choice"),
-    (CHAT, {**OK_CHAT, "response_format": {"type": "json_object"}}, 400, ["not supported yet"], "response_format"),
+    (
+        CHAT,
+        {**OK_CHAT, "response_format": {"type": "json_schema"}},
+        400,
+        ["json_schema.schema"],
+        "response_format.json_schema.schema",
+    ),
     (
         CHAT,
         {
@@ -283,7 +289,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, ["max_tokens"], "max_tokens"),
     ("/generate", {"text": "x", "input_ids": [1]}, 400, ["exactly one"], "text"),
     ("/generate", {"text": "x", "sampling_params": {"max_new_token": 3}}, 400, ["max_new_token"], None),
-    ("/generate", {"text": "x", "sampling_params": {"regex": "a+"}}, 400, ["not supported yet"], None),
+    ("/generate", {"text": "x", "sampling_params": {"regex": "a", "ebnf": "root ::= 'a'"}}, 400, ["at most"], None),
     ("/v1/nothing", {}, 404, ["Not Found"], None),
 ]
 

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import xgrammar as xgr
 
+from herd.frontend.structured import GrammarCompiler
 from herd.frontend.tokenizer import Tokenizer, load_tokenizer
 from herd.frontend.tool_parser import get_tool_parser
 from herd.server.context import load_generation_defaults
@@ -44,25 +46,79 @@ def tokenizer() -> Tokenizer:
     return load_tokenizer(llama4_tokenizer_model())  # no chat template beside it: the built-in llama-4
 
 
+@pytest.fixture(scope="module")
+def compiler(tokenizer: Tokenizer) -> GrammarCompiler:
+    return GrammarCompiler(tokenizer, tokenizer.vocab_size, tokenizer.eos_token_ids)
+
+
+GET_TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+
+
 @pytest.mark.parametrize(
-    ("choice", "parser", "prefix"),
+    ("choice", "parser", "accepted", "refused"),
     [
-        (None, "llama4", ""),
-        ("auto", "pythonic", ""),
-        ("required", "llama4", "["),
-        ({"type": "function", "function": {"name": "get_weather"}}, "llama4", "[get_weather("),
-        ("required", "llama3_json", '{"name": "'),
-        ({"type": "function", "function": {"name": "get_weather"}}, "json", '{"name": "get_weather", "parameters": '),
+        (
+            "required",
+            "llama4",
+            ['[get_weather(city="Paris")]', '{"name": "get_time", "parameters": {}}'],
+            ["Hi", "[f()]"],
+        ),
+        (
+            "required",
+            "pythonic",
+            ['[get_time(), get_weather(city="x", days=2)]'],
+            ['{"name": "get_time", "parameters": {}}'],
+        ),
+        (
+            {"type": "function", "function": {"name": "get_weather"}},
+            "llama4",
+            ['[get_weather(city="a")]'],
+            ["[get_time()]"],
+        ),
+        ("required", "llama3_json", ['{"name": "get_time", "parameters": {}}'], ["[get_time()]"]),
+        ("auto", "llama4", ['Sure. [get_weather(city="Oslo")] Done.', "No call at all."], ["Calling [get_date()]"]),
+        ("auto", "pythonic", ['[get_weather(city="Oslo", days=1)]'], ["[get_weather(days=1)]"]),
     ],
 )
-def test_tool_choice_forces_the_opening_of_a_call(
-    tokenizer: Tokenizer, choice: object, parser: str, prefix: str
+def test_tool_choice_grammar_takes_calls_to_offered_tools_only(
+    tokenizer: Tokenizer,
+    compiler: GrammarCompiler,
+    choice: object,
+    parser: str,
+    accepted: list[str],
+    refused: list[str],
 ) -> None:
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    }
     req = ChatCompletionRequest.model_validate(
-        {"messages": [{"role": "user", "content": "hi"}], "tools": [TOOL], "tool_choice": choice}
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [weather, GET_TIME], "tool_choice": choice}
     )
     plan = plan_tools(req, parser, tokenizer)
-    assert plan.prefix == prefix and plan.tools and plan.parser_name == parser
+    assert plan.structured is not None and plan.tools and plan.parser_name == parser
+    blob = compiler.compile(plan.structured)
+    grammar = xgr.CompiledGrammar.deserialize_json(blob.compiled, compiler.info)
+    for text in accepted:
+        matcher = xgr.GrammarMatcher(grammar)
+        assert matcher.accept_string(text) and matcher.is_completed(), text
+        assert plan.reader().parse(text).tool_calls or choice == "auto"  # type: ignore[union-attr]
+    for text in refused:
+        matcher = xgr.GrammarMatcher(grammar)
+        assert not (matcher.accept_string(text) and matcher.is_completed()), text
+
+
+def test_tool_call_constraint_off_leaves_auto_free(tokenizer: Tokenizer) -> None:
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "tools": [TOOL]})
+    assert plan_tools(req, "llama4", tokenizer, constrain_auto=False).structured is None
+    assert plan_tools(req, "llama4", tokenizer, constrain_auto=True).structured is not None
 
 
 def test_tool_choice_none_offers_nothing(tokenizer: Tokenizer) -> None:

@@ -113,6 +113,7 @@ class ServerConfig:
     served_model_name: str
     api_key: str | None
     tool_call_parser: str
+    tool_call_constraint: str  # "on": tool_choice auto constrains a call once the model opens one
     enable_multimodal: bool
     allowed_local_media_path: str | None
     max_images_per_request: int

@@ -102,6 +102,10 @@ class ServerArgs:
     tool_call_parser: str | None = field(
         default=None, metadata={"help": "tool-call format of the model's output (default: llama4, both shapes)"}
     )
+    tool_call_constraint: str = field(
+        default="on",
+        metadata={"help": "on: with tool_choice auto, a call the model opens must name an offered tool (off: free)"},
+    )
     enable_multimodal: bool = False
     allowed_local_media_path: str | None = field(
         default=None, metadata={"help": "let requests name image files under this folder (vLLM's flag; off by default)"}
@@ -190,6 +194,7 @@ class ServerArgs:
             raise ArgumentError("--host must not be empty")
         if self.tool_call_parser is not None:
             self._check_choice("tool_call_parser", sorted(TOOL_CALL_PARSERS))
+        self._check_choice("tool_call_constraint", ("on", "off"))
         if self.log_level is not None:
             self._check_choice("log_level", LOG_LEVELS)
         if self.api_key == "":
@@ -274,6 +279,7 @@ class ServerArgs:
             served_model_name=self.served_model_name or self.model_path,
             api_key=self.api_key,
             tool_call_parser=self.tool_call_parser or DEFAULT_TOOL_CALL_PARSER,
+            tool_call_constraint=self.tool_call_constraint,
             enable_multimodal=self.enable_multimodal,
             allowed_local_media_path=self.allowed_local_media_path,
             max_images_per_request=self.max_images_per_request,

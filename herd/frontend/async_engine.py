@@ -192,8 +192,8 @@ class AsyncEngine:
             )
 
     async def _process(self, request_id: str, prompt: Prompt, params: SamplingParams) -> ProcessedRequest:
-        if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
-            # Image preprocessing takes a while: other streams must flow meanwhile.
+        if (isinstance(prompt, dict) and prompt.get("multi_modal_data")) or self.processor.needs_compile(params):
+            # Image preprocessing and grammar compiles take a while: other streams must flow meanwhile.
             return await asyncio.to_thread(self.processor.process, request_id, prompt, params)
         return self.processor.process(request_id, prompt, params)
 

@@ -8,6 +8,7 @@ the vocabulary, images without a vision tower, more tokens than the context leng
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from herd.config import ModelConfig
 from herd.config.engine import FrontendConfig
 from herd.engine.protocol import CoreInfo, EngineCoreRequest
 from herd.frontend.images import ExpandedPrompt, ImageInputError, expand_images
+from herd.frontend.structured import GrammarCompiler
 from herd.frontend.tokenizer import Tokenizer, load_tokenizer
 from herd.sampling import SamplingParams
 
@@ -69,6 +71,23 @@ class InputProcessor:
         self.max_request_tokens = core.max_request_tokens
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids if tokenizer else model.eos_token_ids)
         self._rng = random.Random(config.seed)
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
+
+    def needs_compile(self, params: SamplingParams | None) -> bool:
+        """Whether `process` would compile a grammar it has not cached (slow: run it off the event loop)."""
+        if params is None or params.structured is None or params.grammar is not None:
+            return False
+        return self._grammars is None or self._grammars.cached(params.structured) is None
+
+    def _with_grammar(self, params: SamplingParams) -> SamplingParams:
+        """`params` with its `structured` constraint compiled into `grammar` (GrammarError if it cannot be)."""
+        if params.structured is None or params.grammar is not None:
+            return params
+        if self.tokenizer is None:
+            raise RequestError("constrained decoding needs a tokenizer, and this engine has none")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.vocab_size, self.eos_token_ids)
+        return dataclasses.replace(params, grammar=self._grammars.compile(params.structured))
 
     def process(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> ProcessedRequest:
         """Check and convert one request; `prompt` is text, token ids or `{"prompt_token_ids": [...]}` /
@@ -79,6 +98,7 @@ class InputProcessor:
             params.check_vocab(self.model.vocab_size)
         except ValueError as e:
             raise RequestError(str(e)) from None
+        params = self._with_grammar(params)
         text, ids = self._prompt_ids(prompt)
         expanded = self._expand_images(prompt, ids) if isinstance(prompt, dict) else None
         if expanded is not None:

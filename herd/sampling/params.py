@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from herd.sampling.grammar import GrammarBlob, StructuredOutput
+
 # Below this temperature a request is greedy, as in vLLM: dividing logits by ~0 would only overflow.
 GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
@@ -39,6 +41,10 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrained decoding: what the client asked for, and (set by the frontend, which compiles it)
+    # the compiled grammar the engine masks with.
+    structured: StructuredOutput | None = None
+    grammar: GrammarBlob | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, lo=1)

@@ -1,4 +1,5 @@
-"""Logits adjustments before sampling: logit_bias, the min_tokens ban, repetition / presence / frequency penalties.
+"""Logits adjustments before sampling: the grammar's mask, logit_bias, the min_tokens ban, repetition /
+presence / frequency penalties.
 
 Row-independent like the rest of the sampler: every change is an exact elementwise op on one row's
 own entries, and the penalties touch only the (row, token) pairs a row has seen.
@@ -10,11 +11,12 @@ from collections.abc import Sequence
 
 import torch
 
+from herd.sampling.grammar import mask_in_place
 from herd.sampling.state import SamplingState
 
 
 def adjusted_logits(logits: torch.Tensor, rows: list[int], states: Sequence[SamplingState]) -> torch.Tensor:
-    """The rows' logits after logit_bias, min_tokens and penalties.
+    """The rows' logits after the grammar's mask, logit_bias, min_tokens and penalties.
 
     May be `logits` itself (when nothing changes and `rows` is every row): never modify it in place.
     """
@@ -28,7 +30,7 @@ def adjusted_logits(logits: torch.Tensor, rows: list[int], states: Sequence[Samp
 
 def _adjusts(state: SamplingState) -> bool:
     p = state.params
-    return bool(p.logit_bias) or bool(state.banned_token_ids()) or _penalised(state)
+    return state.grammar is not None or bool(p.logit_bias) or bool(state.banned_token_ids()) or _penalised(state)
 
 
 def _penalised(state: SamplingState) -> bool:
@@ -37,7 +39,9 @@ def _penalised(state: SamplingState) -> bool:
 
 
 def _adjust(x: torch.Tensor, states: Sequence[SamplingState]) -> None:
-    """logit_bias, the min_tokens ban and the penalties, in place on x ([len(states), V])."""
+    """The grammar's mask, logit_bias, the min_tokens ban and the penalties, in place on x ([len(states), V])."""
+    if any(s.grammar is not None for s in states):
+        mask_in_place(x, [s.grammar for s in states])
     vocab = x.shape[1]
     bias = [(r, t, b) for r, s in enumerate(states) for t, b in (s.params.logit_bias or {}).items() if t < vocab]
     if bias:

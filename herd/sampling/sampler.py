@@ -1,6 +1,7 @@
 """The sampler: one token per sequence from a batch of logits.
 
-Per row, in vLLM's order: logit_bias and the min_tokens ban on EOS / stop tokens; the repetition
+Per row, in vLLM's order: the grammar's mask (constrained decoding, herd.sampling.grammar), logit_bias
+and the min_tokens ban on EOS / stop tokens; the repetition
 penalty (prompt + output tokens); presence and frequency penalties (output tokens); then either argmax
 (greedy) or temperature, top-k, top-p, min-p and a draw.
 

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from herd.sampling.grammar import GrammarState
 from herd.sampling.params import SamplingParams
 
 
@@ -48,9 +49,12 @@ class SamplingState:
             banned.update(eos_token_ids)
         self._min_tokens_banned = tuple(sorted(banned)) if params.min_tokens > 0 else ()
         self._prompt_ids: torch.Tensor | None = None
+        self.grammar = GrammarState(params.grammar) if params.grammar is not None else None
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
 
     @property
     def num_output_tokens(self) -> int:

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from herd.frontend.async_engine import CompletionDelta, RequestStream
 from herd.frontend.tokenizer import Tokenizer
+from herd.sampling.grammar import StructuredOutput
 from herd.server.context import ServerContext, new_id
 from herd.server.errors import bad_request
 from herd.server.images import chat_image_refs, load_images, template_messages, with_images
@@ -21,6 +22,7 @@ from herd.server.params import build_sampling_params
 from herd.server.protocol import ChatCompletionRequest
 from herd.server.serving import UsageCounter, error_event, submit
 from herd.server.streaming import SSE_DONE, EngineEventStream, cancel_on_disconnect, sse
+from herd.server.structured import constrained, from_response_format
 from herd.server.tools import ToolPlan, ToolReader, plan_tools
 
 logger = logging.getLogger(__name__)
@@ -30,12 +32,13 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
     ctx.check_model(req.model)
     tokenizer = ctx.require_tokenizer("chat completions")
     _check_supported(req)
-    plan = plan_tools(req, ctx.tool_parser_name, tokenizer)
+    plan = plan_tools(req, ctx.tool_parser_name, tokenizer, ctx.constrain_auto_tool_calls)
     messages = [_message_dict(m) for m in req.messages]
     images = await load_images(ctx, chat_image_refs(messages))
     # Off the event loop: a long conversation takes a while to tokenize, and other streams must flow.
     ids = await asyncio.to_thread(_prompt_ids, tokenizer, template_messages(messages), plan)
     params = build_sampling_params(_sampling_values(req), ctx.generation_defaults, default_max_tokens=None)
+    params = constrained(params, _structured(req, plan))
     request_id = new_id("chatcmpl")
     reply = _ChatReply(ctx, req, plan, request_id)
     stream = await submit(ctx, [(request_id, with_images(ids, images), params)])
@@ -45,12 +48,21 @@ async def create_chat_completion(ctx: ServerContext, req: ChatCompletionRequest,
 
 
 def _check_supported(req: ChatCompletionRequest) -> None:
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(f"response_format {req.response_format.type!r} is not supported yet", "response_format")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+
+
+def _structured(req: ChatCompletionRequest, plan: ToolPlan) -> StructuredOutput | None:
+    """The reply's grammar: response_format's, else the tool calls' (a call forced by tool_choice cannot
+    also be a response_format document; in auto mode response_format wins)."""
+    fmt = from_response_format(req.response_format)
+    if fmt is not None and plan.forced:
+        raise bad_request(
+            "response_format cannot be combined with tool_choice required or a named function", "response_format"
+        )
+    return fmt or plan.structured
 
 
 def _prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]], plan: ToolPlan) -> list[int]:

@@ -23,6 +23,7 @@ from herd.server.params import build_sampling_params
 from herd.server.protocol import CompletionRequest
 from herd.server.serving import UsageCounter, error_event, submit
 from herd.server.streaming import SSE_DONE, EngineEventStream, cancel_on_disconnect, sse
+from herd.server.structured import constrained, from_response_format
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ async def create_completion(ctx: ServerContext, req: CompletionRequest, request:
     _check_supported(req)
     prompts = await asyncio.to_thread(_prompt_ids, ctx, req.prompt)  # tokenizing off the event loop
     params = build_sampling_params(_sampling_values(req), ctx.generation_defaults, DEFAULT_MAX_TOKENS)
+    params = constrained(params, from_response_format(req.response_format))
     base_id = new_id("cmpl")
     request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
     reply = _CompletionReply(ctx, req, base_id, request_ids)

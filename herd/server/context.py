@@ -56,6 +56,10 @@ class ServerContext:
     def tool_parser_name(self) -> str:
         return self.config.tool_call_parser
 
+    @property
+    def constrain_auto_tool_calls(self) -> bool:
+        return self.config.tool_call_constraint == "on"
+
     def require_tokenizer(self, what: str) -> Tokenizer:
         if self.tokenizer is None:
             raise APIError(400, f"{what} needs a tokenizer and this model has none: send token ids to /generate")

@@ -27,6 +27,7 @@ from herd.server.images import load_images, native_image_refs, with_images
 from herd.server.params import build_sampling_params
 from herd.server.serving import error_event, submit
 from herd.server.streaming import SSE_DONE, EngineEventStream, cancel_on_disconnect, sse
+from herd.server.structured import constrained, from_native
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +116,9 @@ def _prompts(ctx: ServerContext, req: GenerateRequest) -> tuple[list[list[int]],
 
 def _sampling_params(ctx: ServerContext, req: GenerateRequest) -> SamplingParams:
     sp = req.sampling_params or NativeSamplingParams()
-    for name in ("json_schema", "regex", "ebnf", "structural_tag"):
-        if getattr(sp, name) is not None:
-            raise bad_request(f"constrained decoding ({name}) is not supported yet", f"sampling_params.{name}")
+    if sp.structural_tag is not None:
+        raise bad_request("structural_tag is not supported yet", "sampling_params.structural_tag")
+    structured = from_native(sp.json_schema, sp.regex, sp.ebnf)
     if not sp.spaces_between_special_tokens:
         raise bad_request("spaces_between_special_tokens=false is not supported yet", "sampling_params")
     if req.logprob_start_len != -1:
@@ -143,7 +144,7 @@ def _sampling_params(ctx: ServerContext, req: GenerateRequest) -> SamplingParams
         "logprobs": req.top_logprobs_num if req.return_logprob else None,
     }
     # max_new_tokens: null means "up to the context length"; an absent one is SGLang's 128 (the field default).
-    return build_sampling_params(values, ctx.generation_defaults, default_max_tokens=None)
+    return constrained(build_sampling_params(values, ctx.generation_defaults, default_max_tokens=None), structured)
 
 
 def _request_ids(rid: str | list[str] | None, count: int) -> list[str]:

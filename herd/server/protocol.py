@@ -2,7 +2,7 @@
 
 Field names and meanings are OpenAI's, plus the sampling extensions vLLM and SGLang accept (top_k, min_p,
 repetition_penalty, ignore_eos, ...). Unknown fields are ignored, as OpenAI-compatible servers do; fields
-that would change the answer and that herd cannot honour yet (response_format, echo, suffix) are declared
+that would change the answer and that herd cannot honour yet (echo, suffix) are declared
 so that a request using them is refused instead of silently answered differently. Ranges are checked by
 `SamplingParams`, which names the parameter; responses are built as plain dicts.
 """
@@ -109,8 +109,16 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Model):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Model):
     type: str
+    json_schema: JSONSchemaFormat | None = None
 
 
 # -- requests ------------------------------------------------------------------------------------------------
@@ -159,3 +167,4 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    response_format: ResponseFormat | None = None

@@ -13,6 +13,7 @@ from herd.frontend.async_engine import (
     RequestDelta,
     RequestStream,
 )
+from herd.frontend.structured import GrammarError
 from herd.sampling import SamplingParams
 from herd.server.context import ServerContext
 from herd.server.errors import APIError, bad_request, error_body, param_of
@@ -32,6 +33,8 @@ async def submit(ctx: ServerContext, requests: Sequence[tuple[str, Prompt, Sampl
     except QueueFullError as e:
         ctx.metrics.rejected.inc()
         raise APIError(503, str(e), code="queue_full", headers={"Retry-After": RETRY_AFTER_S}) from e
+    except GrammarError as e:
+        raise bad_request(str(e), e.field) from e
     except ValueError as e:  # RequestError, or SamplingParams.check_vocab
         raise bad_request(str(e), param_of(str(e), _PARAMS)) from e
 

@@ -1,9 +1,9 @@
 """`tools` and `tool_choice` of a chat request: what the prompt offers and how the reply is read.
 
-herd has no constrained decoding yet, so `tool_choice` "required" and named are enforced by starting the
-assistant's reply with the opening of a call, which the model then continues: `[` or `[name(` in Llama 4's
-pythonic format, `{"name": "` or `{"name": "name", "parameters": ` in the JSON one. The reply is read as
-that opening plus what the model wrote, so the parsed calls are whole.
+`tool_choice` "required" and named are enforced by a grammar of the parser's own call syntax (pythonic or
+JSON) naming only the offered tools (or the named one) with arguments that follow each tool's schema
+(herd.frontend.tool_grammar). In "auto" mode the model writes freely until it opens a call, and the same
+grammar holds until the call closes (`--tool-call-constraint off` turns that off).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from herd.frontend.chat import Llama4ChatTemplate
 from herd.frontend.tokenizer import Tokenizer
+from herd.frontend.tool_grammar import tool_call_structural_tag
 from herd.frontend.tool_parser import ParsedOutput, ParserDelta, ToolParser, get_tool_parser, merge_deltas
+from herd.sampling.grammar import StructuredOutput
 from herd.server.errors import bad_request
 from herd.server.protocol import ChatCompletionRequest, NamedToolChoice
 
@@ -24,6 +25,8 @@ class ToolPlan:
     parser_name: str | None = None  # None: the reply is plain content
     prefix: str = ""  # the reply's forced opening
     parallel: bool = True  # False: keep only the first call
+    structured: StructuredOutput | None = None  # the grammar of the calls, when they are constrained
+    forced: bool = False  # the reply must be calls (tool_choice "required" or a named function)
 
     def reader(self) -> ToolReader | None:
         if self.parser_name is None:
@@ -31,7 +34,9 @@ class ToolPlan:
         return ToolReader(get_tool_parser(self.parser_name), self.prefix, self.parallel)
 
 
-def plan_tools(req: ChatCompletionRequest, parser_name: str, tokenizer: Tokenizer) -> ToolPlan:
+def plan_tools(
+    req: ChatCompletionRequest, parser_name: str, tokenizer: Tokenizer, constrain_auto: bool = True
+) -> ToolPlan:
     choice = req.tool_choice
     if not req.tools:
         if choice is not None and choice != "none":
@@ -41,26 +46,24 @@ def plan_tools(req: ChatCompletionRequest, parser_name: str, tokenizer: Tokenize
         return ToolPlan()
     names = [t.function.name for t in req.tools]
     tools = [t.model_dump(exclude_none=True) for t in req.tools]
-    pythonic = _writes_pythonic(get_tool_parser(parser_name), tokenizer)
+    pythonic, json_shape = get_tool_parser(parser_name).shapes
+    only = None
     if isinstance(choice, NamedToolChoice):
-        name = choice.function.name
-        if name not in names:
-            raise bad_request(f"tool_choice names {name!r}, which is not among the tools: {names}", "tool_choice")
-        prefix = f"[{name}(" if pythonic else f'{{"name": "{name}", "parameters": '
-    elif choice == "required":
-        prefix = "[" if pythonic else '{"name": "'
-    else:
-        prefix = ""
-    return ToolPlan(tools, parser_name, prefix, req.parallel_tool_calls)
-
-
-def _writes_pythonic(parser: ToolParser, tokenizer: Tokenizer) -> bool:
-    # A parser reading both shapes: the model writes what its prompt asked for. herd's llama-4 template
-    # asks for Meta's pythonic calls; the checkpoints' jinja templates ask for JSON.
-    pythonic, json = parser.shapes
-    if pythonic and json:
-        return isinstance(tokenizer.chat_template, Llama4ChatTemplate)
-    return pythonic
+        only = choice.function.name
+        if only not in names:
+            raise bad_request(f"tool_choice names {only!r}, which is not among the tools: {names}", "tool_choice")
+    forced = only is not None or choice == "required"
+    structured = None
+    if forced or constrain_auto:
+        mode = "required" if forced else "auto"
+        try:
+            tag = tool_call_structural_tag(
+                tools, pythonic=pythonic, json_shape=json_shape, mode=mode, parallel=req.parallel_tool_calls, only=only
+            )
+        except (RuntimeError, ValueError, TypeError) as e:  # a parameters schema xgrammar cannot use
+            raise bad_request(f"tools: a function's parameters schema cannot be used: {e}", "tools") from e
+        structured = StructuredOutput("structural_tag", tag, "tools")
+    return ToolPlan(tools, parser_name, "", req.parallel_tool_calls, structured, forced)
 
 
 class ToolReader:

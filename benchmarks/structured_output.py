@@ -1,0 +1,92 @@
+"""What constrained decoding costs: decode throughput of the same requests with and without a JSON schema.
+
+The tiny config of benchmarks/configs/ (random weights) with the real Llama 4 vocabulary (202,048 tokens,
+Meta's tokenizer.model from the llama-models package), so the grammar's per-step work (xgrammar's
+bitmask over the whole vocabulary, unpacking it, masking the logits) is what a Llama 4 checkpoint pays.
+16 requests run at once, temperature 1, EOS ignored, the same prompts and seeds both ways. The schema
+(an array of at least 100 {name, n} objects) cannot close within --output-len tokens, so every step of
+every constrained sequence is masked. Each side is the best of --repeats runs, interleaved, so a burst of
+other work on a shared machine does not decide the ratio.
+
+    python benchmarks/structured_output.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import llama_models
+import torch
+from offline_throughput import CONFIGS, prompts
+from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+from herd.llm import LLM
+from herd.sampling import SamplingParams
+from herd.sampling.grammar import StructuredOutput
+
+SCHEMA = {
+    "type": "array",
+    "minItems": 100,
+    "items": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+        "required": ["name", "n"],
+        "additionalProperties": False,
+    },
+}
+VOCAB = 202048
+
+
+def real_vocab_tiny(workdir: Path) -> Path:
+    """The tiny config over the real vocabulary, random weights, Meta's tokenizer.model beside them."""
+    path = workdir / "tiny_real_vocab"
+    if not (path / "config.json").is_file():
+        config = json.loads((CONFIGS / "tiny.json").read_text())
+        config = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+        torch.manual_seed(0)
+        model = Llama4ForCausalLM(Llama4TextConfig(**{**config, "vocab_size": VOCAB, "bos_token_id": 200000}))
+        model.to(torch.bfloat16).save_pretrained(path)
+    shutil.copy(Path(llama_models.__file__).parent / "llama4" / "tokenizer.model", path / "tokenizer.model")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/herd-bench"))
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    llm = LLM(str(real_vocab_tiny(args.workdir)), dtype="bfloat16", max_running_requests=args.requests)
+    free = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True, seed=0)
+    constrained = replace(free, structured=StructuredOutput("json_schema", json.dumps(SCHEMA)))
+    batch = [{"prompt_token_ids": p} for p in prompts(args.requests, args.input_len, VOCAB)]
+    for params in (free, constrained):  # warm up (and compile the grammar once)
+        llm.generate(batch[:2], replace(params, max_tokens=4), use_tqdm=False)
+    best = {"free": 0.0, "constrained": 0.0}
+    for _ in range(args.repeats):
+        for name, params in (("free", free), ("constrained", constrained)):
+            start = time.perf_counter()
+            outs = llm.generate(batch, params, use_tqdm=False)
+            elapsed = time.perf_counter() - start
+            assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
+            best[name] = max(best[name], args.requests * args.output_len / elapsed)
+    sample = llm.generate(batch[:1], constrained, use_tqdm=False)[0].outputs[0].text
+    print(json.dumps({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}))
+    print(f"output tok/s, {args.requests} at once: free {best['free']:.1f}, constrained {best['constrained']:.1f}")
+    print(f"cost of the grammar: {100 * (1 - best['constrained'] / best['free']):.1f}% of decode throughput")
+    print(f"a constrained output begins: {sample[:80]!r}")
+
+
+if __name__ == "__main__":
+    main()
