@@ -1,7 +1,9 @@
 """`python -m herd.launch_server ...` (alias `herd serve ...`): SGLang's command line, herd's server.
 
 Start-up order: check every flag (a bad one fails naming it), bind the port (a busy one fails before
-minutes of weight loading), load the model, then serve with uvicorn until SIGINT / SIGTERM.
+minutes of weight loading), load the model, then serve with uvicorn until SIGINT / SIGTERM, or until the
+engine process dies (a tensor-parallel rank lost): then the server stops with status 1. A node other than
+node 0 (`--node-rank` above 0) serves nothing: it runs its tensor-parallel ranks until node 0 stops.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import contextlib
 import logging
 import socket
 import sys
+import threading
+import time
 
 import uvicorn
 
@@ -18,6 +22,7 @@ from herd.config.engine import LOG_FORMAT, ServerConfig
 from herd.config.server_args import ArgumentError, ServerArgs, add_server_args, server_args_from
 from herd.frontend.async_engine import AsyncEngine
 from herd.server import build_app
+from herd.worker.distributed import run_node
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +76,33 @@ def make_server(config: ServerConfig, engine: AsyncEngine, sock: socket.socket) 
     return uvicorn.Server(config)
 
 
+def stop_when_engine_dies(server: uvicorn.Server, engine: AsyncEngine, failed: threading.Event) -> None:
+    """Stop serving if the engine process exits with an error: no request could be served again."""
+
+    def watch() -> None:
+        while not server.should_exit:
+            code = getattr(engine.client, "exitcode", None)
+            if code not in (None, 0):
+                logger.error("the engine process exited with status %s: stopping the server", code)
+                failed.set()
+                server.should_exit = True
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="herd-engine-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None, prog: str = "herd serve") -> int:
     args = parse_args(argv, prog)
     logging.basicConfig(level=(args.log_level or "info").upper(), format=LOG_FORMAT)
+    if args.node_rank > 0:
+        try:
+            config = args.to_config()
+        except (ValueError, OSError) as e:
+            logger.error("cannot load the model at --model-path %s: %s", args.model_path, e)
+            return 1
+        run_node(config.engine)
+        return 0
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as e:
@@ -87,12 +116,14 @@ def main(argv: list[str] | None = None, prog: str = "herd serve") -> int:
         logger.error("cannot load the model at --model-path %s: %s", args.model_path, e)
         return 1
     # uvicorn re-raises the Ctrl-C it caught once it has shut down cleanly: that is a normal exit.
+    server, failed = make_server(config.server, engine, sock), threading.Event()
+    stop_when_engine_dies(server, engine, failed)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            make_server(config.server, engine, sock).run(sockets=[sock])
+            server.run(sockets=[sock])
     finally:
         engine.client.close()
-    return 0
+    return 1 if failed.is_set() else 0
 
 
 if __name__ == "__main__":

@@ -148,6 +148,12 @@ class EngineCore:
         if live.introduced:
             self._finished.append(live.request.request_id)
 
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (they also stop when this process exits)."""
+        for worker in self.workers:
+            if isinstance(worker, TensorParallelDriver):
+                worker.close()
+
     # -- state (metrics, tests, admin routes) -------------------------------------------------------------
 
     def stats(self) -> EngineStats:

@@ -73,8 +73,14 @@ class RankMonitor:
     def __init__(self, processes: dict[int, Any]) -> None:
         self.processes = processes
         self.closing = False
+        self._reported = threading.Event()
         if processes:
             threading.Thread(target=self._watch, name="herd-rank-monitor", daemon=True).start()
+
+    def wait_for_death(self, timeout: float) -> None:
+        """Give the monitor a moment to name the rank that died (and end the process) first."""
+        if self.processes:
+            self._reported.wait(timeout)
 
     def _watch(self) -> None:
         by_sentinel = {p.sentinel: (rank, p) for rank, p in self.processes.items()}
@@ -88,6 +94,7 @@ class RankMonitor:
             process.exitcode,
         )  # fmt: skip
         sys.stderr.flush()
+        self._reported.set()
         os._exit(1)  # the step in progress may be blocked in a collective that will never complete
 
 
@@ -127,8 +134,14 @@ class TensorParallelDriver:
         self.worker.init_kv_cache(plan)
 
     def execute(self, plan: StepPlan) -> list[SampleResult]:
-        dist.broadcast_object_list([plan], src=0, group=self.control)
-        return self.worker.execute(plan)
+        try:
+            dist.broadcast_object_list([plan], src=0, group=self.control)
+            return self.worker.execute(plan)
+        except dist.DistBackendError as e:  # a peer is gone mid-step (on this node the monitor names it)
+            self.monitor.wait_for_death(timeout=2.0)
+            logger.error("a collective with the other tensor-parallel ranks failed, a rank died: %s", e)
+            sys.stderr.flush()
+            os._exit(1)
 
     def close(self) -> None:
         """Tell every rank to stop, and leave the process group (so a later engine in this process can join one)."""
@@ -150,6 +163,7 @@ class TensorParallelDriver:
 def run_follower(config: EngineConfig, rank: int, address: str) -> None:
     """A rank other than 0: load its shard, then run every plan rank 0 broadcasts until told to stop."""
     control = init_rank(config, rank, address)
+    logger.info("tensor-parallel rank %d: pid %d", rank, os.getpid())
     worker = Worker(config, rank=rank)
     worker.init_kv_cache(agree_kv_plan(worker.plan_kv_cache(), control))
     while True:
