@@ -1,6 +1,6 @@
-"""`python tests/tp_generate.py CKPT PROMPTS_JSON CONFIGS_JSON`: greedy tokens of herd's `LLM` for each
-config (keyword arguments, e.g. {"tp_size": 2}), one JSON line each. Tensor-parallel runs start processes and
-join a process group, so the tests run them here, in a process of their own, not in pytest's."""
+"""`python tests/tp_generate.py JOBS_JSON MAX_TOKENS`: greedy tokens of herd's `LLM` for each job
+`[checkpoint, prompts, engine kwargs (e.g. {"tp_size": 2})]`, one JSON line each. Tensor-parallel runs start
+processes and join a process group, so the tests run them here, in a process of their own, not in pytest's."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from herd.sampling import SamplingParams
 
 
 def main() -> None:
-    path, prompts, configs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-    params = SamplingParams(temperature=0.0, max_tokens=int(sys.argv[4]), ignore_eos=True)
-    for kwargs in configs:
+    jobs, max_tokens = json.loads(sys.argv[1]), int(sys.argv[2])
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for path, prompts, kwargs in jobs:
         llm = LLM(path, dtype="float32", chunked_prefill_size=7, **kwargs)
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         print(json.dumps([o.outputs[0].token_ids for o in outputs]), flush=True)
-        llm.engine.core.close()  # the ranks stop and the process group goes: the next config makes its own
+        llm.engine.core.close()  # the ranks stop and the process group goes: the next job makes its own
 
 
 if __name__ == "__main__":
