@@ -66,7 +66,8 @@ def test_tp_and_ep_tokens_match_transformers(scout_ckpt, maverick_ckpt) -> None:
     by heads and columns). The all-MoE model both ways, the dense/MoE-interleaved one with whole experts (and
     with split ones over two nodes, below); one rank's tokens equal transformers' too (test_engine.py)."""
     batch = prompts()
-    jobs = [(scout_ckpt, {"tp_size": 2}), (scout_ckpt, {"tp_size": 2, "ep_size": 2}), (maverick_ckpt, {"tp_size": 2, "ep_size": 2})]
+    tp, ep = {"tp_size": 2}, {"tp_size": 2, "ep_size": 2}
+    jobs = [(scout_ckpt, tp), (scout_ckpt, ep), (maverick_ckpt, ep)]
     spec = [(str(ckpt[0]), batch, config) for ckpt, config in jobs]
     cmd = [sys.executable, str(TESTS / "tp_generate.py"), json.dumps(spec), str(MAX_TOKENS)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)
