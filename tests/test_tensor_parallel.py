@@ -125,10 +125,11 @@ def test_experts_that_do_not_divide_are_named(tmp_path: Path, scout_ckpt) -> Non
         ServerArgs(model_path=str(tmp_path), tp_size=2, ep_size=2).to_config()
 
 
-def serve(path: Path, *flags: str) -> subprocess.Popen[str]:
+def serve(path: Path, *flags: str, threads: int | None = None) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "herd.launch_server", "--model-path", str(path), "--dtype", "float32"]
     cmd += ["--chunked-prefill-size", "7", "--max-total-tokens", "512", *flags]
-    return subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env())
+    variables = env() if threads is None else {**env(), "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=variables)
 
 
 class Log:
@@ -178,8 +179,9 @@ def stop(*procs: subprocess.Popen[str]) -> None:
 def test_two_nodes_serve_the_same_tokens(maverick_ckpt) -> None:
     path, model = maverick_ckpt
     nodes = ["--tp-size", "2", "--nnodes", "2", "--dist-init-addr", f"127.0.0.1:{free_port()}"]
-    node1 = serve(path, *nodes, "--node-rank", "1")
-    node0 = serve(path, *nodes, "--node-rank", "0", "--port", "0", "--served-model-name", "tp")
+    # Both "nodes" on this machine's cores: one thread each, or their ranks spin against each other.
+    node1 = serve(path, *nodes, "--node-rank", "1", threads=1)
+    node0 = serve(path, *nodes, "--node-rank", "0", "--port", "0", "--served-model-name", "tp", threads=1)
     log0, log1 = Log(node0), Log(node1)
     try:
         url = log0.wait_for(r"serving tp at (http://\S+)").group(1)

@@ -54,7 +54,8 @@ def init_rank(config: EngineConfig, rank: int, address: str) -> Any:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(rank % parallel.ranks_per_node)
-    else:  # the node's ranks share its cores: more threads than cores would spin against each other
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # The node's ranks share its cores: more threads than cores would spin against each other.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel.ranks_per_node))
     dist.init_process_group(
         backend, init_method=f"tcp://{address}", world_size=parallel.tp_size, rank=rank, timeout=START_TIMEOUT
