@@ -2,7 +2,9 @@
 
 Start-up order: check every flag (a bad one fails naming it), bind the port (a busy one fails before
 minutes of weight loading), load the model, then serve with uvicorn until SIGINT / SIGTERM (a graceful
-drain, exit 0) or until the engine dies (exit 1); see herd.server.shutdown.
+drain, exit 0) or until the engine dies (a tensor-parallel rank lost too: exit 1); see herd.server.shutdown.
+A node other than node 0 (`--node-rank` above 0) serves nothing: it runs its tensor-parallel ranks until
+node 0 stops.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from herd.config.server_args import ArgumentError, ServerArgs, add_server_args, 
 from herd.frontend.async_engine import AsyncEngine
 from herd.server import build_app
 from herd.server.shutdown import CLOSE_TIMEOUT_S, GracefulServer
+from herd.worker.distributed import run_node
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,14 @@ def make_server(
 def main(argv: list[str] | None = None, prog: str = "herd serve") -> int:
     args = parse_args(argv, prog)
     logging.basicConfig(level=(args.log_level or "info").upper(), format=LOG_FORMAT)
+    if args.node_rank > 0:
+        try:
+            config = args.to_config()
+        except (ValueError, OSError) as e:
+            logger.error("cannot load the model at --model-path %s: %s", args.model_path, e)
+            return 1
+        run_node(config.engine)
+        return 0
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as e:

@@ -69,7 +69,9 @@ def test_image_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flags", "words"),
     [
-        (["--tp", "2"], ["--tp-size 2", "not supported yet"]),
+        (["--tp", "2", "--ep", "3"], ["--ep-size 3", "must divide --tp-size 2"]),
+        (["--nnodes", "2", "--tp", "2"], ["--nnodes 2", "--dist-init-addr"]),
+        (["--nnodes", "2", "--tp", "2", "--dist-init-addr", "node0"], ["--dist-init-addr 'node0'", "host:port"]),
         (["--speculative-algorithm", "EAGLE3"], ["--speculative-algorithm", "not supported yet"]),
         (["--speculative-num-steps", "3"], ["--speculative-num-steps", "not supported yet"]),
         (["--quantization", "fp8"], ["--quantization", "not supported yet"]),

@@ -56,8 +56,15 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tp_size: int = 1
-    ep_size: int = 1
+    ep_size: int = 1  # expert parallelism inside the tensor-parallel ranks (divides tp_size)
     dp_size: int = 1
+    nnodes: int = 1  # machines the tensor-parallel ranks are spread over, tp_size // nnodes ranks each
+    node_rank: int = 0  # this machine's place; node 0 runs the scheduler and the server
+    dist_init_addr: str | None = None  # host:port where the ranks meet (None: a free port on 127.0.0.1)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
 
     @property
     def world_size(self) -> int:

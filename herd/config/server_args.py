@@ -54,7 +54,6 @@ NOT_YET: dict[str, Any] = {
     "speculative_num_draft_tokens": None,
     "kv_cache_dtype": "auto",
     "dp_size": 1,
-    "ep_size": 1,
     "lora_paths": None,
 }
 
@@ -96,7 +95,15 @@ class ServerArgs:
     # -- server -------------------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 30000
-    tp_size: int = field(default=1, metadata={"aliases": ("--tp",), "help": "tensor parallel size (only 1 yet)"})
+    tp_size: int = field(default=1, metadata={"aliases": ("--tp",), "help": "tensor parallel size: ranks (processes)"})
+    ep_size: int = field(
+        default=1, metadata={"aliases": ("--ep",), "help": "expert parallel size: whole experts on tp/ep ranks each"}
+    )
+    nnodes: int = field(default=1, metadata={"help": "nodes the --tp-size ranks are spread over"})
+    node_rank: int = field(default=0, metadata={"help": "this node's rank; node 0 runs the server"})
+    dist_init_addr: str | None = field(
+        default=None, metadata={"help": "host:port of node 0 where the ranks meet (needed with --nnodes above 1)"}
+    )
     served_model_name: str | None = field(default=None, metadata={"help": "model id in the API (default: the path)"})
     api_key: str | None = field(default=None, metadata={"help": "require `Authorization: Bearer KEY`"})
     tool_call_parser: str | None = field(
@@ -139,11 +146,11 @@ class ServerArgs:
     speculative_num_draft_tokens: int | None = None
     kv_cache_dtype: str = "auto"
     dp_size: int = field(default=1, metadata={"aliases": ("--dp",)})
-    ep_size: int = field(default=1, metadata={"aliases": ("--ep",)})
     lora_paths: str | None = None
 
     def __post_init__(self) -> None:
         self._check_not_yet()
+        self._check_parallel()
         self._check_server()
         self._check_choice("dtype", ("auto", *DTYPES))
         self._check_choice("load_format", LOAD_FORMATS)
@@ -184,8 +191,46 @@ class ServerArgs:
             value = getattr(self, name)
             if value != off:
                 raise ArgumentError(f"{_flag(name)} {value!r}: not supported yet")
-        if self.tp_size != 1:
-            raise ArgumentError(f"--tp-size {self.tp_size}: tensor parallelism is not supported yet (only 1)")
+
+    def _check_parallel(self) -> None:
+        for name in ("tp_size", "ep_size", "nnodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ArgumentError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        if self.tp_size % self.ep_size:
+            raise ArgumentError(f"--ep-size {self.ep_size} must divide --tp-size {self.tp_size}")
+        if self.tp_size % self.nnodes:
+            raise ArgumentError(f"--nnodes {self.nnodes} must divide --tp-size {self.tp_size} (ranks per node)")
+        if not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
+            raise ArgumentError(f"--node-rank must be in [0, {self.nnodes}) for --nnodes {self.nnodes}")
+        if self.nnodes > 1 and self.dist_init_addr is None:
+            raise ArgumentError(f"--nnodes {self.nnodes} needs --dist-init-addr, the host:port of node 0")
+        if self.dist_init_addr is not None:
+            host, sep, port = self.dist_init_addr.rpartition(":")
+            if not (sep and host and port.isdigit() and 0 < int(port) <= 65535):
+                raise ArgumentError(f"--dist-init-addr {self.dist_init_addr!r} must be host:port")
+
+    def check_parallel_fits(self, model: ModelConfig) -> None:
+        """Every split the ranks make must be exact: name the numbers that do not divide."""
+        tp, ep, moe_tp = self.tp_size, self.ep_size, self.tp_size // self.ep_size
+        kv_ok = model.num_kv_heads % tp == 0 if model.num_kv_heads >= tp else tp % model.num_kv_heads == 0
+        checks = [  # (splits exactly, what does not)
+            (model.num_heads % tp == 0, f"num_attention_heads {model.num_heads} is not a multiple of --tp-size {tp}"),
+            (kv_ok, f"num_key_value_heads {model.num_kv_heads} and --tp-size {tp}: neither divides the other"),
+            (model.vocab_size % tp == 0, f"vocab_size {model.vocab_size} is not a multiple of --tp-size {tp}"),
+            (
+                model.intermediate_size_mlp % tp == 0,
+                f"intermediate_size_mlp {model.intermediate_size_mlp} is not a multiple of --tp-size {tp}",
+            ),
+            (  # each expert is split over the tp / ep ranks that hold it
+                model.intermediate_size % moe_tp == 0,
+                f"intermediate_size {model.intermediate_size} is not a multiple of --tp-size / --ep-size ({moe_tp})",
+            ),
+            (model.num_experts % ep == 0, f"num_local_experts {model.num_experts} is not a multiple of --ep-size {ep}"),
+        ]
+        problems = [what for fits, what in checks if not fits]
+        if problems:
+            raise ArgumentError(f"the model does not split across {tp} ranks: " + "; ".join(problems))
 
     def _check_server(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -230,6 +275,7 @@ class ServerArgs:
     def to_config(self) -> HerdConfig:
         """The frozen configs of a run; reads the checkpoint's config.json (a bad one raises ConfigError)."""
         model = ModelConfig.from_hf(self.model_path)
+        self.check_parallel_fits(model)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         engine = EngineConfig(
             model=model,
@@ -254,7 +300,14 @@ class ServerArgs:
                 max_running_requests=self.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS,
                 chunked_prefill_size=self.chunked_prefill_size,
             ),
-            parallel=ParallelConfig(tp_size=self.tp_size, ep_size=self.ep_size, dp_size=self.dp_size),
+            parallel=ParallelConfig(
+                tp_size=self.tp_size,
+                ep_size=self.ep_size,
+                dp_size=self.dp_size,
+                nnodes=self.nnodes,
+                node_rank=self.node_rank,
+                dist_init_addr=self.dist_init_addr,
+            ),
             speculative=SpeculativeConfig(algorithm=self.speculative_algorithm),
             device=DeviceConfig(
                 device=device,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import multiprocessing.util
 import pickle
 import queue
 import signal
@@ -122,10 +123,15 @@ class ProcessCoreClient:
         ctx = mp.get_context("spawn")  # fork would copy torch's thread pools in a broken state
         commands_out, self._commands = ctx.Pipe(duplex=False)
         self._messages, messages_in = ctx.Pipe(duplex=False)
+        # A daemonic process may not start processes: with tensor parallelism the core starts the other ranks,
+        # so it is not one, and this process stops it at exit instead (before multiprocessing joins it).
+        daemon = config.parallel.tp_size == 1
         self._process = ctx.Process(
-            target=_child_main, args=(config, log_level, commands_out, messages_in), name="herd-engine", daemon=True
+            target=_child_main, args=(config, log_level, commands_out, messages_in), name="herd-engine", daemon=daemon
         )
         self._process.start()
+        if not daemon:
+            multiprocessing.util.Finalize(self, self.close, exitpriority=10)
         commands_out.close()
         messages_in.close()
         self._send_lock = threading.Lock()
@@ -181,6 +187,11 @@ class ProcessCoreClient:
     @property
     def alive(self) -> bool:
         return self._process.is_alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        """The engine process's exit status once it has exited (negative: killed by that signal)."""
+        return self._process.exitcode
 
     def close(self, timeout: float = 10.0) -> None:
         if self._process.is_alive():

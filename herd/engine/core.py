@@ -18,6 +18,7 @@ from herd.engine.protocol import CoreInfo, EngineCoreOutput, EngineCoreRequest, 
 from herd.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 from herd.sampling import SampleResult
 from herd.worker import NewSequence, ScheduledChunk, StepPlan, Worker
+from herd.worker.distributed import TensorParallelDriver
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ class _Live:
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.workers = [Worker(config, rank=0)]
+        # With tensor parallelism one driver stands for every rank: it sends each plan to the others.
+        self.workers = [Worker(config, rank=0) if config.parallel.tp_size == 1 else TensorParallelDriver(config)]
         # Every rank must hold the same blocks, so the smallest plan (the rank with least free memory) wins.
         plan = min((worker.plan_kv_cache() for worker in self.workers), key=lambda p: p.num_full_blocks)
         for worker in self.workers:
@@ -145,6 +147,12 @@ class EngineCore:
         del self.requests[live.request.request_id]
         if live.introduced:
             self._finished.append(live.request.request_id)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (they also stop when this process exits)."""
+        for worker in self.workers:
+            if isinstance(worker, TensorParallelDriver):
+                worker.close()
 
     # -- state (metrics, tests, admin routes) -------------------------------------------------------------
 

@@ -22,7 +22,8 @@ class LayerFactory:
     quant_config: QuantizationConfig = field(default_factory=UnquantizedConfig)
     tp_rank: int = 0
     tp_size: int = 1
-    tp_group: Any = None  # the torch.distributed group of the tensor-parallel ranks (None: one rank)
+    tp_group: Any = None  # the torch.distributed group of the tensor-parallel ranks (None: the default group)
+    ep_size: int = 1  # expert parallelism inside the tensor-parallel ranks: whole experts on tp/ep ranks each
 
     # Linear options: bias (default False) and shard_ids, the names of the output parts that the checkpoint
     # stores as separate tensors ("q", "k", "v"; 0 and 1 for gate and up).
@@ -45,8 +46,18 @@ class LayerFactory:
 
     def experts(self, prefix: str, num_experts: int, hidden_size: int, intermediate_size: int) -> FusedMoE:
         method = self.quant_config.moe_method(prefix)
+        if self.tp_size % self.ep_size:
+            raise ValueError(f"--ep-size {self.ep_size} must divide --tp-size {self.tp_size}")
+        moe_tp = self.tp_size // self.ep_size  # ranks that share each expert (its intermediate dimension split)
         return FusedMoE(
-            num_experts, hidden_size, intermediate_size, method=method, tp_rank=self.tp_rank, tp_size=self.tp_size
+            num_experts,
+            hidden_size,
+            intermediate_size,
+            method=method,
+            tp_rank=self.tp_rank % moe_tp,
+            tp_size=moe_tp,
+            ep_rank=self.tp_rank // moe_tp,
+            ep_size=self.ep_size,
         )
 
     def _linear_args(self, prefix: str) -> dict[str, Any]:

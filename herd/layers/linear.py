@@ -3,7 +3,7 @@
 A layer's output may be several checkpoint tensors side by side (q, k and v; gate and up), each loaded
 through `weight_loader(param, loaded, shard_id)` into its rows. Under tensor parallelism (`tp_size` ranks)
 a column-parallel layer keeps its rank's rows of every part, a row-parallel one its rank's input columns
-and sums the ranks' outputs. With `tp_size == 1`, which is all herd runs today, every slice is the whole.
+and sums the ranks' outputs (an all-reduce over `tp_group`). With `tp_size == 1` every slice is the whole.
 How the weight is stored and multiplied is the layer's method (`herd.layers.quantization`).
 """
 

@@ -3,7 +3,9 @@
 `FusedMoE` holds the experts of one layer in Hugging Face's fused layout (`gate_up_proj [E, H, 2I]`,
 `down_proj [E, I, H]`); checkpoints that store each expert apart (`experts.<e>.gate_proj.weight ...`) load
 into the same parameters. Under tensor parallelism each rank keeps 1/tp of every expert's intermediate
-dimension. The computation is the layer's method: `routed_swiglu` here for unquantized weights.
+dimension; with expert parallelism (`ep_size` ranks) each group of tp/ep ranks keeps whole experts, 1/ep of
+them, and gives zeros for the rows routed elsewhere. Either way the caller sums the ranks' outputs.
+The computation is the layer's method: `routed_swiglu` here for unquantized weights.
 """
 
 from __future__ import annotations
@@ -30,19 +32,41 @@ class FusedMoE(nn.Module):
         method: FusedMoEMethodBase,
         tp_rank: int = 0,
         tp_size: int = 1,
+        ep_rank: int = 0,
+        ep_size: int = 1,
     ) -> None:
         super().__init__()
         if intermediate_size % tp_size:
             raise ValueError(f"intermediate_size {intermediate_size} does not split across {tp_size} ranks")
+        if num_experts % ep_size:
+            raise ValueError(f"{num_experts} experts do not split across --ep-size {ep_size} ranks")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.tp_rank, self.tp_size = tp_rank, tp_size  # the split of each expert's intermediate dimension
+        self.ep_rank, self.ep_size = ep_rank, ep_size
+        self.num_local_experts = num_experts // ep_size
+        self.first_expert = ep_rank * self.num_local_experts
         self.intermediate_size_per_rank = intermediate_size // tp_size
         self.method = method
         method.create_weights(self)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """x [N, H] (scaled by the router), expert_ids [N] -> [N, H]."""
-        return self.method.apply(self, x, expert_ids)
+        """x [N, H] (scaled by the router), expert_ids [N] -> [N, H] (zero rows for other ranks' experts)."""
+        if self.ep_size == 1:
+            return self.method.apply(self, x, expert_ids)
+        local_ids = expert_ids - self.first_expert
+        here = (local_ids >= 0) & (local_ids < self.num_local_experts)
+        out = x.new_zeros(x.shape[0], self.hidden_size)
+        if bool(here.any()):
+            out[here] = self.method.apply(self, x[here], local_ids[here])
+        return out
+
+    def _local(self, expert_id: int) -> int | None:
+        """Index of global expert `expert_id` among this rank's experts; None if another rank holds it."""
+        local = expert_id - self.first_expert
+        return local if 0 <= local < self.num_local_experts else None
+
+    def _experts(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.narrow(0, self.first_expert, self.num_local_experts)
 
     def _slice(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         per_rank = self.intermediate_size_per_rank
@@ -55,12 +79,15 @@ class FusedMoE(nn.Module):
         inter, per_rank = self.intermediate_size, self.intermediate_size_per_rank
         if expert_id is None:
             check_shape(loaded, [self.num_experts, self.hidden_size, 2 * inter])
-            gate, up = loaded.split(inter, dim=2)
+            gate, up = self._experts(loaded).split(inter, dim=2)
             param.data.copy_(torch.cat([self._slice(gate, 2), self._slice(up, 2)], dim=2))
             return
         check_shape(loaded, [inter, self.hidden_size])
         assert shard_id in (GATE, UP)
-        param.data[expert_id, :, shard_id * per_rank : (shard_id + 1) * per_rank] = self._slice(loaded, 0).t()
+        local = self._local(expert_id)
+        if local is None:
+            return
+        param.data[local, :, shard_id * per_rank : (shard_id + 1) * per_rank] = self._slice(loaded, 0).t()
 
     def load_down(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None, expert_id: int | None = None
@@ -68,10 +95,12 @@ class FusedMoE(nn.Module):
         """Fused `down_proj [E, I, H]`, or one expert's `down_proj.weight [H, I]`."""
         if expert_id is None:
             check_shape(loaded, [self.num_experts, self.intermediate_size, self.hidden_size])
-            param.data.copy_(self._slice(loaded, 1))
+            param.data.copy_(self._slice(self._experts(loaded), 1))
             return
         check_shape(loaded, [self.hidden_size, self.intermediate_size])
-        param.data[expert_id] = self._slice(loaded, 1).t()
+        local = self._local(expert_id)
+        if local is not None:
+            param.data[local] = self._slice(loaded, 1).t()
 
 
 def routed_swiglu(x: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from herd.layers.attention import AttentionBackend, PagedAttention
 from herd.layers.factory import LayerFactory
 from herd.layers.norm import RMSNorm, rms_norm
 from herd.layers.rotary import apply_rope, rope_angles, rope_inv_freq
+from herd.layers.vocab import VocabParallelEmbedding, gather_vocab
 
 
 class Llama4Attention(nn.Module):
@@ -95,7 +96,7 @@ class Llama4MoE(nn.Module):
         self.router = factory.replicated(f"{prefix}.router", hidden, [config.num_experts])
         self.experts = factory.experts(f"{prefix}.experts", config.num_experts, hidden, inter)
         self.shared_expert = Llama4MLP(hidden, inter, factory, f"{prefix}.shared_expert")
-        self.tp_group = factory.tp_group
+        self.tp_size, self.tp_group = factory.tp_size, factory.tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, H]
         top_logits, top_ids = torch.topk(self.router(x), self.top_k, dim=-1)  # [T, k]
@@ -103,7 +104,7 @@ class Llama4MoE(nn.Module):
         # Llama 4 scales the expert's INPUT by the router score, not its output.
         routed_in = x.repeat_interleave(self.top_k, dim=0) * scores.reshape(-1, 1)  # [T * k, H]
         routed = self.experts(routed_in, top_ids.reshape(-1)).view(-1, self.top_k, x.shape[-1]).sum(dim=1)
-        if self.experts.tp_size > 1:  # each rank holds a slice of every expert's intermediate dimension
+        if self.tp_size > 1:  # each rank holds a slice of every expert, or whole experts (--ep-size)
             dist.all_reduce(routed, group=self.tp_group)
         return self.shared_expert(x) + routed
 
@@ -136,7 +137,13 @@ class Llama4DecoderLayer(nn.Module):
 class Llama4TextModel(nn.Module):
     def __init__(self, config: ModelConfig, factory: LayerFactory, backend: AttentionBackend, prefix: str) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size,
+            config.hidden_size,
+            tp_rank=factory.tp_rank,
+            tp_size=factory.tp_size,
+            tp_group=factory.tp_group,
+        )
         self.layers = nn.ModuleList(
             Llama4DecoderLayer(config, spec, factory, backend, f"{prefix}layers.{spec.index}") for spec in config.layers
         )
@@ -150,7 +157,9 @@ class Llama4ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Llama4TextModel(config, factory, backend, f"{prefix}model.")
-        self.lm_head = factory.replicated(f"{prefix}lm_head", config.hidden_size, [config.vocab_size])
+        # Vocab-parallel: each rank computes its rows' logits, gathered in `compute_logits`.
+        self.lm_head = factory.column(f"{prefix}lm_head", config.hidden_size, [config.vocab_size])
+        self.tp_size, self.tp_group = factory.tp_size, factory.tp_group
         # Not a buffer: it is derived from the config, never loaded, and must survive meta-device init.
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
 
@@ -168,4 +177,4 @@ class Llama4ForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, vocab]
-        return self.lm_head(hidden)
+        return gather_vocab(self.lm_head(hidden), self.tp_size, self.tp_group)

@@ -218,7 +218,8 @@ def _missing(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[Load
 
 
 def _checkpoint_tensors(path: Path, stack: ExitStack) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(name, lazy getter) for every tensor of the checkpoint, memory-mapped."""
+    """(name, lazy getter) for every tensor of the checkpoint, memory-mapped: a getter reads nothing, and a
+    tensor-parallel rank's weight_loader copies out only its slice, so only those pages are ever read."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map", {})

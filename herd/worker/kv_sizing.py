@@ -34,15 +34,20 @@ class KVPlan:
 
 
 def plan_kv_cache(
-    cache: CacheConfig, config: ModelConfig, dtype: torch.dtype, device: torch.device, weight_bytes: int
+    cache: CacheConfig,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    weight_bytes: int,
+    tp_size: int = 1,
 ) -> KVPlan:
     has_local = any(spec.chunked for spec in config.layers)
     chunk = config.attention_chunk_size if has_local else None
     block = cache.page_size if chunk is None else math.gcd(cache.page_size, chunk)
     if block != cache.page_size:
         logger.info("page size %d -> %d so that it divides the attention chunk (%d)", cache.page_size, block, chunk)
-    full_per_token = PagedKVStorage.bytes_per_token(config, dtype, chunked=False)
-    local_per_token = PagedKVStorage.bytes_per_token(config, dtype, chunked=True)
+    full_per_token = PagedKVStorage.bytes_per_token(config, dtype, chunked=False, tp_size=tp_size)
+    local_per_token = PagedKVStorage.bytes_per_token(config, dtype, chunked=True, tp_size=tp_size)
     ratio = cache.swa_full_tokens_ratio if has_local else 0.0
 
     if cache.max_total_tokens is not None:
@@ -52,7 +57,7 @@ def plan_kv_cache(
             total = torch.cuda.get_device_properties(device).total_memory
             fraction = cache.mem_fraction_static or GPU_MEM_FRACTION
         else:
-            total = int(cache.cpu_memory_budget_gb * 2**30)
+            total = int(cache.cpu_memory_budget_gb * 2**30) // tp_size  # the ranks share the host's budget
             fraction = cache.mem_fraction_static or CPU_MEM_FRACTION
         kv_bytes = total * fraction - weight_bytes
         if kv_bytes <= 0:

@@ -52,7 +52,12 @@ class Worker:
             attention_backend=self.backend,
             seed=config.load.seed,
             enable_multimodal=config.load.enable_multimodal,
-            factory=LayerFactory(self._quant_config(), tp_rank=rank, tp_size=config.parallel.tp_size),
+            factory=LayerFactory(
+                self._quant_config(),
+                tp_rank=rank,
+                tp_size=config.parallel.tp_size,
+                ep_size=config.parallel.ep_size,
+            ),
             config=config.model,
         )
         self.multimodal = isinstance(self.model, Llama4ForConditionalGeneration)
@@ -82,7 +87,8 @@ class Worker:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def plan_kv_cache(self) -> KVPlan:
-        return plan_kv_cache(self.config.cache, self.config.model, self.dtype, self.device, self.weight_bytes())
+        tp = self.config.parallel.tp_size
+        return plan_kv_cache(self.config.cache, self.config.model, self.dtype, self.device, self.weight_bytes(), tp)
 
     def init_kv_cache(self, plan: KVPlan) -> None:
         self.kv_storage = PagedKVStorage(
@@ -92,6 +98,7 @@ class Worker:
             block_size=plan.block_size,
             dtype=self.dtype,
             device=self.device,
+            tp_size=self.config.parallel.tp_size,  # this rank's KV heads only
         )
         self.block_size, self.chunk_size = plan.block_size, plan.chunk_size
         bind_kv_cache(self.model, self.kv_storage.layer)
@@ -121,7 +128,9 @@ class Worker:
         states = [self.sequences[c.seq_id].sampling for c in plan.chunks if c.samples]
         if not states:
             return []
-        logits = self.model.compute_logits(hidden[inputs.sample_rows]).float()
+        logits = self.model.compute_logits(hidden[inputs.sample_rows]).float()  # every rank: it gathers the vocab
+        if self.rank != 0:  # rank 0 samples; the next plan brings every rank the tokens it chose
+            return []
         results = self.sampler(logits, states)
         for state, result in zip(states, results, strict=True):
             state.append_token(result.token_id)

@@ -21,9 +21,10 @@ class PagedKVStorage:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        tp_size: int = 1,
     ) -> None:
         self.block_size = block_size
-        shape = (block_size, config.num_kv_heads, config.head_dim)
+        shape = (block_size, kv_heads_per_rank(config.num_kv_heads, tp_size), config.head_dim)
         n_local = sum(spec.chunked for spec in config.layers)
         n_full = config.num_layers - n_local
         # [layers of the kind, 2 (K, V), blocks, block_size, kv_heads, head_dim]
@@ -49,7 +50,13 @@ class PagedKVStorage:
         return pool[i, 0], pool[i, 1]
 
     @staticmethod
-    def bytes_per_token(config: ModelConfig, dtype: torch.dtype, chunked: bool) -> int:
-        """KV bytes one token costs across all layers of one kind."""
+    def bytes_per_token(config: ModelConfig, dtype: torch.dtype, chunked: bool, tp_size: int = 1) -> int:
+        """KV bytes one token costs one rank across all layers of one kind."""
         layers = sum(spec.chunked == chunked for spec in config.layers)
-        return layers * 2 * config.num_kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
+        heads = kv_heads_per_rank(config.num_kv_heads, tp_size)
+        return layers * 2 * heads * config.head_dim * torch.finfo(dtype).bits // 8
+
+
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
+    """Each rank's KV heads: its 1/tp of them, or one (replicated) when there are more ranks than KV heads."""
+    return max(1, num_kv_heads // tp_size)

@@ -36,7 +36,7 @@ class UnquantizedLinearMethod(LinearMethodBase):
 
 class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
     def create_weights(self, layer: FusedMoE) -> None:
-        experts, hidden, inter = layer.num_experts, layer.hidden_size, layer.intermediate_size_per_rank
+        experts, hidden, inter = layer.num_local_experts, layer.hidden_size, layer.intermediate_size_per_rank
         layer.gate_up_proj = new_parameter((experts, hidden, 2 * inter), layer.load_gate_up)
         layer.down_proj = new_parameter((experts, inter, hidden), layer.load_down)
 
@@ -78,9 +78,9 @@ class CPUPackedFusedMoEMethod(UnquantizedFusedMoEMethod):
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
         gate_up, down = layer.gate_up_proj.detach(), layer.down_proj.detach()
         del layer.gate_up_proj, layer.down_proj
-        layer.packed_gate_up = [pack(gate_up[e].t()) for e in range(layer.num_experts)]  # each [2I, H]
-        layer.packed_down = [pack(down[e].t()) for e in range(layer.num_experts)]  # each [H, I]
-        for e in range(layer.num_experts):  # buffers too, so that the module's memory counts them
+        layer.packed_gate_up = [pack(gate_up[e].t()) for e in range(layer.num_local_experts)]  # each [2I, H]
+        layer.packed_down = [pack(down[e].t()) for e in range(layer.num_local_experts)]  # each [H, I]
+        for e in range(layer.num_local_experts):  # buffers too, so that the module's memory counts them
             layer.register_buffer(f"packed_gate_up_{e}", layer.packed_gate_up[e], persistent=False)
             layer.register_buffer(f"packed_down_{e}", layer.packed_down[e], persistent=False)
 
