@@ -7,6 +7,7 @@ changes after start-up, and nothing below the entry points reads `ServerArgs`.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -15,9 +16,16 @@ from herd.config.model import ModelConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-ATTENTION_BACKENDS = ("torch_native",)
+ATTENTION_BACKENDS = ("torch_native", "triton")
 DEFAULT_MAX_RUNNING_REQUESTS = 128
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the server's and the engine process's
+
+
+def default_attention_backend(device: str) -> str:
+    """Triton kernels on a GPU when triton is installed (it ships with CUDA builds of torch), else the reference."""
+    if device == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "torch_native"
 
 
 @dataclass(frozen=True)

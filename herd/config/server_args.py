@@ -33,6 +33,7 @@ from herd.config.engine import (
     SchedulerConfig,
     ServerConfig,
     SpeculativeConfig,
+    default_attention_backend,
 )
 from herd.config.fields import ArgumentError
 from herd.config.model import ModelConfig
@@ -210,7 +211,7 @@ class ServerArgs:
             speculative=SpeculativeConfig(algorithm=self.speculative_algorithm),
             device=DeviceConfig(
                 device=device,
-                attention_backend=self.attention_backend or "torch_native",
+                attention_backend=self.attention_backend or default_attention_backend(device),
                 enable_torch_compile=self.enable_torch_compile,
             ),
         )

@@ -44,6 +44,7 @@ class Worker:
         # oneDNN's packed weights are faster on the CPU, but torch.compile cannot lower them.
         packed = not compile_decode and cpu_packing_available(self.device) and self.dtype != torch.float16
         self.backend = get_attention_backend(config.device.attention_backend)
+        logger.info("worker %d: attention backend %s", rank, self.backend.name)
         self.model = load_model(
             config.load.model_path,
             dtype=self.dtype,
