@@ -17,6 +17,7 @@ from herd.config.engine import EngineConfig
 from herd.layers.attention import PagedKVStorage, bind_kv_cache, get_attention_backend
 from herd.layers.factory import LayerFactory
 from herd.layers.quantization.unquantized import UnquantizedConfig, cpu_packing_available
+from herd.layers.triton_ops import triton_available
 from herd.models.llama4 import Llama4ForConditionalGeneration
 from herd.models.loader import load_model, resolve_dtype
 from herd.multimodal import RequestImages
@@ -53,7 +54,11 @@ class Worker:
             attention_backend=self.backend,
             seed=config.load.seed,
             enable_multimodal=config.load.enable_multimodal,
-            factory=LayerFactory(UnquantizedConfig(cpu_packed=packed), tp_rank=rank, tp_size=config.parallel.tp_size),
+            factory=LayerFactory(
+                UnquantizedConfig(cpu_packed=packed, triton_moe=self.device.type == "cuda" and triton_available()),
+                tp_rank=rank,
+                tp_size=config.parallel.tp_size,
+            ),
             config=config.model,
         )
         self.multimodal = isinstance(self.model, Llama4ForConditionalGeneration)
