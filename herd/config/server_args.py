@@ -87,6 +87,10 @@ class ServerArgs:
     enable_torch_compile: bool = field(
         default=False, metadata={"help": "compile the decode step with torch.compile (slow start, faster steps)"}
     )
+    cuda_graph_max_bs: int = field(
+        default=256, metadata={"help": "capture decode CUDA graphs for batches up to this size (GPU, triton backend)"}
+    )
+    disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode steps eagerly on the GPU"})
     seed: int = field(default=0, metadata={"aliases": ("--random-seed",)})
     # -- server -------------------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -126,7 +130,7 @@ class ServerArgs:
             self._check_choice("attention_backend", ATTENTION_BACKENDS)
         if self.device is not None:
             self._check_choice("device", ("cpu", "cuda"))
-        for name in ("context_length", "max_total_tokens", "max_running_requests"):
+        for name in ("context_length", "max_total_tokens", "max_running_requests", "cuda_graph_max_bs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ArgumentError(f"{_flag(name)} must be a positive integer, got {value!r}")
@@ -213,6 +217,8 @@ class ServerArgs:
                 device=device,
                 attention_backend=self.attention_backend or default_attention_backend(device),
                 enable_torch_compile=self.enable_torch_compile,
+                cuda_graph_max_bs=self.cuda_graph_max_bs,
+                disable_cuda_graph=self.disable_cuda_graph,
             ),
         )
         tokenizer_path = self.tokenizer_path or self.model_path

@@ -124,7 +124,9 @@ def align_rows_by_expert(expert_ids: torch.Tensor, num_experts: int, block_m: in
     device = expert_ids.device
     padded_len = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
     order = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=num_experts)
+    # not bincount: its output size depends on the largest id, which it reads back to the host
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device)
+    counts.index_add_(0, expert_ids, torch.ones_like(expert_ids))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_ends = torch.cumsum(padded, 0)
     padded_starts = padded_ends - padded
