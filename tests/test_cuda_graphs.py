@@ -54,3 +54,26 @@ def test_padded_decode_through_graph_buffers_matches_transformers(scout_ckpt, mo
     assert {1, 2, 3} <= set(sizes)
     expected = [hf_greedy(ref, p, m) for p, m in zip(prompts, budgets, strict=True)]
     assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_graphs_give_the_eager_tokens(scout_ckpt) -> None:
+    """On a GPU: decode through captured graphs (batches 3, 2, 1 padded) == eager decode == transformers."""
+    path, ref = scout_ckpt
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (3, 9, 6)]
+    budgets = [12, 6, 3]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in budgets]
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    tokens = {}
+    for disable in (False, True):
+        llm = LLM(
+            str(path), dtype="float32", attention_backend="triton", cuda_graph_max_bs=4, disable_cuda_graph=disable
+        )
+        worker = llm.engine.core.workers[0]
+        assert (worker.graphs is None) == disable
+        tokens[disable] = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+        del llm
+    assert tokens[False] == tokens[True]
+    assert tokens[False] == [hf_greedy(ref, p, m) for p, m in zip(prompts, budgets, strict=True)]
