@@ -94,3 +94,9 @@ def test_gpu_plan_takes_measured_free_memory_less_the_activation_reserve(monkeyp
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * gib, 80 * gib))
     with pytest.raises(ArgumentError, match="raise --mem-fraction-static"):
         plan_kv_cache(args, CONFIG, torch.bfloat16, torch.device("cuda"), weight_bytes=60 * gib)
+
+
+def test_triton_backend_on_the_cpu_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ArgumentError, match="--attention-backend triton needs a CUDA GPU.*torch_native"):
+        ServerArgs(model_path="x", attention_backend="triton", device="cpu")

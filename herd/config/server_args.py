@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,12 @@ class ServerArgs:
         self._check_choice("load_format", LOAD_FORMATS)
         if self.attention_backend is not None:
             self._check_choice("attention_backend", ATTENTION_BACKENDS)
+            on_cpu = self.device == "cpu" or (self.device is None and not torch.cuda.is_available())
+            if self.attention_backend == "triton" and on_cpu and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+                raise ArgumentError(
+                    "--attention-backend triton needs a CUDA GPU (on the CPU it runs only under TRITON_INTERPRET=1, "
+                    "for tests); use torch_native on the CPU"
+                )
         if self.device is not None:
             self._check_choice("device", ("cpu", "cuda"))
         for name in ("context_length", "max_total_tokens", "max_running_requests", "cuda_graph_max_bs"):

@@ -55,7 +55,7 @@ class DecodeGraphRunner:
         self.max_bs = self.sizes[-1]
         self.block_size = block_size
         self.scratch = {"full": scratch_full_block, "local": scratch_local_block}
-        self.num_splits = backend.max_splits  # fixed at capture; each split sizes its share at run time
+        self.max_splits = backend.max_splits
         self.chunk = chunk
         self.input_ids = torch.zeros(self.max_bs, dtype=torch.long, device=device)
         self.positions = torch.zeros(self.max_bs, dtype=torch.long, device=device)
@@ -88,9 +88,14 @@ class DecodeGraphRunner:
             context_lens=self.context_lens[:bs],
             max_query_len=1,
             is_decode=True,
-            num_splits=self.num_splits,
+            num_splits=self.splits(bs),
             chunk=self.chunk,
         )
+
+    def splits(self, bs: int) -> int:
+        """Split-K factor of a `bs`-row graph, fixed at capture (each split sizes its share at run time): many
+        splits for a few sequences, which alone would leave most of the GPU idle, none for large batches."""
+        return max(1, min(self.max_splits, 64 // bs))
 
     def capture(self) -> None:
         """Record one graph per size, largest first (the later ones reuse its memory pool)."""
