@@ -71,8 +71,32 @@ def test_weights_that_leave_no_room_are_a_clear_error() -> None:
         ({"chunked_prefill_size": -2}, "--chunked-prefill-size"),
         ({"dtype": "int4"}, "--dtype"),
         ({"attention_backend": "fa9"}, "--attention-backend"),
+        ({"cuda_graph_max_bs": 0}, "--cuda-graph-max-bs"),
     ],
 )
 def test_bad_engine_arguments_name_the_flag(kwargs: dict, flag: str) -> None:
     with pytest.raises(ArgumentError, match=flag):
         ServerArgs(model_path="x", **kwargs)
+
+
+def test_gpu_plan_takes_measured_free_memory_less_the_activation_reserve(monkeypatch) -> None:
+    """On a GPU the weights are already in memory: what cudaMemGetInfo reports free, less (1 - fraction) of
+    the device for activations and CUDA graphs, goes to the two pools (here 8 GiB free of 80 GiB at 0.9)."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    args = CacheConfig(mem_fraction_static=0.9, swa_full_tokens_ratio=0.8)
+    plan = plan_kv_cache(args, CONFIG, torch.bfloat16, torch.device("cuda"), weight_bytes=60 * gib)
+    full = PagedKVStorage.bytes_per_token(CONFIG, torch.bfloat16, chunked=False)
+    local = PagedKVStorage.bytes_per_token(CONFIG, torch.bfloat16, chunked=True)
+    used = plan.num_full_blocks * 16 * full + plan.num_local_blocks * 16 * local
+    budget = 10 * gib - 0.1 * 80 * gib
+    assert budget - 16 * (full + local) <= used <= budget
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (7 * gib, 80 * gib))
+    with pytest.raises(ArgumentError, match="raise --mem-fraction-static"):
+        plan_kv_cache(args, CONFIG, torch.bfloat16, torch.device("cuda"), weight_bytes=60 * gib)
+
+
+def test_triton_backend_on_the_cpu_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ArgumentError, match="--attention-backend triton needs a CUDA GPU.*torch_native"):
+        ServerArgs(model_path="x", attention_backend="triton", device="cpu")

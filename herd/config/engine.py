@@ -7,6 +7,7 @@ changes after start-up, and nothing below the entry points reads `ServerArgs`.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -15,10 +16,17 @@ from herd.config.model import ModelConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-ATTENTION_BACKENDS = ("torch_native",)
+ATTENTION_BACKENDS = ("torch_native", "triton")
 QUANTIZATIONS = ("w8a16",)  # --quantization: formats a full-precision checkpoint is quantized to at load
 DEFAULT_MAX_RUNNING_REQUESTS = 128
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the server's and the engine process's
+
+
+def default_attention_backend(device: str) -> str:
+    """Triton kernels on a GPU when triton is installed (it ships with CUDA builds of torch), else the reference."""
+    if device == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "torch_native"
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,8 @@ class DeviceConfig:
     device: str  # "cpu" or "cuda"
     attention_backend: str = "torch_native"
     enable_torch_compile: bool = False  # compile the decode step (CPU weights then stay unpacked)
+    cuda_graph_max_bs: int = 256  # decode CUDA graphs for batches up to this (capped by max_running_requests)
+    disable_cuda_graph: bool = False
 
     @property
     def torch_device(self) -> torch.device:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from herd.config.engine import (
     SchedulerConfig,
     ServerConfig,
     SpeculativeConfig,
+    default_attention_backend,
 )
 from herd.config.fields import ArgumentError
 from herd.config.model import ModelConfig
@@ -91,6 +93,10 @@ class ServerArgs:
     enable_torch_compile: bool = field(
         default=False, metadata={"help": "compile the decode step with torch.compile (slow start, faster steps)"}
     )
+    cuda_graph_max_bs: int = field(
+        default=256, metadata={"help": "capture decode CUDA graphs for batches up to this size (GPU, triton backend)"}
+    )
+    disable_cuda_graph: bool = field(default=False, metadata={"help": "run decode steps eagerly on the GPU"})
     seed: int = field(default=0, metadata={"aliases": ("--random-seed",)})
     # -- server -------------------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -156,6 +162,12 @@ class ServerArgs:
         self._check_choice("load_format", LOAD_FORMATS)
         if self.attention_backend is not None:
             self._check_choice("attention_backend", ATTENTION_BACKENDS)
+            on_cpu = self.device == "cpu" or (self.device is None and not torch.cuda.is_available())
+            if self.attention_backend == "triton" and on_cpu and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+                raise ArgumentError(
+                    "--attention-backend triton needs a CUDA GPU (on the CPU it runs only under TRITON_INTERPRET=1, "
+                    "for tests); use torch_native on the CPU"
+                )
         if self.device is not None:
             self._check_choice("device", ("cpu", "cuda"))
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
@@ -166,7 +178,7 @@ class ServerArgs:
             not isinstance(self.max_queued_requests, int) or self.max_queued_requests < 0
         ):
             raise ArgumentError(f"--max-queued-requests must be 0 or more, got {self.max_queued_requests!r}")
-        for name in ("context_length", "max_total_tokens", "max_running_requests"):
+        for name in ("context_length", "max_total_tokens", "max_running_requests", "cuda_graph_max_bs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ArgumentError(f"{_flag(name)} must be a positive integer, got {value!r}")
@@ -311,8 +323,10 @@ class ServerArgs:
             speculative=SpeculativeConfig(algorithm=self.speculative_algorithm),
             device=DeviceConfig(
                 device=device,
-                attention_backend=self.attention_backend or "torch_native",
+                attention_backend=self.attention_backend or default_attention_backend(device),
                 enable_torch_compile=self.enable_torch_compile,
+                cuda_graph_max_bs=self.cuda_graph_max_bs,
+                disable_cuda_graph=self.disable_cuda_graph,
             ),
         )
         tokenizer_path = self.tokenizer_path or self.model_path

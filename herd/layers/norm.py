@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.layers.triton_ops import triton_available
+
+# Read once: the check must not run inside a compiled graph.
+_FUSED_ON_CUDA = triton_available()
+
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weightless RMS norm; Llama 4's qk-norm ("L2 norm") is exactly this."""
@@ -20,3 +25,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.eps) * self.weight
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, norm(x + delta)): the residual stream and the next sublayer's input; one kernel on a GPU."""
+    if x.is_cuda and _FUSED_ON_CUDA:
+        from herd.layers.triton_ops.norm_rope import add_rms_norm as fused
+
+        return fused(x, delta, norm.weight, norm.eps)
+    total = x + delta
+    return total, norm(total)

@@ -11,6 +11,10 @@ import math
 import torch
 
 from herd.config import RopeScaling
+from herd.layers.norm import rms_norm
+from herd.layers.triton_ops import triton_available
+
+_FUSED_ON_CUDA = triton_available()  # read once: the check must not run inside a compiled graph
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -43,3 +47,21 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate x: [T, n_heads, head_dim], each (even, odd) pair as one complex number, in float32."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * angles[:, None, :]).flatten(-2).type_as(x)
+
+
+def rope_and_qk_norm(
+    qk: torch.Tensor, angles: torch.Tensor, use_rope: bool, use_qk_norm: bool, eps: float
+) -> torch.Tensor:
+    """RoPE, then the weightless qk-norm (after RoPE, as the reference does), for q and k heads side by side.
+
+    One Triton kernel on a GPU; two PyTorch ops elsewhere.
+    """
+    if not (use_rope or use_qk_norm):
+        return qk
+    if qk.is_cuda and _FUSED_ON_CUDA:
+        from herd.layers.triton_ops.norm_rope import rope_qk_norm
+
+        return rope_qk_norm(qk, angles, use_rope, use_qk_norm, eps)
+    if use_rope:
+        qk = apply_rope(qk, angles)
+    return rms_norm(qk, eps) if use_qk_norm else qk

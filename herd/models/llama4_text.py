@@ -20,8 +20,8 @@ from torch import nn
 from herd.config import LayerSpec, ModelConfig
 from herd.layers.attention import AttentionBackend, PagedAttention
 from herd.layers.factory import LayerFactory
-from herd.layers.norm import RMSNorm, rms_norm
-from herd.layers.rotary import apply_rope, rope_angles, rope_inv_freq
+from herd.layers.norm import RMSNorm, add_rms_norm
+from herd.layers.rotary import rope_and_qk_norm, rope_angles, rope_inv_freq
 from herd.layers.vocab import VocabParallelEmbedding, gather_vocab
 
 
@@ -62,10 +62,7 @@ class Llama4Attention(nn.Module):
         # q and k side by side as heads: RoPE and qk-norm treat every head alike, so one call serves both.
         qk = qkv[:, :q_kv].unflatten(-1, (self.num_heads + self.num_kv_heads, self.head_dim))
         v = qkv[:, q_kv:].unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, n_kv, D]
-        if self.spec.use_rope:
-            qk = apply_rope(qk, rope)
-        if self.spec.use_qk_norm:  # after RoPE, as the reference does
-            qk = rms_norm(qk, self.eps)
+        qk = rope_and_qk_norm(qk, rope, self.spec.use_rope, self.spec.use_qk_norm, self.eps)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, n_heads, D], [T, n_kv_heads, D]
         if self.spec.temperature_tuning:
             # NoPE layers sharpen attention with the query's absolute position (arXiv 2501.19399).
@@ -130,8 +127,9 @@ class Llama4DecoderLayer(nn.Module):
         rope: torch.Tensor,  # [T, head_dim // 2] complex rotation angles
         metadata: Any,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, metadata)
-        return x + self.feed_forward(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), positions, rope, metadata)
+        x, h = add_rms_norm(x, attn, self.post_attention_layernorm)
+        return x + self.feed_forward(h)
 
 
 class Llama4TextModel(nn.Module):

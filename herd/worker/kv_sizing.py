@@ -1,8 +1,9 @@
 """How many KV blocks each pool gets.
 
 `--max-total-tokens` fixes the full pool directly. Otherwise the KV cache takes what is left
-of `--mem-fraction-static` x memory once the weights are in: the device's memory on a GPU, a
-configured budget (`--cpu-memory-budget-gb`) on the CPU. The local (chunked-layer) pool holds
+of `--mem-fraction-static` x memory once the weights are in: on a GPU the memory measured free after
+loading less the (1 - fraction) kept for activations and CUDA graphs; on the CPU a configured budget
+(`--cpu-memory-budget-gb`). The local (chunked-layer) pool holds
 `--swa-full-tokens-ratio` tokens per full-pool token, as in SGLang, but never less than one
 sequence's chunk, below which no request could run.
 """
@@ -33,6 +34,13 @@ class KVPlan:
     chunk_size: int | None
 
 
+def gpu_kv_bytes(free: int, total: int, fraction: float) -> float:
+    """SGLang's rule: the KV cache gets what is free once the weights are loaded (measured, so the CUDA context
+    and anything else on the GPU count too), less the (1 - fraction) of the device kept for activations and
+    CUDA graphs, which are captured after the KV cache is allocated."""
+    return free - total * (1 - fraction)
+
+
 def plan_kv_cache(
     cache: CacheConfig,
     config: ModelConfig,
@@ -54,12 +62,16 @@ def plan_kv_cache(
         full_tokens = cache.max_total_tokens
     else:
         if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
+            free, total = torch.cuda.mem_get_info(device)
             fraction = cache.mem_fraction_static or GPU_MEM_FRACTION
+            kv_bytes = gpu_kv_bytes(free, total, fraction)
+            logger.info("GPU: %.2f GiB of %.2f GiB free after the weights (%.2f GiB); KV cache %.2f GiB "
+                        "(--mem-fraction-static %.2f)", free / 2**30, total / 2**30, weight_bytes / 2**30,
+                        max(kv_bytes, 0) / 2**30, fraction)  # fmt: skip
         else:
             total = int(cache.cpu_memory_budget_gb * 2**30) // tp_size  # the ranks share the host's budget
             fraction = cache.mem_fraction_static or CPU_MEM_FRACTION
-        kv_bytes = total * fraction - weight_bytes
+            kv_bytes = total * fraction - weight_bytes
         if kv_bytes <= 0:
             raise ArgumentError(
                 f"the weights ({weight_bytes / 2**30:.2f} GiB) leave no room for the KV cache in "

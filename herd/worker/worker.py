@@ -15,14 +15,17 @@ import torch
 
 from herd.config.engine import EngineConfig
 from herd.layers.attention import PagedKVStorage, bind_kv_cache, get_attention_backend
+from herd.layers.attention.triton_backend import TritonBackend
 from herd.layers.factory import LayerFactory
 from herd.layers.quantization import QuantizationConfig
 from herd.layers.quantization.int8 import Int8Config
 from herd.layers.quantization.unquantized import UnquantizedConfig, cpu_packing_available
+from herd.layers.triton_ops import triton_available
 from herd.models.llama4 import Llama4ForConditionalGeneration
 from herd.models.loader import load_model, resolve_dtype
 from herd.multimodal import RequestImages
 from herd.sampling import Sampler, SampleResult, SamplingState
+from herd.worker.cuda_graphs import DecodeGraphRunner, build_decode_graphs, graphs_enabled
 from herd.worker.images import release_finished_images, step_image_features
 from herd.worker.inputs import build_step_inputs
 from herd.worker.kv_sizing import KVPlan, plan_kv_cache
@@ -44,6 +47,7 @@ class Worker:
         self.dtype = resolve_dtype(config.load.dtype, config.model)
         compile_decode = config.device.enable_torch_compile
         self.backend = get_attention_backend(config.device.attention_backend)
+        logger.info("worker %d: attention backend %s", rank, self.backend.name)
         self.model = load_model(
             config.load.model_path,
             dtype=self.dtype,
@@ -68,6 +72,7 @@ class Worker:
         self.kv_storage: PagedKVStorage | None = None
         self.block_size = 0
         self.chunk_size: int | None = None
+        self.graphs: DecodeGraphRunner | None = None
         logger.info("worker %d: %s on %s, weights %.2f GiB", rank, config.model.architecture, self.device,
                     self.weight_bytes() / 2**30)  # fmt: skip
 
@@ -80,7 +85,7 @@ class Worker:
             and cpu_packing_available(self.device)
             and self.dtype != torch.float16
         )
-        return UnquantizedConfig(cpu_packed=packed)
+        return UnquantizedConfig(cpu_packed=packed, triton_moe=self.device.type == "cuda" and triton_available())
 
     def weight_bytes(self) -> int:
         tensors = [*self.model.parameters(), *self.model.buffers()]
@@ -91,10 +96,13 @@ class Worker:
         return plan_kv_cache(self.config.cache, self.config.model, self.dtype, self.device, self.weight_bytes(), tp)
 
     def init_kv_cache(self, plan: KVPlan) -> None:
+        device_config = self.config.device
+        graphs = graphs_enabled(self.device, self.backend, device_config.disable_cuda_graph)
+        scratch = 1 if graphs else 0  # a block per pool that CUDA graphs' padding rows write to
         self.kv_storage = PagedKVStorage(
             self.config.model,
-            num_full_blocks=plan.num_full_blocks,
-            num_local_blocks=plan.num_local_blocks,
+            num_full_blocks=plan.num_full_blocks + scratch,
+            num_local_blocks=plan.num_local_blocks + scratch,
             block_size=plan.block_size,
             dtype=self.dtype,
             device=self.device,
@@ -102,6 +110,19 @@ class Worker:
         )
         self.block_size, self.chunk_size = plan.block_size, plan.chunk_size
         bind_kv_cache(self.model, self.kv_storage.layer)
+        if graphs:
+            assert isinstance(self.backend, TritonBackend)
+            self.graphs = build_decode_graphs(
+                self.compiled_decode or self.model,
+                self.backend,
+                max_bs=min(device_config.cuda_graph_max_bs, self.config.scheduler.max_running_requests),
+                context_length=self.config.scheduler.context_length,
+                num_full_blocks=plan.num_full_blocks,
+                num_local_blocks=plan.num_local_blocks,
+                block_size=plan.block_size,
+                chunk=plan.chunk_size,
+                device=self.device,
+            )
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[SampleResult]:
@@ -121,6 +142,8 @@ class Worker:
             release_finished_images(plan.chunks, images_of)  # the features stay in image_inputs for this step
         if image_inputs is not None:
             hidden = self.model(inputs.input_ids, inputs.positions, metadata, *image_inputs)
+        elif self.graphs is not None and self.graphs.can_run(inputs.attention.num_seqs, inputs.attention.is_decode):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, metadata)
         elif self.compiled_decode is not None and inputs.attention.is_decode:
             hidden = self.compiled_decode(inputs.input_ids, inputs.positions, metadata)
         else:

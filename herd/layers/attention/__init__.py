@@ -1,6 +1,6 @@
 """Attention over the paged KV cache, behind a small backend registry."""
 
-from herd.layers.attention import torch_native  # noqa: F401  (registers "torch_native")
+from herd.layers.attention import torch_native, triton_backend  # noqa: F401  (register the backends)
 from herd.layers.attention.base import AttentionBackend, available_backends, get_attention_backend
 from herd.layers.attention.batch import AttentionBatch, PoolTables
 from herd.layers.attention.kv_storage import PagedKVStorage

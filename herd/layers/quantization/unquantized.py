@@ -44,6 +44,15 @@ class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
         return routed_swiglu(x, expert_ids, layer.gate_up_proj, layer.down_proj)
 
 
+class TritonFusedMoEMethod(UnquantizedFusedMoEMethod):
+    """The GPU's experts: one fused Triton MoE (on-device grouping, two grouped GEMMs, SiLU * up fused)."""
+
+    def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        from herd.layers.triton_ops.fused_moe import fused_moe_swiglu  # triton only where this method is chosen
+
+        return fused_moe_swiglu(x, expert_ids, layer.gate_up_proj, layer.down_proj)
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """A [out, in] linear weight in oneDNN's layout (tuned for small batches: decoding)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
@@ -95,8 +104,8 @@ class CPUPackedFusedMoEMethod(UnquantizedFusedMoEMethod):
 class UnquantizedConfig(QuantizationConfig):
     name = "unquantized"
 
-    def __init__(self, cpu_packed: bool = False) -> None:
-        self.cpu_packed = cpu_packed
+    def __init__(self, cpu_packed: bool = False, triton_moe: bool = False) -> None:
+        self.cpu_packed, self.triton_moe = cpu_packed, triton_moe
 
     def _packed(self, prefix: str) -> bool:
         return self.cpu_packed and not prefix.startswith(UNPACKED_PREFIXES)
@@ -105,4 +114,6 @@ class UnquantizedConfig(QuantizationConfig):
         return CPUPackedLinearMethod() if self._packed(prefix) else UnquantizedLinearMethod()
 
     def moe_method(self, prefix: str) -> FusedMoEMethodBase:
+        if self.triton_moe:
+            return TritonFusedMoEMethod()
         return CPUPackedFusedMoEMethod() if self._packed(prefix) else UnquantizedFusedMoEMethod()
