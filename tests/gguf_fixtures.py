@@ -125,13 +125,24 @@ def make_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_checkpoint(path: Path, seed: int = 0) -> Llama4ForCausalLM:
+# Rows 256 wide (the block of the K types) for tests/fixtures/gguf/tiny-kquants.gguf; one dense and one MoE layer.
+KQUANT_LIKE = {
+    **GGUF_LIKE,
+    "hidden_size": 256,
+    "intermediate_size": 256,
+    "intermediate_size_mlp": 256,
+    "num_hidden_layers": 2,
+    "head_dim": 64,
+}
+
+
+def make_checkpoint(path: Path, config: dict | None = None, seed: int = 0) -> Llama4ForCausalLM:
     """A float32 Llama4ForCausalLM with its tokenizer, in the layout transformers writes.
 
     Every weight is a bfloat16 value, so that a BF16 GGUF holds the checkpoint exactly.
     """
     torch.manual_seed(seed)
-    model = Llama4ForCausalLM(Llama4TextConfig(**GGUF_LIKE)).float().eval()
+    model = Llama4ForCausalLM(Llama4TextConfig(**(config or GGUF_LIKE))).float().eval()
     widen(model, seed)
     with torch.no_grad():
         for p in model.parameters():

@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast
+from transformers import Llama4ForCausalLM, Llama4TextConfig, PreTrainedTokenizerFast
 
 from herd.config import ModelConfig
 from herd.config.gguf import GGUFError
@@ -23,7 +23,7 @@ from herd.frontend.tokenizer import HFTokenizer, load_tokenizer
 from herd.llm import LLM
 from herd.sampling import SamplingParams
 
-from gguf_fixtures import BOS, EOT, GGUF_LIKE, convert, make_checkpoint
+from gguf_fixtures import BOS, EOT, KQUANT_LIKE, convert, make_checkpoint
 from test_engine import hf_greedy
 
 MAX_TOKENS = 32
@@ -77,10 +77,10 @@ def test_first_split_loads_the_whole_model(files) -> None:
         ModelConfig.from_hf(splits[1])
 
 
-def dequantized_reference(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+def dequantized_reference(model: torch.nn.Module, path: Path, num_layers: int = 4) -> torch.nn.Module:
     """The transformers model with every weight replaced by the file's, as the gguf package dequantizes it."""
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA4, GGUF_LIKE["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA4, num_layers)
 
     def read(hf_name: str) -> torch.Tensor:
         key = hf_name if hf_name.endswith(".weight") else f"{hf_name}.weight"  # fused experts lack the suffix
@@ -107,6 +107,17 @@ def test_q8_0_file_gives_transformers_tokens_on_the_dequantized_weights(files) -
     assert got == [hf_greedy(ref, p, MAX_TOKENS) for p in prompts()]
     # The quantization is not a no-op: the checkpoint itself continues differently somewhere.
     assert got != [hf_greedy(files["model"], p, MAX_TOKENS) for p in prompts()]
+
+
+KQUANTS = Path(__file__).parent / "fixtures" / "gguf" / "tiny-kquants.gguf"  # made by make_kquants.py beside it
+
+
+def test_k_and_iq_types_give_transformers_tokens_on_the_dequantized_weights() -> None:
+    assert file_types(KQUANTS) >= {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ3_S", "IQ4_XS", "IQ4_NL"}
+    torch.manual_seed(0)
+    skeleton = Llama4ForCausalLM(Llama4TextConfig(**KQUANT_LIKE)).float().eval()
+    ref = dequantized_reference(skeleton, KQUANTS, KQUANT_LIKE["num_hidden_layers"])
+    assert herd_greedy(KQUANTS) == [hf_greedy(ref, p, MAX_TOKENS) for p in prompts()]
 
 
 TEXTS = [
