@@ -25,6 +25,7 @@ from herd.sampling import SamplingParams
 
 from gguf_fixtures import BOS, EOT, KQUANT_LIKE, convert, make_checkpoint
 from test_engine import hf_greedy
+from test_quantization_int8 import dequantized_reference as int8_reference
 
 MAX_TOKENS = 32
 
@@ -50,8 +51,8 @@ def prompts() -> list[list[int]]:
     return [[BOS, *torch.randint(0, BOS, (n,), generator=gen).tolist()] for n in (21, 4)]
 
 
-def herd_greedy(path: Path) -> list[list[int]]:
-    llm = LLM(str(path), dtype="float32", chunked_prefill_size=7)
+def herd_greedy(path: Path, **kwargs: object) -> list[list[int]]:
+    llm = LLM(str(path), dtype="float32", chunked_prefill_size=7, **kwargs)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params, use_tqdm=False)
     return [o.outputs[0].token_ids for o in outputs]
@@ -107,6 +108,12 @@ def test_q8_0_file_gives_transformers_tokens_on_the_dequantized_weights(files) -
     assert got == [hf_greedy(ref, p, MAX_TOKENS) for p in prompts()]
     # The quantization is not a no-op: the checkpoint itself continues differently somewhere.
     assert got != [hf_greedy(files["model"], p, MAX_TOKENS) for p in prompts()]
+
+
+def test_q8_0_file_repacked_to_int8_by_w8a16(files) -> None:
+    """--quantization w8a16 on a Q8_0 file: the dequantized blocks requantized per output channel."""
+    ref = int8_reference(dequantized_reference(files["model"], files["q8_0"]))
+    assert herd_greedy(files["q8_0"], quantization="w8a16") == [hf_greedy(ref, p, MAX_TOKENS) for p in prompts()]
 
 
 KQUANTS = Path(__file__).parent / "fixtures" / "gguf" / "tiny-kquants.gguf"  # made by make_kquants.py beside it
