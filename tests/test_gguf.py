@@ -192,6 +192,18 @@ def test_truncated_file_fails_at_start_naming_the_tensor(files, tmp_path: Path) 
         ModelConfig.from_hf(tmp_path / "header.gguf")
 
 
+def test_another_architecture_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "clip.gguf"
+    writer = gguf.GGUFWriter(path, arch="clip")  # what a vision projector (mmproj) file holds
+    writer.add_tensor("v.patch_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(GGUFError, match="holds a 'clip' model.*herd runs llama4"):
+        LLM(str(path))
+
+
 @pytest.mark.parametrize(
     ("raw_type", "what"),
     [(99, "ggml type 99, which the gguf package does not know"), (9, "type Q8_1, which the gguf package cannot")],
