@@ -84,9 +84,14 @@ def split_files(path: Path) -> tuple[Path, ...]:
     return files
 
 
-def open_gguf(path: str | Path) -> GGUFModel:
-    """Open (memory-map) the model's files and check every tensor; nothing is read into memory yet."""
-    return _open(Path(path).resolve())
+def open_gguf(path: str | Path, *, cached: bool = True) -> GGUFModel:
+    """Open (memory-map) the model's files and check every tensor; nothing is read into memory yet.
+
+    The metadata readers (config, tokenizer) share one cached opening. The weight loader asks for its own
+    (cached=False), so that the memory map, and the file pages it touched, go once loading is done.
+    """
+    resolved = Path(path).resolve()
+    return _open(resolved) if cached else _open.__wrapped__(resolved)
 
 
 @cache

@@ -48,7 +48,7 @@ def gguf_tensors(path: str | Path) -> Iterator[tuple[str, Callable[[], torch.Ten
     A name this table does not know is passed through as the file spells it, so the loader reports it as
     unexpected.
     """
-    for tensor in open_gguf(path).tensors():
+    for tensor in open_gguf(path, cached=False).tensors():
         if tensor.name == ROPE_FREQS:
             continue
         block = _BLOCK.match(tensor.name)
