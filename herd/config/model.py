@@ -9,6 +9,7 @@ that the model code never re-derives them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,8 @@ class ModelConfig:
     layers: tuple[LayerSpec, ...]
     vision: VisionConfig | None
     quantization: dict[str, Any] | None
+    # Divisors of the RoPE frequencies, as a GGUF file stores Llama 3 scaling (`rope_freqs.weight`).
+    rope_freq_factors: tuple[float, ...] | None = None
 
     @property
     def is_multimodal(self) -> bool:
@@ -86,8 +89,13 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, path: str | Path) -> ModelConfig:
-        """Read `config.json` from a checkpoint folder (or the file itself)."""
+        """Read `config.json` from a checkpoint folder (or the file itself), or a GGUF file's metadata."""
         path = Path(path)
+        if path.suffix == ".gguf":
+            from herd.config.gguf import gguf_config_dict  # the gguf package loads only for GGUF files
+
+            raw, factors = gguf_config_dict(path)
+            return dataclasses.replace(cls.from_dict(raw), rope_freq_factors=factors)
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise ConfigError(f"no config.json at {path}")

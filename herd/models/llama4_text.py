@@ -160,6 +160,8 @@ class Llama4ForCausalLM(nn.Module):
         self.tp_size, self.tp_group = factory.tp_size, factory.tp_group
         # Not a buffer: it is derived from the config, never loaded, and must survive meta-device init.
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        if config.rope_freq_factors is not None:  # a GGUF file's Llama 3 scaling, as llama.cpp applies it
+            self.inv_freq = self.inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float32, device="cpu")
 
     def forward(
         self,

@@ -27,11 +27,13 @@ from tqdm import tqdm
 
 from herd.config import ModelConfig
 from herd.config.engine import DTYPES, LOAD_FORMATS
+from herd.config.gguf import is_gguf
 from herd.layers.attention import AttentionBackend, get_attention_backend
 from herd.layers.factory import LayerFactory
 from herd.layers.linear import LinearBase
 from herd.layers.moe import GATE, UP, FusedMoE
 from herd.layers.parameters import WeightShapeError, materialize, weight_loader_of
+from herd.models.gguf_loader import gguf_tensors
 from herd.models.llama4 import Llama4ForConditionalGeneration, text_model
 from herd.models.llama4_text import Llama4ForCausalLM
 
@@ -150,7 +152,7 @@ def load_weights(model: Model, config: ModelConfig, path: Path) -> None:
     unexpected: list[str] = []
     mismatched: list[str] = []
     with ExitStack() as stack:
-        tensors = list(_checkpoint_tensors(path, stack))
+        tensors = list(gguf_tensors(path) if is_gguf(path) else _checkpoint_tensors(path, stack))
         for ckpt_name, get in tqdm(tensors, desc="Loading weights", unit="tensor", leave=False):
             name = ckpt_name if multimodal else _strip_prefix(ckpt_name, config)
             if name is None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from herd.frontend.chat import load_checkpoint_template, resolve_chat_template
 from herd.frontend.tokenizer.base import LLAMA4_STOP_TOKENS, Tokenizer
+from herd.frontend.tokenizer.gguf import load_gguf_tokenizer
 from herd.frontend.tokenizer.hf import HFTokenizer
 from herd.frontend.tokenizer.tiktoken_bpe import TiktokenTokenizer, llama4_special_tokens
 
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Tokenizer:
-    """Load the tokenizer of a model folder, or a `tokenizer.json` / `tokenizer.model` file.
+    """Load the tokenizer of a model folder, or a `tokenizer.json` / `tokenizer.model` / GGUF file.
 
     The folder (a file's parent) also supplies tokenizer_config.json (named special tokens, chat template),
     chat_template.jinja / chat_template.json, and generation_config.json (extra stop ids). chat_template
@@ -38,6 +39,12 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Tokeni
     """
     path = Path(path)
     folder = path if path.is_dir() else path.parent
+    if path.suffix == ".gguf":
+        # A tokenizer file beside the GGUF file wins, as llama.cpp's users expect of a downloaded folder.
+        beside = [p for p in (folder / "tokenizer.json", folder / "tokenizer.model") if p.is_file()]
+        if not beside:
+            return load_gguf_tokenizer(path, chat_template)
+        path = beside[0]
     if path.is_dir():
         candidates = [path / "tokenizer.json", path / "tokenizer.model"]
         path = next((p for p in candidates if p.is_file()), candidates[0])

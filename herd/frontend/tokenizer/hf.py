@@ -16,8 +16,14 @@ from herd.frontend.tokenizer.base import Tokenizer
 class HFTokenizer(Tokenizer):
     """A `tokenizer.json` read with the `tokenizers` library."""
 
-    def __init__(self, path: Path, config: dict[str, Any], generation_eos: Sequence[int], template: ChatTemplate):
-        self._tok = RustTokenizer.from_file(str(path))
+    def __init__(
+        self,
+        path: Path | RustTokenizer,  # a tokenizer.json, or one already built (from a GGUF file's metadata)
+        config: dict[str, Any],
+        generation_eos: Sequence[int],
+        template: ChatTemplate,
+    ):
+        self._tok = path if isinstance(path, RustTokenizer) else RustTokenizer.from_file(str(path))
         # encode_special_tokens is a mutable flag on the Rust object, so plain-text encoding gets its own
         # copy (built on first use) instead of toggling a flag that concurrent callers share.
         self._plain: RustTokenizer | None = None
