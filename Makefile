@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.herd-installed
 
-.PHONY: venv test lint format serve clean
+.PHONY: venv test lint format serve clean browser
 
 venv: $(STAMP)
 
@@ -24,8 +24,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix herd tests benchmarks scripts
 	$(VENV)/bin/ruff format herd tests benchmarks scripts
 
+# The chat page's browser test (tests/test_chat_page.py) drives Debian's chromium through Playwright; Playwright's
+# own browser download is not used. Installed here when missing (CI runs as root on Debian).
+browser:
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
+
 # pytest exits 5 when it collected no test; make treats that as the failure it is.
-test: lint
+test: lint browser
 	$(PY) -m pytest -q
 
 # Without --model-path this serves the demo model shipped in herd/demo/model, pictures and tool calls on.
