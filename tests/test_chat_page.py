@@ -106,6 +106,38 @@ def test_picture_goes_with_the_question(server: ServerThread, page, tmp_path: Pa
     assert page.locator(".msg.user img").count() == 1
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "required": ["location", "unit"],
+            "properties": {
+                "location": {"type": "string", "description": "City name"},
+                "unit": {"type": "string", "description": "Unit", "enum": ["celsius", "fahrenheit"]},
+            },
+        },
+    },
+}
+
+
+def test_tool_calls_are_shown_as_calls(server: ServerThread, page) -> None:  # type: ignore[no-untyped-def]
+    page.click("#clear")
+    page.fill("#tools", json.dumps([WEATHER]))
+    question = "What is the weather in Paris in celsius?"
+    ask(page, question)
+    page.wait_for_selector(".msg.assistant[data-done]")
+    shown = page.locator(".msg.assistant .tool-call").all_inner_texts()
+    body = {"model": "herd-demo", "messages": [{"role": "user", "content": question}], "tools": [WEATHER]}
+    direct = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "temperature": 0},
+                        headers={"Authorization": f"Bearer {KEY}"}).json()  # fmt: skip
+    calls = direct["choices"][0]["message"]["tool_calls"]
+    assert calls and shown == [f"call {c['function']['name']}({c['function']['arguments']})" for c in calls]
+    page.fill("#tools", "")
+
+
 def test_stop_aborts_the_reply_mid_stream(server: ServerThread, page) -> None:  # type: ignore[no-untyped-def]
     # Slow every engine step down, so that the reply is still streaming when stop is pressed.
     step = server.engine.step

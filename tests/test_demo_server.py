@@ -123,3 +123,17 @@ def test_generate_logprob_start_len(server: ServerThread, reference: tuple[list[
     assert "input_token_logprobs" not in only_output and len(only_output["output_token_logprobs"]) == 1
     bad = httpx.post(f"{server.url}/generate", json={**body, "logprob_start_len": len(ids)})
     assert bad.status_code == 400 and "logprob_start_len" in bad.json()["error"]["message"]
+
+
+def test_echo_with_n_and_several_prompts(client: openai.OpenAI, reference: tuple[list[int], torch.Tensor]) -> None:
+    ids, logprobs = reference
+    want = [logprobs[p - 1, ids[p]].item() for p in range(1, len(ids))]
+    out = client.completions.create(
+        model="herd-demo", prompt=[ids, ids[:8]], n=2, echo=True, logprobs=0, max_tokens=3, temperature=1.0, seed=1
+    )
+    assert len(out.choices) == 4
+    for choice in out.choices[:2]:
+        assert choice.logprobs.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=1e-4)
+    for choice in out.choices[2:]:
+        assert choice.logprobs.token_logprobs[0] is None
+        assert choice.logprobs.token_logprobs[1:8] == pytest.approx(want[:7], abs=1e-4)

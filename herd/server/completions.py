@@ -110,6 +110,7 @@ class _CompletionReply:
         self.head = {"id": base_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name}
         self.echo: Echo | None = None
         self.echoed = [False] * self.num_choices
+        self.prompt_scores: dict[int, list[dict[int, float] | None]] = {}  # prompt index -> its prompt logprobs
         self.scoring_only = req.echo and req.max_tokens == 0  # the one sampled token is not part of the reply
 
     def _index(self, request_id: str, o: CompletionDelta) -> int:
@@ -124,14 +125,16 @@ class _CompletionReply:
         """Choice index, new text and logprobs parts of one delta; the echoed prompt goes before the first."""
         i = self._index(delta.request_id, o)
         text, parts = ("" if self.scoring_only else o.text), []
+        p = self.position[delta.request_id]
+        if delta.prompt_logprobs is not None:
+            self.prompt_scores[p] = delta.prompt_logprobs  # comes with the first output of any of its n choices
         if self.echo is not None and not self.echoed[i]:
             self.echoed[i] = True
-            p = self.position[delta.request_id]
             text = self.echo.text(p) + text
             if self.req.logprobs is not None:
-                if delta.prompt_logprobs is None:
+                if p not in self.prompt_scores:
                     raise RuntimeError("the engine returned no prompt logprobs for an echo request")
-                prompt_part, self.logprobs[i].offset = self.echo.logprobs(p, delta.prompt_logprobs)
+                prompt_part, self.logprobs[i].offset = self.echo.logprobs(p, self.prompt_scores[p])
                 parts.append(prompt_part)
         part = self._logprobs(i, o)
         if part is not None:
