@@ -9,7 +9,7 @@ STAMP := $(VENV)/.herd-installed
 LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
 LLAMA_CPP := $(VENV)/src/llama.cpp
 
-.PHONY: venv test lint format serve clean
+.PHONY: venv test lint format serve clean browser
 
 venv: $(STAMP)
 
@@ -35,8 +35,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix herd tests benchmarks scripts
 	$(VENV)/bin/ruff format herd tests benchmarks scripts
 
+# The chat page's browser test (tests/test_chat_page.py) drives Debian's chromium through Playwright; Playwright's
+# own browser download is not used. Installed here when missing (CI runs as root on Debian).
+browser:
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
+
 # pytest exits 5 when it collected no test; make treats that as the failure it is.
-test: lint $(LLAMA_CPP)/convert_hf_to_gguf.py
+test: lint browser $(LLAMA_CPP)/convert_hf_to_gguf.py
 	$(PY) -m pytest -q
 
 # Without --model-path this serves the demo model shipped in herd/demo/model, pictures and tool calls on.

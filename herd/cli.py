@@ -1,4 +1,4 @@
-"""The `herd` command line: `herd serve | generate | bench serving`.
+"""The `herd` command line: `herd serve | generate | bench serving | bench plot`.
 
 `herd serve` takes SGLang's `launch_server` flags (see `herd/launch_server.py`); `herd generate` runs
 prompts offline with the same engine flags.
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     # are one command line; `herd serve --help` lists them.
     sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", add_help=False)
     # `herd bench serving` is `python -m herd.bench_serving` (sglang.bench_serving's flags).
-    sub.add_parser("bench", help="benchmarks: `herd bench serving ...`", add_help=False)
+    sub.add_parser("bench", help="benchmarks: `herd bench serving ...`, `herd bench plot FILE...`", add_help=False)
     gen = sub.add_parser("generate", help="generate text for one or more prompts, offline")
     add_server_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
@@ -59,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         from herd.bench_serving import main as bench_serving
 
         return bench_serving(argv[2:], prog="herd bench serving")
+    if argv[:2] == ["bench", "plot"]:
+        from herd.bench.plot import main as bench_plot
+
+        return bench_plot(argv[2:], prog="herd bench plot")
     if argv[:1] == ["bench"]:
-        parser.error("herd bench: choose a benchmark: `herd bench serving ...`")
+        parser.error("herd bench: choose `herd bench serving ...` or `herd bench plot FILE...`")
     args = parser.parse_args(argv)
     logging.basicConfig(level=(args.log_level or "warning").upper(), format=LOG_FORMAT)
     try:

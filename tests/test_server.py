@@ -285,7 +285,7 @@ BAD_REQUESTS = [
     ),
     ("/v1/completions", {"model": MODEL, "prompt": []}, 400, ["prompt"], "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": [5, 10**9]}, 400, ["prompt token ids"], None),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, ["echo"], "echo"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, ["echo"], "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, ["max_tokens"], "max_tokens"),
     ("/generate", {"text": "x", "input_ids": [1]}, 400, ["exactly one"], "text"),
     ("/generate", {"text": "x", "sampling_params": {"max_new_token": 3}}, 400, ["max_new_token"], None),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -16,8 +18,9 @@ import openai
 import pytest
 
 from herd.cli import main as herd_main
+from herd.config.server_args import NOT_YET, ServerArgs, default_served_model_name
 from herd.demo import MODEL_PATH
-from herd.launch_server import bind_socket, parse_args
+from herd.launch_server import bind_socket, build_parser, parse_args
 from herd.launch_server import main as launch_main
 
 
@@ -180,3 +183,68 @@ def test_accepted_connections_set_tcp_nodelay() -> None:
         return value
 
     assert asyncio.run(nodelay_of_accepted()) != 0
+
+
+SGLANG_LAUNCH_LINES = [
+    line
+    for line in (Path(__file__).parent / "fixtures" / "sglang_llama4_launch.sh").read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+]
+
+
+@pytest.mark.parametrize("line", SGLANG_LAUNCH_LINES, ids=range(len(SGLANG_LAUNCH_LINES)))
+def test_sglang_llama4_launch_lines(line: str, capsys) -> None:
+    """Each launch line of SGLang's Llama 4 docs and recipe, with `herd serve` in its place: accepted or
+    refused as "not supported yet", never "unrecognized"; and with the unsupported flags turned off, it is
+    accepted (so the refusal hides no other bad flag)."""
+    words = shlex.split(line)
+    assert words[:3] in (["python3", "-m", "sglang.launch_server"], ["python", "-m", "sglang.launch_server"])
+    argv = words[3:]
+    try:
+        parse_args(argv)
+    except SystemExit as e:
+        assert e.code == 2
+        err = capsys.readouterr().err
+        assert "not supported yet" in err and "unrecognized" not in err, err
+    namespace = build_parser().parse_args(argv)  # argparse alone: every flag known
+    values = {name: getattr(namespace, name) for name in ServerArgs.field_names()}
+    ServerArgs(**{**values, **NOT_YET, "quantization": None})  # fp8: --quantization takes only w8a16 yet
+
+
+def test_hybrid_kvcache_ratio_sets_the_local_share() -> None:
+    # SGLang's meaning: local/global KV tokens = (1 - r) + r * attention_chunk_size / context_length.
+    chunk = json.loads((MODEL_PATH / "config.json").read_text())["text_config"]["attention_chunk_size"]
+    context = 4096
+    for argv, expected in (
+        ([], 0.8),  # --swa-full-tokens-ratio's default
+        (["--swa-full-tokens-ratio", "0.3"], 0.3),
+        (["--hybrid-kvcache-ratio", "0"], 1.0),
+        (["--hybrid-kvcache-ratio", "1"], chunk / context),
+        (["--hybrid-kvcache-ratio"], 0.5 + 0.5 * chunk / context),  # the bare flag is 0.5, as in SGLang
+    ):
+        config = parse_args([*argv, "--context-length", str(context)]).to_config()
+        assert config.engine.cache.swa_full_tokens_ratio == pytest.approx(expected), argv
+
+
+def test_hybrid_kvcache_ratio_out_of_range_is_refused(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--hybrid-kvcache-ratio", "1.5"])
+    assert "--hybrid-kvcache-ratio must be in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("model_path", "name"),
+    [
+        (str(MODEL_PATH), "herd-demo"),
+        ("/models/Llama-4-Scout-17B-16E-Instruct", "Llama-4-Scout-17B-16E-Instruct"),
+        ("/models/Llama-4-Scout-17B-16E-Instruct/", "Llama-4-Scout-17B-16E-Instruct"),
+        ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "meta-llama/Llama-4-Scout-17B-16E-Instruct"),  # a Hub id
+    ],
+)
+def test_served_model_name_defaults_to_the_folder_name(model_path: str, name: str) -> None:
+    assert default_served_model_name(model_path) == name
+    assert parse_args(["--model-path", model_path, "--served-model-name", "x"]).served_model_name == "x"
+
+
+def test_demo_model_is_served_as_herd_demo() -> None:
+    assert parse_args([]).to_config().server.served_model_name == "herd-demo"

@@ -39,6 +39,7 @@ from herd.config.engine import (
 )
 from herd.config.fields import ArgumentError
 from herd.config.model import ModelConfig
+from herd.demo import MODEL_NAME as DEMO_MODEL_NAME
 from herd.demo import MODEL_PATH as DEMO_MODEL_PATH
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -82,6 +83,16 @@ class ServerArgs:
     cpu_memory_budget_gb: float = 8.0
     max_total_tokens: int | None = None
     swa_full_tokens_ratio: float = 0.8
+    hybrid_kvcache_ratio: float | None = field(
+        default=None,
+        metadata={
+            "nargs": "?",
+            "const": 0.5,
+            "help": "SGLang's older knob for --swa-full-tokens-ratio, in [0, 1] (bare flag: 0.5): 0 gives the local "
+            "layers as many KV tokens as the global ones, 1 gives them attention_chunk_size / context_length "
+            "of them; when given it sets --swa-full-tokens-ratio",
+        },
+    )
     page_size: int = 16
     max_running_requests: int | None = None
     max_queued_requests: int | None = field(
@@ -110,7 +121,9 @@ class ServerArgs:
     dist_init_addr: str | None = field(
         default=None, metadata={"help": "host:port of node 0 where the ranks meet (needed with --nnodes above 1)"}
     )
-    served_model_name: str | None = field(default=None, metadata={"help": "model id in the API (default: the path)"})
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "model id in the API (default: the model folder's name; demo: herd-demo)"}
+    )
     api_key: str | None = field(default=None, metadata={"help": "require `Authorization: Bearer KEY`"})
     tool_call_parser: str | None = field(
         default=None, metadata={"help": "tool-call format of the model's output (default: llama4, both shapes)"}
@@ -195,6 +208,8 @@ class ServerArgs:
             raise ArgumentError(f"--mem-fraction-static must be in (0, 1], got {self.mem_fraction_static}")
         if not (self.swa_full_tokens_ratio > 0 and math.isfinite(self.swa_full_tokens_ratio)):
             raise ArgumentError(f"--swa-full-tokens-ratio must be a positive number, got {self.swa_full_tokens_ratio}")
+        if self.hybrid_kvcache_ratio is not None and not 0 <= self.hybrid_kvcache_ratio <= 1:
+            raise ArgumentError(f"--hybrid-kvcache-ratio must be in [0, 1], got {self.hybrid_kvcache_ratio}")
         if self.cpu_memory_budget_gb <= 0:
             raise ArgumentError(f"--cpu-memory-budget-gb must be positive, got {self.cpu_memory_budget_gb}")
 
@@ -288,6 +303,7 @@ class ServerArgs:
         """The frozen configs of a run; reads the checkpoint's config.json (a bad one raises ConfigError)."""
         model = ModelConfig.from_hf(self.model_path)
         self.check_parallel_fits(model)
+        context_length = self.context_length or model.max_position_embeddings
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         engine = EngineConfig(
             model=model,
@@ -304,11 +320,11 @@ class ServerArgs:
                 mem_fraction_static=self.mem_fraction_static,
                 cpu_memory_budget_gb=self.cpu_memory_budget_gb,
                 max_total_tokens=self.max_total_tokens,
-                swa_full_tokens_ratio=self.swa_full_tokens_ratio,
+                swa_full_tokens_ratio=self._swa_full_tokens_ratio(model, context_length),
                 enable_prefix_caching=not self.disable_radix_cache,
             ),
             scheduler=SchedulerConfig(
-                context_length=self.context_length or model.max_position_embeddings,
+                context_length=context_length,
                 max_running_requests=self.max_running_requests or DEFAULT_MAX_RUNNING_REQUESTS,
                 chunked_prefill_size=self.chunked_prefill_size,
             ),
@@ -343,7 +359,7 @@ class ServerArgs:
             port=self.port,
             model_path=self.model_path,
             tokenizer_path=tokenizer_path,
-            served_model_name=self.served_model_name or self.model_path,
+            served_model_name=self.served_model_name or default_served_model_name(self.model_path),
             api_key=self.api_key,
             tool_call_parser=self.tool_call_parser or DEFAULT_TOOL_CALL_PARSER,
             tool_call_constraint=self.tool_call_constraint,
@@ -359,6 +375,28 @@ class ServerArgs:
             log_level=self.log_level or "info",
         )
         return HerdConfig(engine=engine, frontend=frontend, server=server)
+
+    def _swa_full_tokens_ratio(self, model: ModelConfig, context_length: int) -> float:
+        """Local-layer KV tokens per global-layer KV token. SGLang's --hybrid-kvcache-ratio r mixes "as many"
+        (1) with "a chunk's worth per context" (attention_chunk_size / context_length): (1 - r) + r * that."""
+        if self.hybrid_kvcache_ratio is None:
+            return self.swa_full_tokens_ratio
+        chunk = model.attention_chunk_size
+        if not chunk:
+            return self.swa_full_tokens_ratio  # no local layers: there is nothing to split
+        least = min(1.0, chunk / context_length)
+        return (1 - self.hybrid_kvcache_ratio) + self.hybrid_kvcache_ratio * least
+
+
+def default_served_model_name(model_path: str) -> str:
+    """The model id the API lists when --served-model-name is not given: the checkpoint folder's name, never
+    the machine's absolute path (a Hub-style id such as meta-llama/Llama-4-Scout-... stays as given)."""
+    path = Path(model_path)
+    if path.resolve() == DEMO_MODEL_PATH.resolve():
+        return DEMO_MODEL_NAME
+    if path.is_absolute() or path.exists():
+        return path.resolve().name or model_path
+    return model_path
 
 
 def _flag(name: str) -> str:
@@ -377,7 +415,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
             continue
         kind = next((t for t in (int, float, str) if t is hint or t in typing.get_args(hint)), str)
         default = None if required else f.default
-        extra = {"nargs": f.metadata["nargs"]} if "nargs" in f.metadata else {}
+        extra = {k: f.metadata[k] for k in ("nargs", "const") if k in f.metadata}
         parser.add_argument(*flags, dest=f.name, type=kind, default=default, required=required, help=help_, **extra)
 
 

@@ -1,10 +1,12 @@
 """The packaged demo model (issue 7).
 
 `MODEL_PATH` is the trained checkpoint shipped inside the package (Hugging Face layout), which `herd serve`
-serves when no `--model-path` is given. The code that made it (synthetic data, tokenizer, trainer and
+serves when no `--model-path` is given, as `MODEL_NAME`. The code that made it (synthetic data, tokenizer, trainer and
 evaluation) lives in scripts/demo, outside the runtime package.
 """
 
 from pathlib import Path
 
 MODEL_PATH = Path(__file__).parent / "model"
+# The name the API lists it under: its folder is the package's "model", which says nothing in a model list.
+MODEL_NAME = "herd-demo"

@@ -28,6 +28,9 @@ class _Live:
     request: EngineCoreRequest
     seq: Sequence
     introduced: bool = False  # the workers know it (its NewSequence went out)
+    # With params.prompt_logprobs: per prompt position, filled in as its prefill steps run (a preempted
+    # sequence recomputes and overwrites them), sent with its first output.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class EngineCore:
@@ -67,8 +70,12 @@ class EngineCore:
                 prompt_token_ids=request.prompt_token_ids,
                 max_tokens=request.max_tokens,
                 prompt_key_ids=request.cache_key,
+                skip_prefix_cache=request.params.prompt_logprobs is not None,
             )
-            self.requests[request.request_id] = _Live(request, seq)
+            live = _Live(request, seq)
+            if request.params.prompt_logprobs is not None:
+                live.prompt_logprobs = [None] * len(request.prompt_token_ids)
+            self.requests[request.request_id] = live
             self.scheduler.add(seq)
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -94,6 +101,11 @@ class EngineCore:
         plan = self._plan(scheduled)
         per_rank = [worker.execute(plan) for worker in self.workers]  # every rank runs the step
         results = per_rank[0]  # and rank 0's samples are the step's
+        for seq_id, scored in self.workers[0].last_prompt_logprobs.items():
+            live = self.requests[seq_id]
+            assert live.prompt_logprobs is not None
+            for position, entry in scored:
+                live.prompt_logprobs[position] = entry
         self.scheduler.update(scheduled)
         sampling = [item.seq for item in scheduled.scheduled if item.samples]
         return [self._append(self.requests[seq.seq_id], r) for seq, r in zip(sampling, results, strict=True)]
@@ -131,6 +143,8 @@ class EngineCore:
         out = EngineCoreOutput(request.request_id, [token], num_cached_tokens=seq.num_cached_tokens)
         if params.logprobs is not None:
             out.new_logprobs = [{token: result.logprob, **dict(result.top_logprobs or [])}]
+        if live.prompt_logprobs is not None:
+            out.prompt_logprobs, live.prompt_logprobs = live.prompt_logprobs, None
         n_out = len(seq.output_token_ids)
         if n_out >= params.min_tokens and (
             token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in request.eos_token_ids)

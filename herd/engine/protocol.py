@@ -36,6 +36,9 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "stop" (a stop token) or "length"; the core never matches text
     stop_reason: int | None = None  # the stop token that ended it
     num_cached_tokens: int = 0  # prompt tokens the prefix cache served
+    # With params.prompt_logprobs, on the sequence's first output: per prompt position, {token: logprob, top
+    # alternatives...} of that token given the ones before it; None at position 0 (nothing comes before it).
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ class Sequence:
     admitted_order: int = -1
     # With images: the prompt as the prefix cache keys it (patch tokens stand for their image's content).
     prompt_key_ids: list[int] | None = None
+    # Compute every prompt position (prompt logprobs need their hidden states): no prefix cache hit.
+    skip_prefix_cache: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -151,7 +153,7 @@ class Scheduler:
         admitted = []
         while self.waiting and len(self.running) < self.max_running and budget > 0:
             seq = self.waiting[0]
-            if self.prefix_cache is not None and not seq.blocks.full:
+            if self.prefix_cache is not None and not seq.blocks.full and not seq.skip_prefix_cache:
                 hit = self.prefix_cache.match(seq.cache_key())
                 seq.blocks.full, seq.blocks.local = hit.full_blocks, hit.local_blocks
                 seq.num_computed = hit.num_tokens

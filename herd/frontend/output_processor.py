@@ -94,6 +94,8 @@ class OutputProcessor:
                     state.request_id, state.num_prompt_tokens, state.num_cached_tokens, [], finished=False
                 )
             deltas[state.request_id].outputs.append(delta)
+            if out.prompt_logprobs is not None:  # each of the n completions scores the same prompt: any will do
+                deltas[state.request_id].prompt_logprobs = out.prompt_logprobs
         for request_id, request_delta in deltas.items():
             state = self._requests[request_id]
             request_delta.num_cached_tokens = state.num_cached_tokens

@@ -24,6 +24,8 @@ class RequestDelta:
     num_cached_tokens: int
     outputs: list[CompletionDelta]
     finished: bool  # every completion of the request is finished
+    # With params.prompt_logprobs, on the delta that first carries it: per prompt token, None for the first.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
@@ -65,6 +67,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # vLLM's: per prompt token, None for the first
 
     @property
     def finished(self) -> bool:
@@ -72,5 +75,7 @@ class RequestOutput:
 
     def add(self, delta: RequestDelta) -> None:
         self.num_cached_tokens = delta.num_cached_tokens
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         for d in delta.outputs:
             self.outputs[d.index].add(d)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from herd.config.engine import ServerConfig
 from herd.frontend.async_engine import AsyncEngine
@@ -27,6 +29,8 @@ from herd.server.protocol import ChatCompletionRequest, CompletionRequest
 from herd.server.shutdown import DrainMiddleware, ShutdownState
 
 logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"  # the chat page: plain HTML, CSS and JavaScript, no build step
 
 
 def build_app(config: ServerConfig, engine: AsyncEngine, url: str | None = None) -> FastAPI:
@@ -50,7 +54,16 @@ def build_app(config: ServerConfig, engine: AsyncEngine, url: str | None = None)
     app.add_middleware(DrainMiddleware, state=app.state.shutdown)  # added last: runs first
     _add_openai_routes(app, ctx)
     _add_native_routes(app, ctx)
+    _add_chat_page(app)
     return app
+
+
+def _add_chat_page(app: FastAPI) -> None:
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
 def _add_openai_routes(app: FastAPI, ctx: ServerContext) -> None:
@@ -91,7 +104,12 @@ def _add_native_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.get("/get_model_info")
     async def model_info() -> dict[str, Any]:
         config = ctx.config
-        return {"model_path": config.model_path, "tokenizer_path": config.tokenizer_path, "is_generation": True}
+        return {
+            "model_path": config.model_path,
+            "tokenizer_path": config.tokenizer_path,
+            "is_generation": True,
+            "has_image_understanding": config.enable_multimodal,  # SGLang's field; the chat page reads it
+        }
 
     @app.post("/flush_cache")
     async def flush_cache() -> Response:

@@ -1,4 +1,4 @@
-"""`--api-key`: every request but `GET /health` needs `Authorization: Bearer <key>`.
+"""`--api-key`: every request but `GET /health` and the chat page's files needs `Authorization: Bearer <key>`.
 
 A plain ASGI middleware rather than a FastAPI dependency: it answers before the body is read, so an
 unauthenticated request gets 401 even when its body is malformed, and it leaves streaming untouched.
@@ -13,7 +13,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from herd.server.errors import error_body
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})  # "/": the chat page, which asks for the key and sends it itself
+OPEN_PREFIXES = ("/static/",)
 
 
 class APIKeyMiddleware:
@@ -22,7 +23,8 @@ class APIKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")

@@ -79,9 +79,10 @@ class GenerateRequest(BaseModel):
 async def generate(ctx: ServerContext, req: GenerateRequest, request: Request) -> Response:
     prompts, batched = await asyncio.to_thread(_prompts, ctx, req)  # tokenizing off the event loop
     params = _sampling_params(ctx, req)
+    _check_logprob_start_len(req, prompts)
     rids = _request_ids(req.rid, len(prompts))
     images = await _images(ctx, req, len(prompts), batched)
-    reply = _NativeReply(req, rids, params.n)
+    reply = _NativeReply(req, rids, params.n, prompts)
     stream = await submit(
         ctx, [(rid, with_images(ids, imgs), params) for rid, ids, imgs in zip(rids, prompts, images, strict=True)]
     )
@@ -121,8 +122,6 @@ def _sampling_params(ctx: ServerContext, req: GenerateRequest) -> SamplingParams
     structured = from_native(sp.json_schema, sp.regex, sp.ebnf)
     if not sp.spaces_between_special_tokens:
         raise bad_request("spaces_between_special_tokens=false is not supported yet", "sampling_params")
-    if req.logprob_start_len != -1:
-        raise bad_request("prompt logprobs (logprob_start_len) are not supported yet", "logprob_start_len")
     values = {
         "max_tokens": sp.max_new_tokens,
         "min_tokens": sp.min_new_tokens,
@@ -142,9 +141,27 @@ def _sampling_params(ctx: ServerContext, req: GenerateRequest) -> SamplingParams
         "seed": sp.seed if sp.seed is not None else sp.sampling_seed,
         "logit_bias": sp.logit_bias,
         "logprobs": req.top_logprobs_num if req.return_logprob else None,
+        "prompt_logprobs": req.top_logprobs_num if _wants_input_logprobs(req) else None,
     }
     # max_new_tokens: null means "up to the context length"; an absent one is SGLang's 128 (the field default).
     return constrained(build_sampling_params(values, ctx.generation_defaults, default_max_tokens=None), structured)
+
+
+def _wants_input_logprobs(req: GenerateRequest) -> bool:
+    """SGLang's logprob_start_len: -1 (the default) = output tokens only, k >= 0 = prompt tokens from k on."""
+    return req.return_logprob and req.logprob_start_len != -1
+
+
+def _check_logprob_start_len(req: GenerateRequest, prompts: list[list[int]]) -> None:
+    if not _wants_input_logprobs(req):
+        return
+    start, shortest = req.logprob_start_len, min(len(p) for p in prompts)
+    if not 0 <= start < shortest:
+        raise bad_request(
+            f"logprob_start_len must be -1 (output tokens only) or in [0, {shortest - 1}] (a prompt position), "
+            f"got {start}",
+            "logprob_start_len",
+        )
 
 
 def _request_ids(rid: str | list[str] | None, count: int) -> list[str]:
@@ -157,8 +174,9 @@ def _request_ids(rid: str | list[str] | None, count: int) -> list[str]:
 
 
 class _NativeReply:
-    def __init__(self, req: GenerateRequest, rids: list[str], n: int) -> None:
-        self.req, self.rids, self.n = req, rids, n
+    def __init__(self, req: GenerateRequest, rids: list[str], n: int, prompts: list[list[int]]) -> None:
+        self.req, self.rids, self.n, self.prompts = req, rids, n, prompts
+        self.prompt_logprobs: list[list[dict[int, float] | None] | None] = [None] * len(rids)
         self.position = {rid: i for i, rid in enumerate(rids)}
         count = len(rids) * n
         self.texts: list[list[str]] = [[] for _ in range(count)]  # parts: += would copy the text per token
@@ -172,6 +190,8 @@ class _NativeReply:
         p = self.position[delta.request_id]
         i = p * self.n + o.index
         self.prompt_tokens[p], self.cached_tokens[p] = delta.num_prompt_tokens, delta.num_cached_tokens
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs[p] = delta.prompt_logprobs
         self.texts[i].append(o.text)
         self.ids[i] += o.token_ids
         self.logprobs[i] += o.logprobs or []
@@ -197,6 +217,16 @@ class _NativeReply:
             meta["output_top_logprobs"] = [
                 [[lp, t, None] for t, lp in sorted(e.items(), key=lambda kv: -kv[1])[:top]] for e in self.logprobs[i]
             ]
+            scored = self.prompt_logprobs[p]
+            if _wants_input_logprobs(self.req) and scored is not None:
+                start = self.req.logprob_start_len
+                pairs = list(zip(self.prompts[p][start:], scored[start:], strict=True))
+                # As SGLang: [logprob, token id, text]; the first prompt token has no logprob (null).
+                meta["input_token_logprobs"] = [[None if e is None else e[t], t, None] for t, e in pairs]
+                meta["input_top_logprobs"] = [
+                    None if e is None else [[lp, t, None] for t, lp in sorted(e.items(), key=lambda kv: -kv[1])[:top]]
+                    for _, e in pairs
+                ]
         item = {"text": "".join(self.texts[i]), "output_ids": list(self.ids[i]), "meta_info": meta}
         if len(self.texts) > 1:
             item["index"] = i

@@ -30,6 +30,7 @@ from herd.worker.images import release_finished_images, step_image_features
 from herd.worker.inputs import build_step_inputs
 from herd.worker.kv_sizing import KVPlan, plan_kv_cache
 from herd.worker.plan import StepPlan
+from herd.worker.prompt_logprobs import PromptLogprobs, PromptLogprobsOut
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class Worker:
         self.compiled_decode = torch.compile(self.model, fullgraph=True, dynamic=True) if compile_decode else None
         self.sampler = Sampler()
         self.sequences: dict[str, _Sequence] = {}
+        self.prompt_logprobs = PromptLogprobs()
+        self.last_prompt_logprobs: PromptLogprobsOut = {}  # of the last step, for the engine core to collect
         self.kv_storage: PagedKVStorage | None = None
         self.block_size = 0
         self.chunk_size: int | None = None
@@ -129,6 +132,8 @@ class Worker:
         """Run one step; one result per chunk that samples, in chunk order."""
         assert self.kv_storage is not None, "init_kv_cache first"
         self._update_sequences(plan)
+        self.prompt_logprobs.update(plan)
+        self.last_prompt_logprobs = {}
         self.kv_storage.zero_blocks(plan.fresh_full_blocks, plan.fresh_local_blocks)
         if not plan.chunks:
             return []
@@ -148,6 +153,9 @@ class Worker:
             hidden = self.compiled_decode(inputs.input_ids, inputs.positions, metadata)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, metadata)
+        if self.prompt_logprobs.wanted:
+            starts = inputs.query_starts
+            self.last_prompt_logprobs = self.prompt_logprobs.compute(self.model, hidden, plan.chunks, starts)
         states = [self.sequences[c.seq_id].sampling for c in plan.chunks if c.samples]
         if not states:
             return []
