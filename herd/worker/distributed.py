@@ -32,6 +32,7 @@ from herd.config.engine import LOG_FORMAT, EngineConfig
 from herd.sampling import SampleResult
 from herd.worker.kv_sizing import KVPlan
 from herd.worker.plan import StepPlan
+from herd.worker.prompt_logprobs import PromptLogprobsOut
 from herd.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,10 @@ class TensorParallelDriver:
 
     def init_kv_cache(self, plan: KVPlan) -> None:
         self.worker.init_kv_cache(plan)
+
+    @property
+    def last_prompt_logprobs(self) -> PromptLogprobsOut:
+        return self.worker.last_prompt_logprobs  # rank 0's, like the samples
 
     def execute(self, plan: StepPlan) -> list[SampleResult]:
         try:
