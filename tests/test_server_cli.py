@@ -75,8 +75,33 @@ def test_image_flags(tmp_path: Path) -> None:
         (["--tp", "2", "--ep", "3"], ["--ep-size 3", "must divide --tp-size 2"]),
         (["--nnodes", "2", "--tp", "2"], ["--nnodes 2", "--dist-init-addr"]),
         (["--nnodes", "2", "--tp", "2", "--dist-init-addr", "node0"], ["--dist-init-addr 'node0'", "host:port"]),
-        (["--speculative-algorithm", "EAGLE3"], ["--speculative-algorithm", "not supported yet"]),
-        (["--speculative-num-steps", "3"], ["--speculative-num-steps", "not supported yet"]),
+        (["--speculative-algorithm", "EAGLE3"], ["--speculative-algorithm EAGLE3", "--speculative-draft-model-path"]),
+        (["--speculative-num-steps", "3"], ["--speculative-num-steps 3", "needs --speculative-algorithm"]),
+        (["--speculative-algorithm", "MEDUSA"], ["--speculative-algorithm 'MEDUSA'", "NGRAM"]),
+        (
+            ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "d"]
+            + ["--speculative-num-steps", "3", "--speculative-num-draft-tokens", "6"],
+            ["--speculative-num-draft-tokens 6", "--speculative-num-steps 3"],
+        ),
+        (
+            [
+                "--speculative-algorithm",
+                "EAGLE3",
+                "--speculative-draft-model-path",
+                "d",
+                "--speculative-eagle-topk",
+                "4",
+            ],
+            ["--speculative-eagle-topk 4", "not supported yet"],
+        ),
+        (
+            ["--speculative-algorithm", "NGRAM", "--speculative-draft-model-path", "d"],
+            ["NGRAM", "--speculative-draft-model-path 'd'"],
+        ),
+        (
+            ["--speculative-demo-draft", "--speculative-algorithm", "NGRAM"],
+            ["--speculative-demo-draft", "--speculative-algorithm NGRAM"],
+        ),
         (["--quantization", "fp8"], ["--quantization", "not supported yet"]),
         (["--dp", "2"], ["--dp-size", "not supported yet"]),
         (["--port", "http"], ["--port", "invalid int"]),

@@ -81,9 +81,19 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding: nothing yet (no algorithm). The drafter, its checkpoint and step counts go here."""
+    """Speculative decoding (herd.config.speculative checks the flags): off when `algorithm` is None."""
 
-    algorithm: str | None = None
+    algorithm: str | None = None  # "EAGLE3" | "NGRAM"
+    draft_model_path: str | None = None  # EAGLE3's draft checkpoint
+    num_steps: int = 0  # draft tokens proposed per sequence per step (a chain)
+    eagle_topk: int = 1
+    num_draft_tokens: int = 1  # tokens verified per sequence per step: num_steps + 1
+    ngram_min_match: int = 1  # NGRAM: shortest and longest suffix looked up in the earlier context
+    ngram_max_match: int = 12
+
+    @property
+    def enabled(self) -> bool:
+        return self.algorithm is not None
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,8 @@ from herd.config.engine import (
 )
 from herd.config.fields import ArgumentError
 from herd.config.model import ModelConfig
+from herd.config.speculative import speculative_config
+from herd.demo import DRAFT_PATH as DEMO_DRAFT_PATH
 from herd.demo import MODEL_NAME as DEMO_MODEL_NAME
 from herd.demo import MODEL_PATH as DEMO_MODEL_PATH
 
@@ -50,11 +52,6 @@ DEFAULT_TOOL_CALL_PARSER = "llama4"  # herd serves Llama 4 only: read both shape
 # SGLang flags for features herd does not have yet, with the value that means "off". Setting one fails at
 # start: a command line copied from SGLang must not silently run something else than it asks for.
 NOT_YET: dict[str, Any] = {
-    "speculative_algorithm": None,
-    "speculative_draft_model_path": None,
-    "speculative_num_steps": None,
-    "speculative_eagle_topk": None,
-    "speculative_num_draft_tokens": None,
     "kv_cache_dtype": "auto",
     "dp_size": 1,
     "lora_paths": None,
@@ -157,18 +154,25 @@ class ServerArgs:
     trust_remote_code: bool = field(default=False, metadata={"help": "accepted for SGLang compatibility; no effect"})
     enable_metrics: bool = field(default=False, metadata={"help": "accepted for SGLang compatibility: always on"})
     log_level: str | None = field(default=None, metadata={"help": "default: info for serve, warning for generate"})
-    # -- not supported yet (see NOT_YET) --------------------------------------------------------------------
-    speculative_algorithm: str | None = None
+    # -- speculative decoding (herd.config.speculative) ------------------------------------------------------
+    speculative_algorithm: str | None = field(default=None, metadata={"help": "EAGLE3 (or EAGLE) or NGRAM"})
     speculative_draft_model_path: str | None = None
     speculative_num_steps: int | None = None
     speculative_eagle_topk: int | None = None
     speculative_num_draft_tokens: int | None = None
+    speculative_ngram_min_match_window_size: int = 1
+    speculative_ngram_max_match_window_size: int = 12
+    speculative_demo_draft: bool = field(
+        default=False, metadata={"help": "EAGLE3 with the draft trained for the demo model (herd/demo/draft)"}
+    )
+    # -- not supported yet (see NOT_YET) --------------------------------------------------------------------
     kv_cache_dtype: str = "auto"
     dp_size: int = field(default=1, metadata={"aliases": ("--dp",)})
     lora_paths: str | None = None
 
     def __post_init__(self) -> None:
         self._check_not_yet()
+        self._speculative = self._check_speculative()
         self._check_parallel()
         self._check_server()
         self._check_choice("dtype", ("auto", *DTYPES))
@@ -218,6 +222,25 @@ class ServerArgs:
             value = getattr(self, name)
             if value != off:
                 raise ArgumentError(f"{_flag(name)} {value!r}: not supported yet")
+
+    def _check_speculative(self) -> SpeculativeConfig:
+        algorithm, path = self.speculative_algorithm, self.speculative_draft_model_path
+        if self.speculative_demo_draft:
+            if (algorithm or "EAGLE3").upper() not in ("EAGLE3", "EAGLE") or path not in (None, str(DEMO_DRAFT_PATH)):
+                raise ArgumentError(
+                    f"--speculative-demo-draft is EAGLE3 with {DEMO_DRAFT_PATH}; it conflicts with "
+                    f"--speculative-algorithm {algorithm} --speculative-draft-model-path {path}"
+                )
+            algorithm, path = "EAGLE3", str(DEMO_DRAFT_PATH)
+        return speculative_config(
+            algorithm,
+            path,
+            self.speculative_num_steps,
+            self.speculative_eagle_topk,
+            self.speculative_num_draft_tokens,
+            self.speculative_ngram_min_match_window_size,
+            self.speculative_ngram_max_match_window_size,
+        )
 
     def _check_parallel(self) -> None:
         for name in ("tp_size", "ep_size", "nnodes"):
@@ -336,7 +359,7 @@ class ServerArgs:
                 node_rank=self.node_rank,
                 dist_init_addr=self.dist_init_addr,
             ),
-            speculative=SpeculativeConfig(algorithm=self.speculative_algorithm),
+            speculative=self._speculative,
             device=DeviceConfig(
                 device=device,
                 attention_backend=self.attention_backend or default_attention_backend(device),

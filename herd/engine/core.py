@@ -16,6 +16,7 @@ from herd.engine.kv_cache import KVCacheManager
 from herd.engine.prefix_cache import PrefixCache
 from herd.engine.protocol import CoreInfo, EngineCoreOutput, EngineCoreRequest, EngineStats
 from herd.engine.scheduler import Scheduler, SchedulerOutput, Sequence
+from herd.engine.spec_stats import SpecStats
 from herd.sampling import SampleResult
 from herd.worker import NewSequence, ScheduledChunk, StepPlan, Worker
 from herd.worker.distributed import TensorParallelDriver
@@ -49,6 +50,8 @@ class EngineCore:
         self.context_length = sched.context_length
         self.requests: dict[str, _Live] = {}
         self._finished: list[str] = []  # sequences the workers should forget at the next step
+        self.speculative = config.speculative.enabled
+        self.spec_stats = SpecStats()
         self.info = CoreInfo(max_request_tokens=plan.num_full_blocks * plan.block_size)
         logger.info(
             "KV cache: %d full tokens, %d local tokens, page size %d",
@@ -107,8 +110,27 @@ class EngineCore:
             for position, entry in scored:
                 live.prompt_logprobs[position] = entry
         self.scheduler.update(scheduled)
-        sampling = [item.seq for item in scheduled.scheduled if item.samples]
-        return [self._append(self.requests[seq.seq_id], r) for seq, r in zip(sampling, results, strict=True)]
+        sampling = [item for item in scheduled.scheduled if item.samples]
+        outputs = []
+        for item, accepted in zip(sampling, results, strict=True):
+            if item.num_draft:
+                self.scheduler.accept_drafts(item.seq, len(accepted) - 1)  # the last token is the target's own
+            if self.speculative and item.start + 1 == item.seq.num_tokens:  # a decode step (with or without drafts)
+                self.spec_stats.record(len(accepted))
+            outputs.append(self._append(self.requests[item.seq.seq_id], accepted))
+        self._take_drafts(self.workers[0].last_drafts)
+        return outputs
+
+    def _take_drafts(self, drafts: dict[str, list[int]]) -> None:
+        """Keep each live sequence's drafts for its next step, cut so that the tokens one step can add stay within
+        max_tokens and the context length (a verify step adds up to len(drafts) + 1 tokens)."""
+        for seq_id, draft in drafts.items():
+            live = self.requests.get(seq_id)
+            if live is None:
+                continue
+            seq = live.seq
+            room = min(seq.max_tokens - len(seq.output_token_ids), self.context_length - seq.num_tokens) - 1
+            seq.draft_token_ids = draft[: max(0, room)]
 
     def _plan(self, scheduled: SchedulerOutput) -> StepPlan:
         plan = StepPlan(finished_seq_ids=self._finished)
@@ -122,38 +144,45 @@ class EngineCore:
                 plan.new_sequences.append(
                     NewSequence(seq.seq_id, r.prompt_token_ids, r.params, r.seed, r.eos_token_ids, r.images)
                 )
-            end = item.start + item.num_tokens
+            end = item.start + item.num_tokens - item.num_draft
             plan.chunks.append(
                 ScheduledChunk(
                     seq_id=seq.seq_id,
                     start=item.start,
-                    token_ids=seq.token_slice(item.start, end),
+                    token_ids=seq.token_slice(item.start, end) + seq.draft_token_ids[: item.num_draft],
                     full_blocks=seq.blocks.full,
                     local_blocks=seq.blocks.local,
                     samples=item.samples,
+                    num_draft=item.num_draft,
                 )
             )
         plan.fresh_full_blocks, plan.fresh_local_blocks = self.kv.full.take_fresh(), self.kv.local.take_fresh()
         return plan
 
-    def _append(self, live: _Live, result: SampleResult) -> EngineCoreOutput:
+    def _append(self, live: _Live, results: list[SampleResult]) -> EngineCoreOutput:
+        """Append a step's tokens (several when drafts were accepted), up to the first that ends the sequence."""
         seq, request, params = live.seq, live.request, live.request.params
-        token = result.token_id
-        seq.output_token_ids.append(token)
-        out = EngineCoreOutput(request.request_id, [token], num_cached_tokens=seq.num_cached_tokens)
+        out = EngineCoreOutput(request.request_id, [], num_cached_tokens=seq.num_cached_tokens)
         if params.logprobs is not None:
-            out.new_logprobs = [{token: result.logprob, **dict(result.top_logprobs or [])}]
+            out.new_logprobs = []
         if live.prompt_logprobs is not None:
             out.prompt_logprobs, live.prompt_logprobs = live.prompt_logprobs, None
-        n_out = len(seq.output_token_ids)
-        if n_out >= params.min_tokens and (
-            token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in request.eos_token_ids)
-        ):
-            out.finish_reason, out.stop_reason = "stop", token
-        elif n_out >= seq.max_tokens or seq.num_tokens >= self.context_length:
-            out.finish_reason = "length"
-        if out.finish_reason is not None:
-            self._finish(live)
+        for result in results:
+            token = result.token_id
+            seq.output_token_ids.append(token)
+            out.new_token_ids.append(token)
+            if out.new_logprobs is not None:
+                out.new_logprobs.append({token: result.logprob, **dict(result.top_logprobs or [])})
+            n_out = len(seq.output_token_ids)
+            if n_out >= params.min_tokens and (
+                token in (params.stop_token_ids or ()) or (not params.ignore_eos and token in request.eos_token_ids)
+            ):
+                out.finish_reason, out.stop_reason = "stop", token
+            elif n_out >= seq.max_tokens or seq.num_tokens >= self.context_length:
+                out.finish_reason = "length"
+            if out.finish_reason is not None:
+                self._finish(live)
+                break
         return out
 
     def _finish(self, live: _Live) -> None:
@@ -183,6 +212,8 @@ class EngineCore:
             kv_cached_usage=(pool.num_used - held) / total,
             prefix_hit_rate=cache.hit_rate if cache is not None else 0.0,
             num_preemptions=self.scheduler.num_preemptions,
+            spec_verify_ct=self.spec_stats.verify_steps,
+            spec_accepted_tokens=self.spec_stats.tokens,
         )
 
     def reset_prefix_cache(self) -> bool:

@@ -119,6 +119,16 @@ class KVCacheManager:
                 self.local.release(seq.local[j])
                 seq.local[j] = RELEASED
 
+    def truncate(self, seq: SeqBlocks, num_tokens: int) -> None:
+        """Give back the blocks past the first `num_tokens` positions (rejected speculative tokens)."""
+        keep = self.num_blocks(num_tokens)
+        for block in seq.full[keep:]:
+            self.full.release(block)
+        for block in seq.local[keep:]:
+            if block != RELEASED:
+                self.local.release(block)
+        del seq.full[keep:], seq.local[keep:]
+
     def free(self, seq: SeqBlocks) -> None:
         for block in seq.full:
             self.full.release(block)

@@ -50,6 +50,14 @@ class EngineStats:
     kv_cached_usage: float = 0.0
     prefix_hit_rate: float = 0.0
     num_preemptions: int = 0  # since start: sequences whose blocks were taken back to make room
+    # Speculative decoding, since start: decode steps of a sequence (verify steps) and the tokens they added.
+    spec_verify_ct: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def spec_accept_length(self) -> float:
+        """Mean tokens per verify step (SGLang's avg_spec_accept_length); 0.0 without speculation."""
+        return self.spec_accepted_tokens / self.spec_verify_ct if self.spec_verify_ct else 0.0
 
 
 @dataclass(frozen=True)

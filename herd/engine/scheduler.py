@@ -40,6 +40,8 @@ class Sequence:
     prompt_key_ids: list[int] | None = None
     # Compute every prompt position (prompt logprobs need their hidden states): no prefix cache hit.
     skip_prefix_cache: bool = False
+    # Speculative decoding: tokens a drafter guessed to follow; the next decode step verifies them.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -63,12 +65,13 @@ class Sequence:
 class ScheduledSeq:
     seq: Sequence
     start: int  # first position computed this step
-    num_tokens: int
+    num_tokens: int  # including num_draft draft tokens at the end
+    num_draft: int = 0  # speculative tokens after the sequence's last token, verified this step
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the sequence's last token, so its logits are sampled."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        return self.start + self.num_tokens - self.num_draft == self.seq.num_tokens
 
 
 @dataclass
@@ -114,8 +117,14 @@ class Scheduler:
             n = self._next_tokens(seq, budget)
             if n == 0:
                 continue
-            while not self._has_room(seq, n) and not self.kv.allocate(
-                seq.blocks, seq.num_computed, seq.num_computed + n
+            drafts = len(seq.draft_token_ids) if n == 1 else 0
+            if drafts and not self.kv.allocate(seq.blocks, seq.num_computed, seq.num_computed + 1 + drafts):
+                # Drafts are a bet, not a need: drop them rather than preempt anyone for their room.
+                seq.draft_token_ids, drafts = [], 0
+            while (
+                not drafts
+                and not self._has_room(seq, n)
+                and not self.kv.allocate(seq.blocks, seq.num_computed, seq.num_computed + n)
             ):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -123,7 +132,7 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status is SeqStatus.RUNNING:
-                scheduled.append(ScheduledSeq(seq, seq.num_computed, n))
+                scheduled.append(ScheduledSeq(seq, seq.num_computed, n + drafts, drafts))
                 if seq.num_computed + 1 < seq.num_tokens:
                     budget -= n
         # Preempted sequences go back in front, oldest first, ahead of new arrivals.
@@ -175,6 +184,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.draft_token_ids = []
         self._release(seq)
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
@@ -188,13 +198,23 @@ class Scheduler:
         seq.num_computed = 0
 
     def update(self, out: SchedulerOutput) -> None:
-        """Record that the scheduled tokens' KV is now written (call before appending sampled tokens)."""
+        """Record that the scheduled tokens' KV is now written (call before appending sampled tokens).
+
+        Draft tokens' KV is written too, but counts only once `accept_drafts` says which of them stand.
+        """
         for item in out.scheduled:
             seq = item.seq
-            seq.num_computed = item.start + item.num_tokens
+            seq.num_computed = item.start + item.num_tokens - item.num_draft
+            seq.draft_token_ids = []
             if self.prefix_cache is not None and seq.num_computed == len(seq.prompt_token_ids):
                 # Prompt done: share it with whoever arrives next with the same prefix.
                 self.prefix_cache.insert(seq.cache_key(), seq.blocks, seq.num_computed)
+
+    def accept_drafts(self, seq: Sequence, num_accepted: int) -> None:
+        """The first `num_accepted` drafts verified this step stand: their KV is valid. The rest roll back:
+        their slots will be overwritten, and blocks wholly past the accepted tokens go back to the pools."""
+        seq.num_computed += num_accepted
+        self.kv.truncate(seq.blocks, seq.num_computed)
 
     def finish(self, seq: Sequence) -> None:
         """Retire a sequence (finished or aborted), running or still waiting."""

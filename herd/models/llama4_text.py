@@ -162,6 +162,10 @@ class Llama4ForCausalLM(nn.Module):
         self.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         if config.rope_freq_factors is not None:  # a GGUF file's Llama 3 scaling, as llama.cpp applies it
             self.inv_freq = self.inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float32, device="cpu")
+        # Speculative decoding (EAGLE-3) reads the outputs of these layers: each forward leaves them, in this
+        # order, concatenated as `aux_hidden` [T, len(aux_layer_ids) * H]. Empty: nothing is kept.
+        self.aux_layer_ids: tuple[int, ...] = ()
+        self.aux_hidden: torch.Tensor | None = None
 
     def forward(
         self,
@@ -172,8 +176,13 @@ class Llama4ForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, H]
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = rope_angles(positions, self.inv_freq)
-        for layer in self.model.layers:
+        aux: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.model.layers):
             x = layer(x, positions, rope, metadata)
+            if i in self.aux_layer_ids:
+                aux[i] = x
+        if self.aux_layer_ids:
+            self.aux_hidden = torch.cat([aux[i] for i in self.aux_layer_ids], dim=-1)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, vocab]

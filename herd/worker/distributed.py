@@ -141,7 +141,11 @@ class TensorParallelDriver:
     def last_prompt_logprobs(self) -> PromptLogprobsOut:
         return self.worker.last_prompt_logprobs  # rank 0's, like the samples
 
-    def execute(self, plan: StepPlan) -> list[SampleResult]:
+    @property
+    def last_drafts(self) -> dict[str, list[int]]:
+        return self.worker.last_drafts  # rank 0 drafts
+
+    def execute(self, plan: StepPlan) -> list[list[SampleResult]]:
         try:
             dist.broadcast_object_list([plan], src=0, group=self.control)
             return self.worker.execute(plan)

@@ -15,7 +15,7 @@ class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T] absolute position of each token in its sequence
     attention: AttentionBatch
-    sample_rows: torch.Tensor  # [S] rows of the token axis whose logits are sampled, in chunk order
+    sample_rows: torch.Tensor  # [S] rows of the token axis whose logits are sampled, in chunk order (drafts' too)
     query_starts: list[int]  # [B + 1] where each chunk's tokens start on the token axis
 
 
@@ -32,7 +32,7 @@ def build_step_inputs(
         starts.append(starts[-1] + len(chunk.token_ids))
         context_lens.append(chunk.end)
         if chunk.samples:
-            sample_rows.append(starts[-1] - 1)
+            sample_rows += range(starts[-1] - 1 - chunk.num_draft, starts[-1])
     full = [c.full_blocks for c in chunks]
     local = [c.local_blocks for c in chunks]
     attention = AttentionBatch(

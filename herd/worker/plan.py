@@ -31,6 +31,9 @@ class ScheduledChunk:
     full_blocks: list[int]  # block table in the full pool (global layers)
     local_blocks: list[int]  # block table in the local pool (chunked layers), -1 where released
     samples: bool  # this chunk ends at the sequence's last token: sample its next one
+    # Speculative decoding: the last num_draft token_ids are drafts after the sequence's last token, each
+    # sampled row verifying one (see herd.worker.spec_step).
+    num_draft: int = 0
 
     @property
     def end(self) -> int:

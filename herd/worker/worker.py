@@ -21,16 +21,18 @@ from herd.layers.quantization import QuantizationConfig
 from herd.layers.quantization.int8 import Int8Config
 from herd.layers.quantization.unquantized import UnquantizedConfig, cpu_packing_available
 from herd.layers.triton_ops import triton_available
-from herd.models.llama4 import Llama4ForConditionalGeneration
+from herd.models.llama4 import Llama4ForConditionalGeneration, text_model
 from herd.models.loader import load_model, resolve_dtype
 from herd.multimodal import RequestImages
 from herd.sampling import Sampler, SampleResult, SamplingState
+from herd.speculative import make_proposer
 from herd.worker.cuda_graphs import DecodeGraphRunner, build_decode_graphs, graphs_enabled
 from herd.worker.images import release_finished_images, step_image_features
 from herd.worker.inputs import build_step_inputs
 from herd.worker.kv_sizing import KVPlan, plan_kv_cache
 from herd.worker.plan import StepPlan
 from herd.worker.prompt_logprobs import PromptLogprobs, PromptLogprobsOut
+from herd.worker.spec_step import propose, sample_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,14 @@ class Worker:
             config=config.model,
         )
         self.multimodal = isinstance(self.model, Llama4ForConditionalGeneration)
+        # Rank 0 drafts (the next plan carries its drafts to every rank, like its samples).
+        target = text_model(self.model)
+        self.proposer = make_proposer(config.speculative, target, self.dtype, self.device) if rank == 0 else None
+        self.last_drafts: dict[str, list[int]] = {}  # of the last step, for the engine core to collect
+        if self.proposer is not None and self.proposer.aux_layer_ids:
+            target.aux_layer_ids = self.proposer.aux_layer_ids
+            compile_decode = False  # the compiled and graphed steps do not leave the auxiliary hidden states
+        self.aux_layers = bool(target.aux_layer_ids)
         # Decode steps only: prefill shapes vary too much to be worth compiling.
         self.compiled_decode = torch.compile(self.model, fullgraph=True, dynamic=True) if compile_decode else None
         self.sampler = Sampler()
@@ -100,7 +110,7 @@ class Worker:
 
     def init_kv_cache(self, plan: KVPlan) -> None:
         device_config = self.config.device
-        graphs = graphs_enabled(self.device, self.backend, device_config.disable_cuda_graph)
+        graphs = graphs_enabled(self.device, self.backend, device_config.disable_cuda_graph or self.aux_layers)
         scratch = 1 if graphs else 0  # a block per pool that CUDA graphs' padding rows write to
         self.kv_storage = PagedKVStorage(
             self.config.model,
@@ -128,12 +138,13 @@ class Worker:
             )
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[SampleResult]:
-        """Run one step; one result per chunk that samples, in chunk order."""
+    def execute(self, plan: StepPlan) -> list[list[SampleResult]]:
+        """Run one step; per chunk that samples, in chunk order, the tokens it adds (several when drafts stand)."""
         assert self.kv_storage is not None, "init_kv_cache first"
         self._update_sequences(plan)
         self.prompt_logprobs.update(plan)
         self.last_prompt_logprobs = {}
+        self.last_drafts = {}
         self.kv_storage.zero_blocks(plan.fresh_full_blocks, plan.fresh_local_blocks)
         if not plan.chunks:
             return []
@@ -156,19 +167,24 @@ class Worker:
         if self.prompt_logprobs.wanted:
             starts = inputs.query_starts
             self.last_prompt_logprobs = self.prompt_logprobs.compute(self.model, hidden, plan.chunks, starts)
-        states = [self.sequences[c.seq_id].sampling for c in plan.chunks if c.samples]
-        if not states:
-            return []
-        logits = self.model.compute_logits(hidden[inputs.sample_rows]).float()  # every rank: it gathers the vocab
-        if self.rank != 0:  # rank 0 samples; the next plan brings every rank the tokens it chose
-            return []
-        results = self.sampler(logits, states)
-        for state, result in zip(states, results, strict=True):
-            state.append_token(result.token_id)
+        if not any(c.samples for c in plan.chunks):
+            results: list[list[SampleResult]] = []
+        else:
+            logits = self.model.compute_logits(hidden[inputs.sample_rows]).float()  # every rank: it gathers the vocab
+            if self.rank != 0:  # rank 0 samples; the next plan brings every rank the tokens it chose
+                return []
+            states = {c.seq_id: self.sequences[c.seq_id].sampling for c in plan.chunks}
+            results = sample_chunks(self.sampler, logits, plan.chunks, states)
+        if self.proposer is not None:
+            states = {c.seq_id: self.sequences[c.seq_id].sampling for c in plan.chunks}
+            aux = text_model(self.model).aux_hidden if self.aux_layers else None
+            self.last_drafts = propose(self.proposer, plan.chunks, results, states, inputs.query_starts, aux)
         return results
 
     def _update_sequences(self, plan: StepPlan) -> None:
         for seq_id in plan.finished_seq_ids:
+            if self.proposer is not None:
+                self.proposer.release(seq_id)
             seq = self.sequences.pop(seq_id, None)
             if seq is not None and seq.images is not None:
                 seq.images.release(seq_id)

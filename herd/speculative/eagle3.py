@@ -1,0 +1,52 @@
+"""EAGLE-3 drafting: a one-layer draft model reads three of the target's hidden states and guesses a chain.
+
+Each step the draft model is told what the target computed (hidden states of the positions whose KV now
+stands, and the token that follows each), then drafts greedily. Its own cache is cut back first to the
+step's first position, so rejected drafts and recomputed prefixes (preemption) leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from herd.speculative.base import Proposer, StepSeq
+
+
+class Eagle3Proposer(Proposer):
+    def __init__(self, drafter, num_draft: int) -> None:  # drafter: herd.models.llama4_eagle3.Eagle3Drafter
+        super().__init__(num_draft)
+        self.drafter = drafter
+        self.aux_layer_ids = tuple(drafter.target_layer_ids)
+
+    def propose(self, seqs: list[StepSeq], aux_hidden: torch.Tensor | None) -> dict[str, list[int]]:
+        assert aux_hidden is not None, "EAGLE-3 needs the target's auxiliary hidden states"
+        drafts: dict[str, list[int]] = {}
+        for s in seqs:
+            if s.num_valid == 0:
+                continue
+            # The token after each valid position: prompt or accepted output, the last one just sampled (or,
+            # mid-prefill, the next prompt token).
+            following = s.tokens[s.start + 1 : s.start + s.num_valid + 1]
+            ids = torch.tensor(following, dtype=torch.long, device=aux_hidden.device)
+            self.drafter.truncate(s.seq_id, s.start)
+            self.drafter.extend(s.seq_id, ids, aux_hidden[s.rows][: s.num_valid], s.start)
+            if s.wants_draft:
+                drafts[s.seq_id] = list(self.drafter.draft(s.seq_id, self.num_draft))
+        return drafts
+
+    def release(self, seq_id: str) -> None:
+        self.drafter.release(seq_id)
+
+
+def load_eagle3_proposer(config, target, dtype: torch.dtype, device: torch.device) -> Eagle3Proposer:
+    """The draft checkpoint at config.draft_model_path, checked against the target (it shares its embedding)."""
+    from herd.models.llama4_eagle3 import load_eagle3_draft  # the draft model: only when EAGLE-3 is on
+
+    drafter = load_eagle3_draft(
+        config.draft_model_path,
+        target.config,
+        dtype=dtype,
+        device=device,
+        target_embedding=target.model.embed_tokens,
+    )
+    return Eagle3Proposer(drafter, config.num_steps)
