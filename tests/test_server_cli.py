@@ -79,8 +79,10 @@ def test_image_flags(tmp_path: Path) -> None:
         (["--speculative-num-steps", "3"], ["--speculative-num-steps 3", "needs --speculative-algorithm"]),
         (["--speculative-algorithm", "MEDUSA"], ["--speculative-algorithm 'MEDUSA'", "NGRAM"]),
         (
-            ["--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "d"]
-            + ["--speculative-num-steps", "3", "--speculative-num-draft-tokens", "6"],
+            [
+                *("--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", "d"),
+                *("--speculative-num-steps", "3", "--speculative-num-draft-tokens", "6"),
+            ],
             ["--speculative-num-draft-tokens 6", "--speculative-num-steps 3"],
         ),
         (

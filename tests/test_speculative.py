@@ -11,6 +11,7 @@ from herd.llm import LLM
 from herd.sampling import SamplingParams
 
 from paged import assert_no_leaked_blocks
+from eagle3_fixtures import write_eagle3_draft
 from test_engine import hf_greedy
 
 MAX_TOKENS = 24  # crosses several chunk boundaries (chunk = 8) from any prompt
@@ -70,3 +71,43 @@ def test_ngram_greedy_maverick_under_preemption(maverick_ckpt) -> None:
     )
     assert llm.engine.core.scheduler.num_preemptions > 0
     assert tokens == [reference(maverick_ckpt, p) for p in batch]
+
+
+@pytest.fixture(scope="module")
+def eagle3_draft(scout_ckpt, maverick_ckpt, tmp_path_factory: pytest.TempPathFactory):
+    """name -> a random EAGLE-3 draft (published layout) for that tiny target."""
+    root = tmp_path_factory.mktemp("drafts")
+    return {
+        name: write_eagle3_draft(root / name, ckpt[1].config, seed=3)
+        for name, ckpt in (("scout", scout_ckpt), ("maverick", maverick_ckpt))
+    }
+
+
+def eagle3(path: Path, steps: int = 3) -> dict:
+    return {
+        "speculative_algorithm": "EAGLE3",
+        "speculative_draft_model_path": str(path),
+        "speculative_num_steps": steps,
+        "speculative_eagle_topk": 1,
+        "speculative_num_draft_tokens": steps + 1,
+    }
+
+
+@pytest.mark.parametrize("name", ["scout", "maverick"])
+def test_eagle3_random_draft_greedy_matches_transformers(request, eagle3_draft, name: str) -> None:
+    ckpt = request.getfixturevalue(f"{name}_ckpt")
+    batch = repeating_prompts(seed=2)
+    tokens, llm = generate(ckpt[0], batch, **eagle3(eagle3_draft[name]), chunked_prefill_size=6, page_size=4)
+    assert tokens == [reference(ckpt, p) for p in batch]
+    assert llm.engine.core.spec_stats.verify_steps > 0
+
+
+def test_eagle3_with_prefix_hits_and_preemption(scout_ckpt, eagle3_draft) -> None:
+    batch = repeating_prompts(seed=3)
+    shared = batch[3][:17]
+    batch = batch + [shared + p for p in batch[:2]]  # prefix-cache hits: the draft never saw those positions
+    longest = max(map(len, batch)) + MAX_TOKENS
+    engine_args = dict(max_total_tokens=longest + 8, page_size=4, chunked_prefill_size=16)
+    tokens, llm = generate(scout_ckpt[0], batch, **eagle3(eagle3_draft["scout"], steps=5), **engine_args)
+    assert llm.engine.core.scheduler.num_preemptions > 0
+    assert tokens == [reference(scout_ckpt, p) for p in batch]

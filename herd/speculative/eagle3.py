@@ -3,6 +3,10 @@
 Each step the draft model is told what the target computed (hidden states of the positions whose KV now
 stands, and the token that follows each), then drafts greedily. Its own cache is cut back first to the
 step's first position, so rejected drafts and recomputed prefixes (preemption) leave nothing behind.
+
+A sequence whose prompt began with a prefix-cache hit was never shown the cached positions. The draft then
+numbers its positions from the first one it saw: its attention uses RoPE, which only sees distances, so the
+shift changes nothing but which earlier positions it can attend to (those it holds).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ class Eagle3Proposer(Proposer):
         super().__init__(num_draft)
         self.drafter = drafter
         self.aux_layer_ids = tuple(drafter.target_layer_ids)
+        self._offsets: dict[str, int] = {}  # target position of each sequence's draft position 0
 
     def propose(self, seqs: list[StepSeq], aux_hidden: torch.Tensor | None) -> dict[str, list[int]]:
         assert aux_hidden is not None, "EAGLE-3 needs the target's auxiliary hidden states"
@@ -24,18 +29,29 @@ class Eagle3Proposer(Proposer):
         for s in seqs:
             if s.num_valid == 0:
                 continue
+            start = self._draft_position(s.seq_id, s.start)
             # The token after each valid position: prompt or accepted output, the last one just sampled (or,
             # mid-prefill, the next prompt token).
             following = s.tokens[s.start + 1 : s.start + s.num_valid + 1]
             ids = torch.tensor(following, dtype=torch.long, device=aux_hidden.device)
-            self.drafter.truncate(s.seq_id, s.start)
-            self.drafter.extend(s.seq_id, ids, aux_hidden[s.rows][: s.num_valid], s.start)
+            self.drafter.truncate(s.seq_id, start)
+            self.drafter.extend(s.seq_id, ids, aux_hidden[s.rows][: s.num_valid], start)
             if s.wants_draft:
                 drafts[s.seq_id] = list(self.drafter.draft(s.seq_id, self.num_draft))
         return drafts
 
+    def _draft_position(self, seq_id: str, start: int) -> int:
+        """The draft's position for the target's position `start` (see the module's note on prefix hits)."""
+        offset = self._offsets.get(seq_id)
+        if offset is None or not 0 <= start - offset <= self.drafter.length(seq_id):
+            # New, or recomputed from elsewhere than the draft's cache covers (after preemption): start over.
+            self.drafter.release(seq_id)
+            offset = self._offsets[seq_id] = start
+        return start - offset
+
     def release(self, seq_id: str) -> None:
         self.drafter.release(seq_id)
+        self._offsets.pop(seq_id, None)
 
 
 def load_eagle3_proposer(config, target, dtype: torch.dtype, device: torch.device) -> Eagle3Proposer:
@@ -47,6 +63,6 @@ def load_eagle3_proposer(config, target, dtype: torch.dtype, device: torch.devic
         target.config,
         dtype=dtype,
         device=device,
-        target_embedding=target.model.embed_tokens,
+        target_embedding=target.model.embed_tokens.weight,
     )
     return Eagle3Proposer(drafter, config.num_steps)
