@@ -10,8 +10,8 @@ import torch
 from herd.llm import LLM
 from herd.sampling import SamplingParams
 
-from paged import assert_no_leaked_blocks
 from eagle3_fixtures import write_eagle3_draft
+from paged import assert_no_leaked_blocks
 from test_engine import hf_greedy
 
 MAX_TOKENS = 24  # crosses several chunk boundaries (chunk = 8) from any prompt
