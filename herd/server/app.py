@@ -111,6 +111,15 @@ def _add_native_routes(app: FastAPI, ctx: ServerContext) -> None:
             "has_image_understanding": config.enable_multimodal,  # SGLang's field; the chat page reads it
         }
 
+    @app.get("/get_server_info")
+    async def server_info() -> dict[str, Any]:
+        """SGLang's route, with what its bench_serving reads: the speculative accept length, when on."""
+        stats = ctx.engine.stats
+        state: dict[str, Any] = {}
+        if stats.spec_verify_ct:
+            state = {"avg_spec_accept_length": stats.spec_accept_length, "spec_verify_ct": stats.spec_verify_ct}
+        return {"model_path": ctx.config.model_path, "internal_states": [state]}
+
     @app.post("/flush_cache")
     async def flush_cache() -> Response:
         """Drop the prefix cache (SGLang's route); refused while requests run, as in SGLang."""

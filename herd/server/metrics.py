@@ -46,6 +46,11 @@ class ServerMetrics:
             registry=r,
         ).set_function(lambda: stats().kv_cached_usage)
         r.register(_EngineCounters(stats))
+        Gauge(
+            "herd:spec_accept_length",
+            "Speculative decoding: mean tokens per verify step since start (1 = no draft accepted; 0 = off)",
+            registry=r,
+        ).set_function(lambda: stats().spec_accept_length)
         self.aborts = Counter(
             "herd:num_aborted_requests", "Requests stopped before they finished (client gone or error)", registry=r
         )
@@ -86,6 +91,17 @@ class _EngineCounters(Collector):
             "herd:num_preemptions",
             "Sequences preempted to make room in the KV cache (recomputed later)",
             value=self.stats().num_preemptions,
+        )
+        stats = self.stats()
+        yield CounterMetricFamily(
+            "herd:spec_verify_ct",
+            "Speculative decoding: decode steps of a sequence (verify steps)",
+            stats.spec_verify_ct,
+        )
+        yield CounterMetricFamily(
+            "herd:spec_accepted_tokens",
+            "Speculative decoding: tokens the verify steps added (accepted drafts + the target's own)",
+            stats.spec_accepted_tokens,
         )
 
 
