@@ -27,7 +27,7 @@ from herd.config.server_args import ServerArgs
 from herd.frontend.structured import GrammarCompiler
 from herd.frontend.tokenizer import load_tokenizer
 from herd.sampling import Sampler, SamplingParams, SamplingState
-from herd.sampling.grammar import StructuredOutput
+from herd.sampling.grammar import StructuredOutput, register_vocabulary
 
 from server_fixtures import ServerThread
 
@@ -101,6 +101,7 @@ def test_sampler_mask_matches_xgrammar_and_leaves_other_rows_alone() -> None:
     vocab = 2050 + 14  # a padded logits width: the columns past the tokenizer's vocabulary are never allowed
     compiler = GrammarCompiler(tokenizer, vocab, tokenizer.eos_token_ids)
     blob = compiler.compile(StructuredOutput("json_schema", json.dumps(SCHEMA)))
+    register_vocabulary(compiler.vocabulary)
     torch.manual_seed(0)
     logits = torch.randn(3, vocab) * 4
     params = [SamplingParams(temperature=0, grammar=blob), SamplingParams(temperature=0), SamplingParams(grammar=blob)]

@@ -4,7 +4,8 @@ Why here and not in the engine: the frontend has the tokenizer, a bad schema mus
 engine sees the request, and a compile (hundreds of ms for a big schema over a 200k vocabulary) must
 not stall the engine's step loop. `InputProcessor` calls `compile` (off the event loop for a grammar it
 has not seen); compiled grammars are cached by (kind, spec), so a schema is compiled once. What crosses
-to the engine is a `GrammarBlob`, xgrammar's own serialization (herd.sampling.grammar).
+to the engine is a `GrammarBlob`, xgrammar's own serialization (herd.sampling.grammar), and, once, the
+`GrammarVocabulary` every blob of this compiler refers to.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from threading import Lock
 import xgrammar as xgr
 
 from herd.frontend.tokenizer import Tokenizer
-from herd.sampling.grammar import GrammarBlob, StructuredOutput
+from herd.sampling.grammar import GrammarBlob, GrammarVocabulary, StructuredOutput
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Iterable[int]) -> None:
         self.info = tokenizer_info(tokenizer, vocab_size, stop_token_ids)
         self._compiler = xgr.GrammarCompiler(self.info, cache_enabled=False)  # herd's own cache holds blobs
-        self._info_json = self.info.serialize_json()
-        self._info_key = hashlib.sha256(self._info_json.encode()).hexdigest()[:16]
+        info_json = self.info.serialize_json()
+        self.vocabulary = GrammarVocabulary(hashlib.sha256(info_json.encode()).hexdigest()[:16], info_json)
         self._cache: OrderedDict[StructuredOutput, GrammarBlob] = OrderedDict()
         self._lock = Lock()
 
@@ -77,8 +78,8 @@ class GrammarCompiler:
             return blob
         compiled = self._compile(structured)
         text = compiled.serialize_json()
-        key = hashlib.sha256(f"{self._info_key}\0{text}".encode()).hexdigest()[:24]
-        blob = GrammarBlob(key, text, self._info_key, self._info_json)
+        key = hashlib.sha256(f"{self.vocabulary.key}\0{text}".encode()).hexdigest()[:24]
+        blob = GrammarBlob(key, text, self.vocabulary.key)
         with self._lock:
             self._cache[_cache_key(structured)] = blob
             if len(self._cache) > CACHE_SIZE:
