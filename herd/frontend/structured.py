@@ -19,6 +19,7 @@ from threading import Lock
 
 import xgrammar as xgr
 
+from herd.frontend.schema_support import unenforced
 from herd.frontend.tokenizer import Tokenizer
 from herd.sampling.grammar import GrammarBlob, GrammarVocabulary, StructuredOutput
 
@@ -91,10 +92,7 @@ class GrammarCompiler:
             if s.kind == "json_object":
                 return self._compiler.compile_builtin_json_grammar()
             if s.kind == "json_schema":
-                schema = json.loads(s.spec)
-                if not isinstance(schema, dict | bool):
-                    raise GrammarError(f"{s.field} must be a JSON schema (an object), got {s.spec[:80]!r}", s.field)
-                return self._compiler.compile_json_schema(s.spec, any_whitespace=False, strict_mode=True)
+                return self._compile_json_schema(s)
             if s.kind == "regex":
                 return self._compiler.compile_regex(s.spec)
             if s.kind == "ebnf":
@@ -110,9 +108,26 @@ class GrammarCompiler:
             raise GrammarError(message, s.field) from None
         raise GrammarError(f"unknown constraint kind {s.kind!r}", s.field)
 
+    def _compile_json_schema(self, s: StructuredOutput) -> xgr.CompiledGrammar:
+        schema = json.loads(s.spec)
+        if not isinstance(schema, dict | bool):
+            raise GrammarError(f"{s.field} must be a JSON schema (an object), got {s.spec[:80]!r}", s.field)
+        problems = unenforced(schema)
+        if problems and s.strict:
+            raise GrammarError(f"{s.field} uses what strict mode cannot enforce: {'; '.join(problems)}", s.field)
+        if problems:
+            logger.info("%s: best effort, not enforced: %s", s.field, "; ".join(problems))
+        try:
+            # xgrammar's strict mode: no properties or items beyond those the schema lists, which keeps the
+            # model from rambling on with made-up ones; outputs still validate against the schema.
+            return self._compiler.compile_json_schema(s.spec, any_whitespace=False, strict_mode=True)
+        except RuntimeError:
+            # ... unless the schema needs more than it lists ({"type": "array", "minItems": 2}).
+            return self._compiler.compile_json_schema(s.spec, any_whitespace=False, strict_mode=False)
+
 
 def _cache_key(s: StructuredOutput) -> StructuredOutput:
-    return StructuredOutput(s.kind, s.spec, "")  # the same grammar whichever field it came from
+    return StructuredOutput(s.kind, s.spec, "", s.strict)  # the same grammar whichever field it came from
 
 
 def _first_line(e: BaseException) -> str:
