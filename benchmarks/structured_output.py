@@ -6,7 +6,9 @@ bitmask over the whole vocabulary, unpacking it, masking the logits) is what a L
 16 requests run at once, temperature 1, EOS ignored, the same prompts and seeds both ways. The schema
 (an array of at least 100 {name, n} objects) cannot close within --output-len tokens, so every step of
 every constrained sequence is masked. Each side is the best of --repeats runs, interleaved, so a burst of
-other work on a shared machine does not decide the ratio.
+other work on a shared machine does not decide the ratio. Also timed: the CPU time of the grammar's own work
+(filling bitmasks, masking logits, advancing matchers) per constrained output token, which load inflates
+far less than the ratio of two throughputs.
 
     python benchmarks/structured_output.py --repeats 3
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import time
@@ -27,7 +30,7 @@ from offline_throughput import CONFIGS, prompts
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 from herd.llm import LLM
-from herd.sampling import SamplingParams
+from herd.sampling import SamplingParams, grammar
 from herd.sampling.grammar import StructuredOutput
 
 SCHEMA = {
@@ -56,6 +59,29 @@ def real_vocab_tiny(workdir: Path) -> Path:
     return path
 
 
+class GrammarClock:
+    """Thread CPU time spent inside the grammar's per-step calls (the engine runs in this process's thread)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        for owner, name in (
+            (grammar.GrammarState, "accept"),
+            (grammar.GrammarMasker, "fill"),
+            (grammar.StepMask, "apply"),
+        ):
+            setattr(owner, name, self._timed(getattr(owner, name)))
+
+    def _timed(self, method):  # type: ignore[no-untyped-def]
+        def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.thread_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds += time.thread_time() - start
+
+        return timed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/herd-bench"))
@@ -68,12 +94,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     llm = LLM(str(real_vocab_tiny(args.workdir)), dtype="bfloat16", max_running_requests=args.requests)
+    clock = GrammarClock()
     free = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True, seed=0)
     constrained = replace(free, structured=StructuredOutput("json_schema", json.dumps(SCHEMA)))
     batch = [{"prompt_token_ids": p} for p in prompts(args.requests, args.input_len, VOCAB)]
     for params in (free, constrained):  # warm up (and compile the grammar once)
         llm.generate(batch[:2], replace(params, max_tokens=4), use_tqdm=False)
     best = {"free": 0.0, "constrained": 0.0}
+    clock.seconds = 0.0
+    loads = [os.getloadavg()[0]]
     for _ in range(args.repeats):
         for name, params in (("free", free), ("constrained", constrained)):
             start = time.perf_counter()
@@ -81,10 +110,14 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
             best[name] = max(best[name], args.requests * args.output_len / elapsed)
+            loads.append(os.getloadavg()[0])
+    grammar_ms = 1e3 * clock.seconds / (args.repeats * args.requests * args.output_len)
     sample = llm.generate(batch[:1], constrained, use_tqdm=False)[0].outputs[0].text
     print(json.dumps({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}))
     print(f"output tok/s, {args.requests} at once: free {best['free']:.1f}, constrained {best['constrained']:.1f}")
     print(f"cost of the grammar: {100 * (1 - best['constrained'] / best['free']):.1f}% of decode throughput")
+    print(f"grammar CPU time: {grammar_ms:.3f} ms per constrained output token")
+    print(f"load average (1 min) during the runs: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs")
     print(f"a constrained output begins: {sample[:80]!r}")
 
 

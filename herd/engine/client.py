@@ -12,6 +12,7 @@ step's new tokens: their size does not grow with how long the outputs are.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing as mp
 import multiprocessing.util
@@ -136,6 +137,7 @@ class ProcessCoreClient:
         messages_in.close()
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
+        self._vocabularies_sent: set[str] = set()  # grammar vocabularies the engine process has (sent in order)
         try:
             status, payload = pickle.loads(self._messages.recv_bytes())
         except EOFError:
@@ -176,7 +178,19 @@ class ProcessCoreClient:
             self._commands.send(command)
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
-        self._send(("add", requests))
+        # Under the lock: the request that carries a vocabulary must go down the pipe before those that don't.
+        with self._send_lock, contextlib.suppress(OSError):
+            self._commands.send(("add", [self._without_sent_vocabulary(r) for r in requests]))
+
+    def _without_sent_vocabulary(self, request: EngineCoreRequest) -> EngineCoreRequest:
+        """The request without its grammar vocabulary when an earlier request carried it across already."""
+        vocabulary = request.grammar_vocabulary
+        if vocabulary is None:
+            return request
+        if vocabulary.key in self._vocabularies_sent:
+            return dataclasses.replace(request, grammar_vocabulary=None)
+        self._vocabularies_sent.add(vocabulary.key)
+        return request
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self._send(("abort", request_ids))

@@ -18,6 +18,7 @@ from herd.engine.protocol import CoreInfo, EngineCoreOutput, EngineCoreRequest, 
 from herd.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 from herd.engine.spec_stats import SpecStats
 from herd.sampling import SampleResult
+from herd.sampling.grammar import register_vocabulary
 from herd.worker import NewSequence, ScheduledChunk, StepPlan, Worker
 from herd.worker.distributed import TensorParallelDriver
 
@@ -64,6 +65,8 @@ class EngineCore:
 
     def add_requests(self, requests: list[EngineCoreRequest]) -> None:
         """Queue requests the frontend has checked; all or none (a duplicate id refuses the batch)."""
+        for vocabulary in {r.grammar_vocabulary for r in requests if r.grammar_vocabulary is not None}:
+            register_vocabulary(vocabulary)  # this process's grammars need it, whatever becomes of the batch
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids) or any(i in self.requests for i in ids):
             raise ValueError(f"request ids {ids} are not distinct or already in use")

@@ -13,6 +13,7 @@ from typing import Any
 
 from herd.multimodal import RequestImages
 from herd.sampling import SamplingParams
+from herd.sampling.grammar import GrammarVocabulary
 
 
 @dataclass
@@ -25,6 +26,9 @@ class EngineCoreRequest:
     eos_token_ids: frozenset[int]  # end the sequence (unless params.ignore_eos), after params.min_tokens
     images: RequestImages | None = None
     cache_key: list[int] | None = None  # the prompt as the prefix cache keys it, when images stand in it
+    # The vocabulary params.grammar was compiled against. A process client sends each one once and strips
+    # it from later requests (it is ~7 MB for Llama 4); the core registers it before the request's grammar.
+    grammar_vocabulary: GrammarVocabulary | None = None
 
 
 @dataclass

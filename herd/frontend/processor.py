@@ -99,6 +99,7 @@ class InputProcessor:
         except ValueError as e:
             raise RequestError(str(e)) from None
         params = self._with_grammar(params)
+        vocabulary = self._grammars.vocabulary if params.grammar is not None and self._grammars else None
         text, ids = self._prompt_ids(prompt)
         expanded = self._expand_images(prompt, ids) if isinstance(prompt, dict) else None
         if expanded is not None:
@@ -122,6 +123,7 @@ class InputProcessor:
                     eos_token_ids=self.eos_token_ids,
                     images=images,
                     cache_key=expanded.cache_key if expanded is not None else None,
+                    grammar_vocabulary=vocabulary,
                 )
             )
         return ProcessedRequest(request_id, text, ids, params, requests)

@@ -4,7 +4,8 @@ Why here and not in the engine: the frontend has the tokenizer, a bad schema mus
 engine sees the request, and a compile (hundreds of ms for a big schema over a 200k vocabulary) must
 not stall the engine's step loop. `InputProcessor` calls `compile` (off the event loop for a grammar it
 has not seen); compiled grammars are cached by (kind, spec), so a schema is compiled once. What crosses
-to the engine is a `GrammarBlob`, xgrammar's own serialization (herd.sampling.grammar).
+to the engine is a `GrammarBlob`, xgrammar's own serialization (herd.sampling.grammar), and, once, the
+`GrammarVocabulary` every blob of this compiler refers to.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from threading import Lock
 
 import xgrammar as xgr
 
+from herd.frontend.schema_support import unenforced
 from herd.frontend.tokenizer import Tokenizer
-from herd.sampling.grammar import GrammarBlob, StructuredOutput
+from herd.sampling.grammar import GrammarBlob, GrammarVocabulary, StructuredOutput
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +60,8 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids: Iterable[int]) -> None:
         self.info = tokenizer_info(tokenizer, vocab_size, stop_token_ids)
         self._compiler = xgr.GrammarCompiler(self.info, cache_enabled=False)  # herd's own cache holds blobs
-        self._info_json = self.info.serialize_json()
-        self._info_key = hashlib.sha256(self._info_json.encode()).hexdigest()[:16]
+        info_json = self.info.serialize_json()
+        self.vocabulary = GrammarVocabulary(hashlib.sha256(info_json.encode()).hexdigest()[:16], info_json)
         self._cache: OrderedDict[StructuredOutput, GrammarBlob] = OrderedDict()
         self._lock = Lock()
 
@@ -77,8 +79,8 @@ class GrammarCompiler:
             return blob
         compiled = self._compile(structured)
         text = compiled.serialize_json()
-        key = hashlib.sha256(f"{self._info_key}\0{text}".encode()).hexdigest()[:24]
-        blob = GrammarBlob(key, text, self._info_key, self._info_json)
+        key = hashlib.sha256(f"{self.vocabulary.key}\0{text}".encode()).hexdigest()[:24]
+        blob = GrammarBlob(key, text, self.vocabulary.key)
         with self._lock:
             self._cache[_cache_key(structured)] = blob
             if len(self._cache) > CACHE_SIZE:
@@ -90,10 +92,7 @@ class GrammarCompiler:
             if s.kind == "json_object":
                 return self._compiler.compile_builtin_json_grammar()
             if s.kind == "json_schema":
-                schema = json.loads(s.spec)
-                if not isinstance(schema, dict | bool):
-                    raise GrammarError(f"{s.field} must be a JSON schema (an object), got {s.spec[:80]!r}", s.field)
-                return self._compiler.compile_json_schema(s.spec, any_whitespace=False, strict_mode=True)
+                return self._compile_json_schema(s)
             if s.kind == "regex":
                 return self._compiler.compile_regex(s.spec)
             if s.kind == "ebnf":
@@ -109,9 +108,26 @@ class GrammarCompiler:
             raise GrammarError(message, s.field) from None
         raise GrammarError(f"unknown constraint kind {s.kind!r}", s.field)
 
+    def _compile_json_schema(self, s: StructuredOutput) -> xgr.CompiledGrammar:
+        schema = json.loads(s.spec)
+        if not isinstance(schema, dict | bool):
+            raise GrammarError(f"{s.field} must be a JSON schema (an object), got {s.spec[:80]!r}", s.field)
+        problems = unenforced(schema)
+        if problems and s.strict:
+            raise GrammarError(f"{s.field} uses what strict mode cannot enforce: {'; '.join(problems)}", s.field)
+        if problems:
+            logger.info("%s: best effort, not enforced: %s", s.field, "; ".join(problems))
+        try:
+            # xgrammar's strict mode: no properties or items beyond those the schema lists, which keeps the
+            # model from rambling on with made-up ones; outputs still validate against the schema.
+            return self._compiler.compile_json_schema(s.spec, any_whitespace=False, strict_mode=True)
+        except RuntimeError:
+            # ... unless the schema needs more than it lists ({"type": "array", "minItems": 2}).
+            return self._compiler.compile_json_schema(s.spec, any_whitespace=False, strict_mode=False)
+
 
 def _cache_key(s: StructuredOutput) -> StructuredOutput:
-    return StructuredOutput(s.kind, s.spec, "")  # the same grammar whichever field it came from
+    return StructuredOutput(s.kind, s.spec, "", s.strict)  # the same grammar whichever field it came from
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,16 +1,18 @@
 """Constrained decoding on the engine side: a compiled grammar, one matcher per sequence, a token mask.
 
 The frontend compiles a request's grammar (herd.frontend.structured) and sends it here as a
-`GrammarBlob`: xgrammar's own serialization of the compiled grammar plus that of the tokenizer info,
-both plain strings, so the blob pickles across the engine pipe. Compiling there, not here, keeps a slow
-compile (a large JSON schema over a 200k vocabulary) off the engine's step loop, and a schema that does
-not compile is refused before anything reaches the engine. Here a blob is only deserialized, once per
-grammar (`_compiled` is keyed by the blob's key), and each sequence gets its own `GrammarState`.
+`GrammarBlob`: xgrammar's own serialization of the compiled grammar, a plain string, so the blob pickles
+across the engine pipe. Compiling there, not here, keeps a slow compile (a large JSON schema over a 200k
+vocabulary) off the engine's step loop, and a schema that does not compile is refused before anything
+reaches the engine. The vocabulary a grammar was compiled against (`GrammarVocabulary`, ~7 MB of JSON for
+Llama 4's 202k tokens) crosses once, before the first constrained request (`register_vocabulary`), not
+with every request. Here a blob is only deserialized, once per grammar (`_compiled` is keyed by the blob's
+key), and each sequence gets its own `GrammarState`.
 
-Masking: xgrammar fills a packed int32 bitmask per row on the CPU (the matcher is a CPU automaton), the
-bitmask moves to the logits' device, and xgrammar's kernel (C++ on the CPU, a GPU kernel on CUDA) sets
-the disallowed logits to -inf, before logit_bias, penalties and temperature. It works row by row, so a
-row's tokens still do not depend on the rest of the batch.
+Masking: xgrammar fills a packed int32 bitmask per constrained row on the CPU (the matcher is a CPU
+automaton), the bitmask moves to the logits' device, and xgrammar's kernel (C++ on the CPU, a GPU kernel on
+CUDA) sets the disallowed logits to -inf. It works row by row, so a row's tokens still do not depend on the
+rest of the batch.
 """
 
 from __future__ import annotations
@@ -36,27 +38,43 @@ class StructuredOutput:
     """What a request constrains its output to, as the client gave it (picklable, hashable).
 
     `spec` is the JSON schema text, the regex, the EBNF or the structural-tag JSON ("" for json_object);
-    `field` is the request field it came from, named in the 400 when it does not compile.
+    `field` is the request field it came from, named in the 400 when it does not compile. `strict`: the
+    client asked for every keyword of its JSON schema to hold (a keyword the backend cannot enforce is a 400).
     """
 
     kind: GrammarKind
     spec: str = ""
     field: str = "response_format"
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class GrammarVocabulary:
+    """xgrammar's view of a tokenizer (TokenizerInfo.serialize_json()), sent to the engine once."""
+
+    key: str
+    info: str
 
 
 @dataclass(frozen=True)
 class GrammarBlob:
-    """A compiled grammar as it crosses to the engine; `key` identifies grammar and tokenizer together."""
+    """A compiled grammar as it crosses to the engine; `key` identifies grammar and vocabulary together."""
 
     key: str
     compiled: str  # xgrammar CompiledGrammar.serialize_json()
-    tokenizer_key: str
-    tokenizer_info: str  # xgrammar TokenizerInfo.serialize_json(); the same string object for every request
+    vocabulary_key: str  # of the GrammarVocabulary it was compiled against, registered beforehand
 
 
 _lock = Lock()
 _compiled: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
-_tokenizers: dict[str, xgr.TokenizerInfo] = {}
+_vocabularies: dict[str, xgr.TokenizerInfo] = {}
+
+
+def register_vocabulary(vocabulary: GrammarVocabulary) -> None:
+    """Make a vocabulary known to this process's grammars (idempotent; ~0.1 s the first time for 202k tokens)."""
+    with _lock:
+        if vocabulary.key not in _vocabularies:
+            _vocabularies[vocabulary.key] = xgr.TokenizerInfo.deserialize_json(vocabulary.info)
 
 
 def load_compiled(blob: GrammarBlob) -> xgr.CompiledGrammar:
@@ -66,9 +84,9 @@ def load_compiled(blob: GrammarBlob) -> xgr.CompiledGrammar:
         if hit is not None:
             _compiled.move_to_end(blob.key)
             return hit
-        info = _tokenizers.get(blob.tokenizer_key)
+        info = _vocabularies.get(blob.vocabulary_key)
         if info is None:
-            info = _tokenizers[blob.tokenizer_key] = xgr.TokenizerInfo.deserialize_json(blob.tokenizer_info)
+            raise RuntimeError(f"grammar vocabulary {blob.vocabulary_key} was not registered before its grammar")
         compiled = xgr.CompiledGrammar.deserialize_json(blob.compiled, info)
         _compiled[blob.key] = compiled
         if len(_compiled) > _CACHE_SIZE:
@@ -91,23 +109,60 @@ class GrammarState:
             logger.warning("grammar refused token %d; the rest of this sequence is unconstrained", token_id)
             self.failed = True
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> bool:
-        """Write this step's allowed tokens into `bitmask[row]`; False when nothing is constrained."""
-        if self.failed or self.matcher.is_terminated():
-            return False
+    @property
+    def active(self) -> bool:
+        """Whether this step's token is constrained."""
+        return not self.failed and not self.matcher.is_terminated()
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write this step's allowed tokens into `bitmask[row]`."""
         self.matcher.fill_next_token_bitmask(bitmask, row)
-        return True
 
 
-def mask_in_place(x: torch.Tensor, grammars: Sequence[GrammarState | None]) -> None:
-    """Set to -inf, in place, every logit of x ([len(grammars), V]) its row's grammar forbids.
+class GrammarMasker:
+    """Fills the constrained rows' bitmasks for a step and applies them to logits.
 
-    Columns past the grammar's vocabulary (padding rows of the embedding) are forbidden too: the bitmask
-    covers x's whole width and xgrammar leaves ids it has no token for unset.
+    Holds one int32 buffer, grown as batches grow, so a step allocates no bitmask. Only the rows whose
+    grammar is active are filled and masked; an unconstrained batch costs nothing.
     """
-    bitmask = torch.full((len(grammars), (x.shape[1] + 31) // 32), -1, dtype=torch.int32)
-    masked = [i for i, g in enumerate(grammars) if g is not None and g.fill(bitmask, i)]
-    if masked:
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.int32)
+
+    def fill(self, grammars: Sequence[GrammarState | None], vocab: int) -> StepMask | None:
+        """This step's masks for `grammars` (one per batch row), or None when no row is constrained."""
+        rows = [i for i, g in enumerate(grammars) if g is not None and g.active]
+        if not rows:
+            return None
+        width = (vocab + 31) // 32  # the logits' whole width: ids past the grammar's vocabulary stay unset
+        if self._buffer.shape[0] < len(grammars) or self._buffer.shape[1] != width:
+            self._buffer = torch.empty(max(len(grammars), self._buffer.shape[0]), width, dtype=torch.int32)
+        bitmask = self._buffer[: len(grammars)]
+        for i in rows:
+            grammar = grammars[i]
+            assert grammar is not None
+            grammar.fill(bitmask, i)
+        return StepMask(bitmask, rows)
+
+
+@dataclass(frozen=True)
+class StepMask:
+    """One step's bitmasks: `bitmask[i]` holds row i's allowed tokens for every i in `rows` (others unset)."""
+
+    bitmask: torch.Tensor  # [B, ceil(V / 32)] int32 on the CPU
+    rows: list[int]
+
+    def apply(self, x: torch.Tensor, batch_rows: Sequence[int]) -> None:
+        """Set to -inf, in place, what the grammar forbids in x, whose row j is batch row `batch_rows[j]`.
+
+        Only the -inf entries change, so the mask may come after logit_bias, penalties and temperature:
+        -inf stays -inf through all of them, and every other entry is left as it is.
+        """
+        constrained = set(self.rows)
+        local = [j for j, row in enumerate(batch_rows) if row in constrained]
+        if not local:
+            return
+        bitmask = self.bitmask if list(batch_rows) == list(range(len(batch_rows))) else self.bitmask[list(batch_rows)]
         # xgrammar's kernel: C++ on the CPU, a GPU kernel on CUDA. On the CPU it was 8x faster than
         # unpacking the bits with torch ops (16 rows of 202k logits: ~20 ms against ~160 ms, dev-cpu).
-        xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device, non_blocking=True), indices=masked)
+        xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device, non_blocking=True), indices=local)

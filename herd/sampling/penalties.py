@@ -1,5 +1,5 @@
-"""Logits adjustments before sampling: the grammar's mask, logit_bias, the min_tokens ban, repetition /
-presence / frequency penalties.
+"""Logits adjustments before sampling: logit_bias, the min_tokens ban, repetition / presence / frequency
+penalties, and (for greedy rows) the grammar's mask.
 
 Row-independent like the rest of the sampler: every change is an exact elementwise op on one row's
 own entries, and the penalties touch only the (row, token) pairs a row has seen.
@@ -11,26 +11,32 @@ from collections.abc import Sequence
 
 import torch
 
-from herd.sampling.grammar import mask_in_place
+from herd.sampling.grammar import StepMask
 from herd.sampling.state import SamplingState
 
 
-def adjusted_logits(logits: torch.Tensor, rows: list[int], states: Sequence[SamplingState]) -> torch.Tensor:
-    """The rows' logits after the grammar's mask, logit_bias, min_tokens and penalties.
+def adjusted_logits(
+    logits: torch.Tensor, rows: list[int], states: Sequence[SamplingState], mask: StepMask | None = None
+) -> torch.Tensor:
+    """The rows' logits after logit_bias, min_tokens, penalties and then `mask`, the grammar's.
 
-    May be `logits` itself (when nothing changes and `rows` is every row): never modify it in place.
+    May be `logits` itself (when nothing changes and `rows` is every row): never modify it in place. Drawn
+    rows pass no mask: the sampler masks the copy that dividing by the temperature makes anyway.
     """
     sub_states = [states[i] for i in rows]
-    if not any(map(_adjusts, sub_states)):
+    masked = mask is not None and not set(mask.rows).isdisjoint(rows)
+    if not masked and not any(map(_adjusts, sub_states)):
         return take_rows(logits, rows, copy=False)
     x = take_rows(logits, rows, copy=True)
     _adjust(x, sub_states)
+    if mask is not None and masked:
+        mask.apply(x, rows)
     return x
 
 
 def _adjusts(state: SamplingState) -> bool:
     p = state.params
-    return state.grammar is not None or bool(p.logit_bias) or bool(state.banned_token_ids()) or _penalised(state)
+    return bool(p.logit_bias) or bool(state.banned_token_ids()) or _penalised(state)
 
 
 def _penalised(state: SamplingState) -> bool:
@@ -39,9 +45,7 @@ def _penalised(state: SamplingState) -> bool:
 
 
 def _adjust(x: torch.Tensor, states: Sequence[SamplingState]) -> None:
-    """The grammar's mask, logit_bias, the min_tokens ban and the penalties, in place on x ([len(states), V])."""
-    if any(s.grammar is not None for s in states):
-        mask_in_place(x, [s.grammar for s in states])
+    """logit_bias, the min_tokens ban and the penalties, in place on x ([len(states), V])."""
     vocab = x.shape[1]
     bias = [(r, t, b) for r, s in enumerate(states) for t, b in (s.params.logit_bias or {}).items() if t < vocab]
     if bias:

@@ -1,9 +1,11 @@
 """The sampler: one token per sequence from a batch of logits.
 
-Per row, in vLLM's order: the grammar's mask (constrained decoding, herd.sampling.grammar), logit_bias
-and the min_tokens ban on EOS / stop tokens; the repetition
-penalty (prompt + output tokens); presence and frequency penalties (output tokens); then either argmax
-(greedy) or temperature, top-k, top-p, min-p and a draw.
+Per row: logit_bias and the min_tokens ban on EOS / stop tokens; the repetition penalty (prompt + output
+tokens); presence and frequency penalties (output tokens); the grammar's mask (constrained decoding,
+herd.sampling.grammar); then either argmax (greedy) or temperature, top-k, top-p, min-p and a draw. vLLM
+masks first; the result is the same, since the mask only writes -inf, which every later adjustment keeps.
+Masking after the temperature lets a drawn row be masked in the copy the division makes, not in a copy of
+its own (a 16 x 202k batch: 13 MB less to copy each step).
 
 Row independence: a sequence's token depends only on its own logits row and its own generator, never
 on the other rows of the batch or on its position, bit for bit. So everything here is elementwise
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from herd.sampling.grammar import GrammarMasker, StepMask
 from herd.sampling.penalties import adjusted_logits, as_floats, as_index, take_rows
 from herd.sampling.state import SamplingState
 
@@ -55,16 +58,20 @@ class Sampler:
     `SamplingState.append_token`.
     """
 
+    def __init__(self) -> None:
+        self.masker = GrammarMasker()
+
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> list[SampleResult]:
         logits = _checked(logits, states)
         tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
         greedy, drawn = _split(states)
+        mask = self.masker.fill([s.grammar for s in states], logits.shape[1])
         if greedy:
             # max(dim) returns the first maximal index like argmax, and is ~2x faster on the CPU.
-            tokens[as_index(greedy, logits.device)] = adjusted_logits(logits, greedy, states).max(-1).indices
+            tokens[as_index(greedy, logits.device)] = adjusted_logits(logits, greedy, states, mask).max(-1).indices
         if drawn:
-            probs = _filtered_probs(adjusted_logits(logits, drawn, states), [states[i] for i in drawn])
+            probs = _filtered_probs(adjusted_logits(logits, drawn, states), drawn, states, mask)
             # The only per-row loop: each row's uniform number comes from its own generator.
             u = torch.tensor([states[i].uniform() for i in drawn], dtype=torch.float64).to(logits.device)
             tokens[as_index(drawn, logits.device)] = _inverse_cdf(probs, u)
@@ -80,11 +87,12 @@ class Sampler:
         logits = _checked(logits, states)
         out = torch.zeros_like(logits)
         greedy, drawn = _split(states)
+        mask = self.masker.fill([s.grammar for s in states], logits.shape[1])
         if greedy:
             rows = as_index(greedy, logits.device)
-            out[rows, adjusted_logits(logits, greedy, states).argmax(-1)] = 1.0
+            out[rows, adjusted_logits(logits, greedy, states, mask).argmax(-1)] = 1.0
         if drawn:
-            probs = _filtered_probs(adjusted_logits(logits, drawn, states), [states[i] for i in drawn])
+            probs = _filtered_probs(adjusted_logits(logits, drawn, states), drawn, states, mask)
             total = _block_mass(probs).double().sum(-1, keepdim=True)  # row-local, unlike probs.sum(-1)
             out[as_index(drawn, logits.device)] = (probs / total).float()
         return out
@@ -105,16 +113,22 @@ def _split(states: Sequence[SamplingState]) -> tuple[list[int], list[int]]:
 # -- temperature-scaled logits -> filtered probabilities -> a token ------------------------------------
 
 
-def _filtered_probs(x: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
-    """Softmax of x / temperature after top-k, then top-p and min-p: [R, V], zero outside the kept set.
+def _filtered_probs(
+    x: torch.Tensor, batch_rows: list[int], all_states: Sequence[SamplingState], mask: StepMask | None
+) -> torch.Tensor:
+    """Softmax of x / temperature, masked by the grammar, after top-k, then top-p and min-p: [R, V], zero
+    outside the kept set. x's row j is batch row `batch_rows[j]`.
 
     top-k keeps the k largest logits (and ties with the k-th, as HF and vLLM do). top-p keeps the
     smallest set of most likely tokens whose mass reaches top_p in the top-k-renormalised distribution.
     min-p keeps tokens with probability >= min_p * the largest; being a ratio, renormalisation by the
     filters before it does not change it. Every filter keeps the most likely token.
     """
+    states = [all_states[i] for i in batch_rows]
     temperature = as_floats([s.params.temperature for s in states], x.device)
     x = x / temperature[:, None]  # a new tensor, which the filters may change: x may be the caller's logits
+    if mask is not None:
+        mask.apply(x, batch_rows)
     vocab = x.shape[1]
     top_k = [min(s.params.top_k or vocab, vocab) for s in states]
     k_rows = [r for r, k in enumerate(top_k) if k < vocab]

@@ -24,7 +24,8 @@ def from_response_format(rf: ResponseFormat | None) -> StructuredOutput | None:
         field = "response_format.json_schema.schema"
         if rf.json_schema is None or rf.json_schema.schema_ is None:
             raise bad_request("response_format json_schema needs json_schema.schema, a JSON schema object", field)
-        return StructuredOutput("json_schema", json.dumps(rf.json_schema.schema_), field)
+        strict = bool(rf.json_schema.strict)
+        return StructuredOutput("json_schema", json.dumps(rf.json_schema.schema_), field, strict)
     accepted = list(RESPONSE_FORMATS)
     raise bad_request(f"response_format type must be one of {accepted}, got {rf.type!r}", "response_format")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from herd.frontend.schema_support import unenforced
 from herd.frontend.tokenizer import Tokenizer
 from herd.frontend.tool_grammar import tool_call_structural_tag
 from herd.frontend.tool_parser import ParsedOutput, ParserDelta, ToolParser, get_tool_parser, merge_deltas
@@ -53,6 +54,7 @@ def plan_tools(
         if only not in names:
             raise bad_request(f"tool_choice names {only!r}, which is not among the tools: {names}", "tool_choice")
     forced = only is not None or choice == "required"
+    _check_strict(req)
     structured = None
     if forced or constrain_auto:
         mode = "required" if forced else "auto"
@@ -64,6 +66,16 @@ def plan_tools(
             raise bad_request(f"tools: a function's parameters schema cannot be used: {e}", "tools") from e
         structured = StructuredOutput("structural_tag", tag, "tools")
     return ToolPlan(tools, parser_name, "", req.parallel_tool_calls, structured, forced)
+
+
+def _check_strict(req: ChatCompletionRequest) -> None:
+    """A function with `strict: true` whose parameters use what the grammar cannot enforce is a 400."""
+    for i, tool in enumerate(req.tools or []):
+        if tool.function.strict and tool.function.parameters is not None:
+            problems = unenforced(tool.function.parameters)
+            if problems:
+                message = f"tools[{i}] ({tool.function.name}) is strict, and its parameters use what strict mode"
+                raise bad_request(f"{message} cannot enforce: {'; '.join(problems)}", "tools")
 
 
 class ToolReader:

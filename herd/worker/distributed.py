@@ -14,6 +14,7 @@ with a message naming it: a half model cannot serve anything, and its peers woul
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing.connection
 import multiprocessing.util
@@ -147,7 +148,7 @@ class TensorParallelDriver:
 
     def execute(self, plan: StepPlan) -> list[list[SampleResult]]:
         try:
-            dist.broadcast_object_list([plan], src=0, group=self.control)
+            dist.broadcast_object_list([_for_followers(plan)], src=0, group=self.control)
             return self.worker.execute(plan)
         except dist.DistBackendError as e:  # a peer is gone mid-step (on this node the monitor names it)
             self.monitor.wait_for_death(timeout=2.0)
@@ -170,6 +171,14 @@ class TensorParallelDriver:
             if process.is_alive():
                 process.kill()
         dist.destroy_process_group()
+
+
+def _for_followers(plan: StepPlan) -> StepPlan:
+    """The plan without compiled grammars: only rank 0 samples, and a grammar can be hundreds of kB."""
+    if not any(new.params.grammar is not None for new in plan.new_sequences):
+        return plan
+    news = [dataclasses.replace(n, params=dataclasses.replace(n.params, grammar=None)) for n in plan.new_sequences]
+    return dataclasses.replace(plan, new_sequences=news)
 
 
 def run_follower(config: EngineConfig, rank: int, address: str) -> None:

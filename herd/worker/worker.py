@@ -8,6 +8,7 @@ parallelism) mean more workers running the same plan, not another code path.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -189,5 +190,7 @@ class Worker:
             if seq is not None and seq.images is not None:
                 seq.images.release(seq_id)
         for new in plan.new_sequences:
-            state = SamplingState(new.params, new.prompt_token_ids, seed=new.seed, eos_token_ids=new.eos_token_ids)
+            # Only rank 0 samples: the other ranks keep no grammar (nor its vocabulary).
+            params = new.params if self.rank == 0 else dataclasses.replace(new.params, grammar=None)
+            state = SamplingState(params, new.prompt_token_ids, seed=new.seed, eos_token_ids=new.eos_token_ids)
             self.sequences[new.seq_id] = _Sequence(state, new.images)
