@@ -213,3 +213,32 @@ def test_herd_generate_command(real_vocab_ckpt, capsys: pytest.CaptureFixture[st
     assert printed == expected + "\n"
     assert main(["generate", "--model-path", path, "--prompt", "x", "--dtype", "fp64"]) == 2
     assert "--dtype 'fp64' is not supported" in capsys.readouterr().err
+
+
+def test_no_request_state_outlives_its_request(scout_ckpt, make_llm) -> None:
+    """A leak guard: after many requests, a third of them aborted mid-way, no per-request record is left
+    in the frontend, the core, the scheduler or the worker, and no KV block is held by a request."""
+    llm = make_llm(scout_ckpt[0], max_total_tokens=256, page_size=4)
+    engine, core = llm.engine, llm.engine.core
+    params = SamplingParams(temperature=0.8, max_tokens=6, ignore_eos=True, seed=0)
+    batch = prompts(seed=5)[:8]
+    for wave in range(4):
+        ids = [f"{wave}-{i}" for i in range(len(batch))]
+        for request_id, p in zip(ids, batch, strict=True):
+            engine.add_request(request_id, p, params)
+        engine.step()
+        engine.step()
+        for request_id in ids[::3]:
+            engine.abort(request_id)
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert not engine.outputs.has_unfinished() and engine.outputs.num_sequences == 0
+    assert core.requests == {} and not core.scheduler.running and not core.scheduler.waiting
+    assert core.stats().kv_usage == 0
+    # The worker forgets finished sequences at its next step: one more request flushes them.
+    engine.add_request("last", batch[0], SamplingParams(max_tokens=1))
+    while engine.has_unfinished_requests():
+        engine.step()
+    worker = core.workers[0]
+    assert set(worker.sequences) <= {"last#0"} and not worker.prompt_logprobs.wanted
+    assert core.prefix_cache is not None and core.prefix_cache.num_nodes <= core.kv.full.num_blocks

@@ -70,3 +70,19 @@ def test_healthy_after_fuzzing(fuzz_server: ServerThread) -> None:
     assert (
         httpx.post(f"{fuzz_server.url}/v1/completions", json=body, timeout=60).json()["usage"]["completion_tokens"] == 3
     )
+
+
+def test_every_route_documents_what_it_answers(fuzz_server: ServerThread) -> None:
+    """A complete schema: every operation's success body has a schema (so the fuzzing checks it), and every
+    error status has OpenAI's error shape."""
+    spec = httpx.get(f"{fuzz_server.url}/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            ok = operation["responses"]["200"]
+            content = ok.get("content", {})
+            if path != "/health":  # an empty body
+                assert content and all(c.get("schema") for c in content.values()), (method, path, ok)
+            for status in ("400", "404", "500", "503", "504"):
+                assert "ErrorResponse" in str(operation["responses"][status]), (method, path, status)
+    for path in ("/v1/chat/completions", "/v1/completions", "/generate"):
+        assert "text/event-stream" in spec["paths"][path]["post"]["responses"]["200"]["content"], path

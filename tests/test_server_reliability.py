@@ -131,3 +131,25 @@ def test_a_full_queue_gets_503_with_retry_after(real_vocab_ckpt) -> None:
         ):
             r = httpx.post(f"{server.url}/v1/completions", json={**body, **extra})
             assert r.status_code == 400 and all(w in r.json()["error"]["message"] for w in words), r.text
+
+
+def test_a_request_past_request_timeout_gets_504_and_frees_its_kv(real_vocab_ckpt) -> None:
+    args = make_args(real_vocab_ckpt, request_timeout=1.0, max_total_tokens=12 * PAGE, page_size=PAGE)
+    with ServerThread(args) as server:
+        body = {"model": MODEL, "prompt": prompt_ids(0), "max_tokens": 50, "ignore_eos": True}
+        with server.paused() as engine_waiting:  # the engine never steps: no request can finish in time
+            timed_out = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+            engine_waiting.wait(timeout=30)
+            with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+                events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert timed_out.status_code == 504, timed_out.text
+        error = timed_out.json()["error"]
+        assert error["code"] == "request_timeout" and "--request-timeout" in error["message"]
+        assert r.status_code == 200 and events[-1] == "data: [DONE]"
+        assert '"code":"request_timeout"' in events[-2]
+        wait_idle(server.url)
+        m = metrics(server.url)
+        assert m["herd:kv_cache_usage_perc"] == 0 and m["herd:num_aborted_requests_total"] == 2
+        # A request within the limit is served as usual.
+        ok = httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 3}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3

@@ -6,6 +6,7 @@ The real command line in its own process (signals and exit statuses are the poin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -16,10 +17,14 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+
+from herd.server.shutdown import DrainMiddleware, GracefulServer, ShutdownState
 
 from server_fixtures import wait_until
 
@@ -135,3 +140,25 @@ def test_killed_engine_fails_requests_in_flight_and_exits_nonzero(launched: Laun
         assert error["type"] == "server_error" and "killed by SIGKILL" in error["message"], events[-1]
     assert response.status_code == 500 and "killed by SIGKILL" in response.json()["error"]["message"]
     assert launched.proc.wait(timeout=30) == 1, "".join(launched.log)
+
+
+def test_the_drain_waits_for_responses_still_being_sent() -> None:
+    """A stream's sequence leaves the engine before its last events reach the client: the drain must wait
+    for the response, not only for the engine."""
+    state = ShutdownState()
+    seen: list[int] = []
+
+    async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        seen.append(state.in_flight)
+
+    asyncio.run(DrainMiddleware(app, state)({"type": "http"}, None, None))  # type: ignore[arg-type]
+    assert seen == [1] and state.in_flight == 0
+
+    engine = SimpleNamespace(outputs=SimpleNamespace(num_sequences=0))
+    server = GracefulServer(uvicorn.Config(app), engine, state, timeout_s=60)  # type: ignore[arg-type]
+    server.handle_exit(signal.SIGTERM, None)
+    state.in_flight = 1  # the engine is done, a response is not
+    assert asyncio.run(server.on_tick(1)) is False
+    state.in_flight = 0
+    assert asyncio.run(server.on_tick(1)) is True
+    assert state.exit_code == 0

@@ -129,6 +129,8 @@ class FrontendConfig:
     seed: int  # draws the sampling seed of requests that give none
     # Sequences that may wait beyond those that can run (max_running_requests); None: no limit.
     max_queued_requests: int | None = None
+    # Seconds a request may take from its arrival to its last token; None: no limit.
+    request_timeout: float | None = None
 
 
 @dataclass(frozen=True)

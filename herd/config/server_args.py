@@ -133,6 +133,12 @@ class ServerArgs:
     allowed_local_media_path: str | None = field(
         default=None, metadata={"help": "let requests name image files under this folder (vLLM's flag; off by default)"}
     )
+    # Neither SGLang nor vLLM has a flag for this (SGLang reads SGLANG_REQ_WAITING_TIMEOUT and
+    # SGLANG_REQ_RUNNING_TIMEOUT from the environment): herd takes the plain name.
+    request_timeout: float | None = field(
+        default=None,
+        metadata={"help": "seconds a request may take from arrival to its last token; beyond: 504, its KV freed"},
+    )
     graceful_shutdown_timeout: float = field(
         default=30.0, metadata={"help": "seconds SIGTERM / SIGINT wait for requests in flight before stopping"}
     )
@@ -300,6 +306,10 @@ class ServerArgs:
             raise ArgumentError(f"--max-images-per-request must be 0 or more, got {self.max_images_per_request!r}")
         if self.allowed_media_domains is not None and not all(d.strip() for d in self.allowed_media_domains):
             raise ArgumentError("--allowed-media-domains needs host names, got an empty one")
+        if self.request_timeout is not None and not (
+            isinstance(self.request_timeout, int | float) and 0 < self.request_timeout < math.inf
+        ):
+            raise ArgumentError(f"--request-timeout must be a positive number of seconds, got {self.request_timeout!r}")
         if not (isinstance(self.graceful_shutdown_timeout, int | float) and self.graceful_shutdown_timeout >= 0):
             raise ArgumentError(
                 f"--graceful-shutdown-timeout must be 0 or more, got {self.graceful_shutdown_timeout!r}"
@@ -376,6 +386,7 @@ class ServerArgs:
             enable_multimodal=self.enable_multimodal,
             seed=self.seed,
             max_queued_requests=self.max_queued_requests,
+            request_timeout=None if self.request_timeout is None else float(self.request_timeout),
         )
         server = ServerConfig(
             host=self.host,

@@ -35,6 +35,7 @@ __all__ = [
     "QueueFullError",
     "RequestDelta",
     "RequestStream",
+    "RequestTimeoutError",
 ]
 
 CoreClient = InprocCoreClient | ProcessCoreClient
@@ -52,6 +53,10 @@ class QueueFullError(RuntimeError):
     """More sequences are waiting than `--max-queued-requests` allows: try again later."""
 
 
+class RequestTimeoutError(RuntimeError):
+    """A request ran past `--request-timeout`: it is aborted, its KV cache freed."""
+
+
 class StreamObserver(Protocol):
     """Sees every delta of a stream on the event loop (metrics, request logs), then its end."""
 
@@ -64,11 +69,19 @@ class RequestStream:
     """The deltas of one or more requests (a batch shares one queue), until all are finished.
 
     Iterate it, then `close()` it (always, e.g. in `finally`): closing aborts what is unfinished and
-    frees its KV cache. Closing twice is harmless.
+    frees its KV cache. Closing twice is harmless. With a `deadline` (the loop's clock), waiting for a
+    delta past it raises `RequestTimeoutError`.
     """
 
-    def __init__(self, engine: AsyncEngine, request_ids: list[str], observer: StreamObserver | None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        request_ids: list[str],
+        observer: StreamObserver | None,
+        deadline: float | None = None,
+    ) -> None:
         self.request_ids = request_ids
+        self._deadline = deadline
         self.queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
         self._engine = engine
         self._unfinished = set(request_ids)
@@ -81,7 +94,7 @@ class RequestStream:
     async def __anext__(self) -> RequestDelta:
         if not self._unfinished:
             raise StopAsyncIteration
-        item = await self.queue.get()
+        item = await self._next_item()
         if isinstance(item, BaseException):
             raise item
         if item.finished:
@@ -89,6 +102,18 @@ class RequestStream:
         if self._observer is not None:
             self._observer.on_delta(item)
         return item
+
+    async def _next_item(self) -> RequestDelta | BaseException:
+        if self._deadline is None:
+            return await self.queue.get()
+        try:
+            remaining = self._deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError
+            return await asyncio.wait_for(self.queue.get(), remaining)
+        except TimeoutError:
+            limit = self._engine.request_timeout
+            raise RequestTimeoutError(f"the request took longer than {limit:g} s (--request-timeout)") from None
 
     @property
     def finished(self) -> bool:
@@ -114,9 +139,11 @@ class AsyncEngine:
         processor: InputProcessor,
         tokenizer: Tokenizer | None,
         max_sequences: int | None = None,
+        request_timeout: float | None = None,
     ) -> None:
         self.client, self.processor, self.tokenizer = client, processor, tokenizer
         self.max_sequences = max_sequences  # running + queued; None: no limit
+        self.request_timeout = request_timeout  # seconds from submit to the last delta; None: no limit
         self.context_length = processor.context_length
         self.outputs = OutputProcessor(tokenizer)
         self.stats = EngineStats()  # the core's latest figures (replaced, never mutated)
@@ -141,7 +168,7 @@ class AsyncEngine:
         processor = InputProcessor(config.frontend, config.engine.model, tokenizer, context_length, client.info)
         queued = config.frontend.max_queued_requests
         max_sequences = None if queued is None else config.engine.scheduler.max_running_requests + queued
-        return cls(client, processor, tokenizer, max_sequences)
+        return cls(client, processor, tokenizer, max_sequences, config.frontend.request_timeout)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -168,6 +195,7 @@ class AsyncEngine:
         self, requests: Sequence[tuple[str, Prompt, SamplingParams]], observer: StreamObserver | None = None
     ) -> RequestStream:
         """Add requests (all or none: the first that fails raises, none of them runs)."""
+        started = asyncio.get_running_loop().time()  # the timeout counts image and grammar preparation too
         self._check_alive()
         self._check_room(sum(r[2].n for r in requests))
         ids = [r[0] for r in requests]
@@ -175,7 +203,8 @@ class AsyncEngine:
             raise RequestError(f"request ids {ids} are not distinct or already in use")
         processed = [await self._process(*request) for request in requests]
         self._check_alive()  # it may have died while images were being prepared
-        stream = RequestStream(self, ids, observer)
+        deadline = None if self.request_timeout is None else started + self.request_timeout
+        stream = RequestStream(self, ids, observer, deadline)
         for request in processed:
             self._streams[request.request_id] = stream
             self.outputs.add(request)

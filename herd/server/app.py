@@ -26,6 +26,16 @@ from herd.server.errors import ERROR_RESPONSES, APIError, error_response, instal
 from herd.server.limits import BodySizeLimitMiddleware
 from herd.server.native import GenerateRequest, generate
 from herd.server.protocol import ChatCompletionRequest, CompletionRequest
+from herd.server.responses import (
+    ChatCompletionResponse,
+    CompletionResponse,
+    FlushCacheResponse,
+    GenerateItem,
+    ModelCard,
+    ModelInfo,
+    ModelList,
+    json_and_events,
+)
 from herd.server.shutdown import DrainMiddleware, ShutdownState
 
 logger = logging.getLogger(__name__)
@@ -67,19 +77,19 @@ def _add_chat_page(app: FastAPI) -> None:
 
 
 def _add_openai_routes(app: FastAPI, ctx: ServerContext) -> None:
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=json_and_events(ChatCompletionResponse, "the completion"))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(ctx, body, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=json_and_events(CompletionResponse, "the completion"))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await create_completion(ctx, body, request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(ctx)]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", response_model=ModelCard)
     async def model(model: str) -> dict[str, Any]:
         ctx.check_model(model)
         return _model_card(ctx)
@@ -97,11 +107,12 @@ def _add_native_routes(app: FastAPI, ctx: ServerContext) -> None:
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)
 
-    @app.post("/generate")
+    # One object per prompt and sample; a list of them for a batch of prompts or n > 1 (SGLang's shape).
+    @app.post("/generate", responses=json_and_events(GenerateItem | list[GenerateItem], "the output"))  # type: ignore[arg-type]
     async def native_generate(body: GenerateRequest, request: Request) -> Response:
         return await generate(ctx, body, request)
 
-    @app.get("/get_model_info")
+    @app.get("/get_model_info", response_model=ModelInfo)
     async def model_info() -> dict[str, Any]:
         config = ctx.config
         return {
@@ -120,7 +131,7 @@ def _add_native_routes(app: FastAPI, ctx: ServerContext) -> None:
             state = {"avg_spec_accept_length": stats.spec_accept_length, "spec_verify_ct": stats.spec_verify_ct}
         return {"model_path": ctx.config.model_path, "internal_states": [state]}
 
-    @app.post("/flush_cache")
+    @app.post("/flush_cache", responses={200: {"model": FlushCacheResponse, "description": "the cache is empty"}})
     async def flush_cache() -> Response:
         """Drop the prefix cache (SGLang's route); refused while requests run, as in SGLang."""
         if not await ctx.engine.reset_prefix_cache():

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from herd.frontend.async_engine import EngineCrashedError, EngineDeadError
+from herd.frontend.async_engine import EngineCrashedError, EngineDeadError, RequestTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "the body is larger than --max-request-body-bytes"),
         (500, "the engine failed while serving the request"),
         (503, "overloaded (--max-queued-requests, with Retry-After), shutting down, or the engine is not running"),
+        (504, "the request took longer than --request-timeout; it was stopped and its KV cache freed"),
     )
 }
 
@@ -109,6 +110,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
         # A crash under a running request is a server error; a stopped engine is only unavailable.
         return error_response(500 if isinstance(exc, EngineCrashedError) else 503, str(exc))
+
+    @app.exception_handler(RequestTimeoutError)
+    async def _timed_out(request: Request, exc: RequestTimeoutError) -> JSONResponse:
+        return error_response(504, str(exc), code="request_timeout")
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

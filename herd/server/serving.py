@@ -12,6 +12,7 @@ from herd.frontend.async_engine import (
     QueueFullError,
     RequestDelta,
     RequestStream,
+    RequestTimeoutError,
 )
 from herd.frontend.structured import GrammarError
 from herd.sampling import SamplingParams
@@ -41,6 +42,8 @@ async def submit(ctx: ServerContext, requests: Sequence[tuple[str, Prompt, Sampl
 
 def error_event(error: BaseException) -> str:
     """The SSE event for a failure after the response has started (the status line is already sent)."""
+    if isinstance(error, RequestTimeoutError):
+        return sse(error_body(504, str(error), code="request_timeout"))
     status = 503 if isinstance(error, EngineDeadError) and not isinstance(error, EngineCrashedError) else 500
     return sse(error_body(status, str(error)))
 

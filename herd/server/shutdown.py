@@ -34,10 +34,14 @@ class ShutdownState:
     reason: str = "the server is shutting down"
     deadline: float = 0.0  # time.monotonic() by which the drain ends, finished or not
     exit_code: int = 0
+    # HTTP requests whose response is not fully sent: a stream outlives its sequence in the engine by the
+    # time its last events take to reach the client, and the drain must wait for that too.
+    in_flight: int = 0
 
 
 class DrainMiddleware:
-    """503 for every request that arrives while the server drains or after the engine died."""
+    """503 for every request that arrives while the server drains or after the engine died; counts the
+    requests in flight, so that the drain ends only once every response is sent."""
 
     def __init__(self, app: ASGIApp, state: ShutdownState) -> None:
         self.app = app
@@ -49,7 +53,14 @@ class DrainMiddleware:
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
 
 
 class GracefulServer(uvicorn.Server):
@@ -99,13 +110,14 @@ class GracefulServer(uvicorn.Server):
             return True
         if not self.state.draining:
             return False
-        if self.engine.outputs.num_sequences == 0:
-            logger.info("drained: every request in flight finished")
+        if self.engine.outputs.num_sequences == 0 and self.state.in_flight == 0:
+            logger.info("drained: every request in flight finished and its response was sent")
             return True
         if time.monotonic() >= self.state.deadline:
             logger.warning(
-                "--graceful-shutdown-timeout reached with %d sequences unfinished: stopping",
+                "--graceful-shutdown-timeout reached with %d sequences unfinished, %d responses unsent: stopping",
                 self.engine.outputs.num_sequences,
+                self.state.in_flight,
             )
             return True
         return False
