@@ -77,7 +77,7 @@ def test_image_flags(tmp_path: Path) -> None:
         (["--nnodes", "2", "--tp", "2", "--dist-init-addr", "node0"], ["--dist-init-addr 'node0'", "host:port"]),
         (["--speculative-algorithm", "EAGLE3"], ["--speculative-algorithm", "not supported yet"]),
         (["--speculative-num-steps", "3"], ["--speculative-num-steps", "not supported yet"]),
-        (["--quantization", "fp8"], ["--quantization", "not supported yet"]),
+        (["--quantization", "int3"], ["--quantization", "not supported yet"]),
         (["--dp", "2"], ["--dp-size", "not supported yet"]),
         (["--port", "http"], ["--port", "invalid int"]),
         (["--port", "70000"], ["--port", "65535"]),

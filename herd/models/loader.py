@@ -33,6 +33,8 @@ from herd.layers.factory import LayerFactory
 from herd.layers.linear import LinearBase
 from herd.layers.moe import GATE, UP, FusedMoE
 from herd.layers.parameters import WeightShapeError, materialize, weight_loader_of
+from herd.layers.quantization.select import select_quantization
+from herd.layers.quantization.unquantized import UnquantizedConfig
 from herd.models.gguf_loader import gguf_tensors
 from herd.models.llama4 import Llama4ForConditionalGeneration, text_model
 from herd.models.llama4_text import Llama4ForCausalLM
@@ -51,7 +53,11 @@ STACKED_PARAMS = (
     ("gate_up_proj", "gate_proj", 0),
     ("gate_up_proj", "up_proj", 1),
 )
-_PER_EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+# `weight`, or a quantized format's `weight_<part>` (weight_scale, weight_packed, weight_shape): part <part>
+# goes to the fused parameter `<param>_<part>` (gate_up_proj_scale, ...).
+_PER_EXPERT = re.compile(
+    r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight(?P<part>_[a-z_]+)?$"
+)
 _EXPERT_SHARDS = {
     "gate_proj": ("gate_up_proj", GATE),
     "up_proj": ("gate_up_proj", UP),
@@ -97,15 +103,14 @@ def load_model(
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load format {load_format!r}; accepted: {', '.join(LOAD_FORMATS)}")
     config = config or ModelConfig.from_hf(path)
-    if config.quantization is not None and load_format != "dummy":
-        method = config.quantization.get("quant_method", "?")
-        raise CheckpointError(f"quantized checkpoints (quant_method {method!r}) are not supported yet")
     backend = (
         attention_backend
         if isinstance(attention_backend, AttentionBackend)
         else get_attention_backend(attention_backend)
     )
-    factory = factory or LayerFactory()
+    if factory is None:  # one rank; a quantized checkpoint in its own format, the rest as stored
+        checkpoint_quant = config.quantization if load_format != "dummy" else None
+        factory = LayerFactory(select_quantization(checkpoint_quant, config.weight_prefix, None, UnquantizedConfig()))
     torch_dtype = resolve_dtype(dtype, config)
     multimodal = enable_multimodal and config.vision is not None
     previous = torch.get_default_dtype()
@@ -189,7 +194,7 @@ def _target(name: str, params: dict[str, nn.Parameter]) -> Loaded | None:
     per_expert = _PER_EXPERT.match(name)
     if per_expert is not None:
         param, shard_id = _EXPERT_SHARDS[per_expert["proj"]]
-        param_name = f"{per_expert['experts']}.{param}"
+        param_name = f"{per_expert['experts']}.{param}{per_expert['part'] or ''}"
         return (param_name, shard_id, int(per_expert["expert"])) if param_name in params else None
     for fused, part, shard_id in STACKED_PARAMS:
         base, sep, leaf = name.rpartition(f".{part}.")
@@ -207,7 +212,7 @@ def _missing(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[Load
             continue
         owner = model.get_submodule(name.rpartition(".")[0])
         if isinstance(owner, FusedMoE):
-            shards = (GATE, UP) if name.endswith("gate_up_proj") else (None,)
+            shards = (GATE, UP) if name.rpartition(".")[2].startswith("gate_up_proj") else (None,)
             if not all((name, s, e) in loaded for e in range(owner.num_experts) for s in shards):
                 missing.append(name)
         elif isinstance(owner, LinearBase) and owner.shard_ids is not None:

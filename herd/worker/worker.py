@@ -18,7 +18,7 @@ from herd.layers.attention import PagedKVStorage, bind_kv_cache, get_attention_b
 from herd.layers.attention.triton_backend import TritonBackend
 from herd.layers.factory import LayerFactory
 from herd.layers.quantization import QuantizationConfig
-from herd.layers.quantization.int8 import Int8Config
+from herd.layers.quantization.select import select_quantization
 from herd.layers.quantization.unquantized import UnquantizedConfig, cpu_packing_available
 from herd.layers.triton_ops import triton_available
 from herd.models.llama4 import Llama4ForConditionalGeneration
@@ -80,15 +80,16 @@ class Worker:
                     self.weight_bytes() / 2**30)  # fmt: skip
 
     def _quant_config(self) -> QuantizationConfig:
-        if self.config.load.quantization == "w8a16":
-            return Int8Config()
         # oneDNN's packed weights are faster on the CPU, but torch.compile cannot lower them.
         packed = (
             not self.config.device.enable_torch_compile
             and cpu_packing_available(self.device)
             and self.dtype != torch.float16
         )
-        return UnquantizedConfig(cpu_packed=packed, triton_moe=self.device.type == "cuda" and triton_available())
+        base = UnquantizedConfig(cpu_packed=packed, triton_moe=self.device.type == "cuda" and triton_available())
+        model = self.config.model
+        checkpoint_quant = model.quantization if self.config.load.load_format != "dummy" else None
+        return select_quantization(checkpoint_quant, model.weight_prefix, self.config.load.quantization, base)
 
     def weight_bytes(self) -> int:
         tensors = [*self.model.parameters(), *self.model.buffers()]
