@@ -33,6 +33,15 @@ DEFAULT_GROUP = 128
 CPU_GROUPS = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for_cpu takes
 
 
+def group_for(inputs: int, preferred: int = DEFAULT_GROUP) -> int:
+    """The group size --quantization w4a16 uses for rows of `inputs`: 128, or the largest of 64 and 32 that
+    divides a narrower input (tiny test models)."""
+    for group in (preferred, 64, 32):
+        if inputs % group == 0:
+            return group
+    raise ValueError(f"an input of {inputs} columns does not split into INT4 groups of {preferred}, 64 or 32")
+
+
 def quantize_int4_groups(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] -> (q int8 [out, in] in [-8, 7], float32 scales [out, in / group])."""
     out, inp = weight.shape
@@ -154,8 +163,9 @@ class Int4OnlineLinearMethod(UnquantizedLinearMethod):
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         weight = layer.weight.detach()
         del layer.weight  # a tied embedding keeps its own reference
-        q, scales = quantize_int4_groups(weight, self.group)
-        _Int4Linear.finish(layer, q, scales, self.group, weight.dtype)
+        group = group_for(weight.shape[1], self.group)
+        q, scales = quantize_int4_groups(weight, group)
+        _Int4Linear.finish(layer, q, scales, group, weight.dtype)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _Int4Linear.apply(layer, x, bias)
@@ -168,7 +178,7 @@ def _finish_experts(layer: FusedMoE, name: str, parts: list[tuple[torch.Tensor, 
     packed = [pack_for_kernel(q, s, dtype) for q, s in parts]
     layer.register_buffer(f"{name}_int4", torch.stack([p for p, _ in packed]), persistent=False)
     layer.register_buffer(f"{name}_int4_scale", torch.stack([s for _, s in packed]), persistent=False)
-    layer.group_size = group
+    setattr(layer, f"{name}_group", group)
 
 
 def _int4_experts(layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
@@ -177,13 +187,13 @@ def _int4_experts(layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) ->
 
         return fused_moe_w4a16(
             x, expert_ids, layer.gate_up_int4, layer.gate_up_int4_scale, layer.down_int4, layer.down_int4_scale,
-            layer.group_size,
+            layer.gate_up_group, layer.down_group,
         )  # fmt: skip
 
     def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
-        g = layer.group_size
-        gate, up = int4_linear(rows, layer.gate_up_int4[e], layer.gate_up_int4_scale[e], g).chunk(2, dim=-1)
-        return int4_linear(F.silu(gate) * up, layer.down_int4[e], layer.down_int4_scale[e], g)
+        gate_up = int4_linear(rows, layer.gate_up_int4[e], layer.gate_up_int4_scale[e], layer.gate_up_group)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return int4_linear(F.silu(gate) * up, layer.down_int4[e], layer.down_int4_scale[e], layer.down_group)
 
     return grouped_experts(x, expert_ids, expert)
 
@@ -242,8 +252,9 @@ class Int4OnlineMoEMethod(UnquantizedFusedMoEMethod):
         gate_up, down = layer.gate_up_proj.detach(), layer.down_proj.detach()
         del layer.gate_up_proj, layer.down_proj
         for name, fused in (("gate_up", gate_up), ("down", down)):
-            parts = [quantize_int4_groups(fused[e].t(), self.group) for e in range(layer.num_local_experts)]
-            _finish_experts(layer, name, parts, self.group, fused.dtype)
+            group = group_for(fused.shape[1], self.group)  # the input dimension: H for gate_up, I for down
+            parts = [quantize_int4_groups(fused[e].t(), group) for e in range(layer.num_local_experts)]
+            _finish_experts(layer, name, parts, group, fused.dtype)
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         return _int4_experts(layer, x, expert_ids)
