@@ -93,12 +93,14 @@ def load_model(
     enable_multimodal: bool = False,
     factory: LayerFactory | None = None,
     config: ModelConfig | None = None,
+    check_memory: Callable[[nn.Module], None] | None = None,
 ) -> Model:
     """Build the model of the checkpoint at `path` and fill its weights.
 
     The text model alone, unless `enable_multimodal` and the checkpoint has a vision tower. `factory` makes
     the linear layers and experts: this rank's tensor-parallel slice, in the weight format's method
-    (default: one rank, the weights as stored).
+    (default: one rank, the weights as stored). `check_memory` sees the model on the meta device, before
+    any weight is read, and raises if it cannot fit.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load format {load_format!r}; accepted: {', '.join(LOAD_FORMATS)}")
@@ -120,26 +122,48 @@ def load_model(
             model = (Llama4ForConditionalGeneration if multimodal else Llama4ForCausalLM)(config, factory, backend)
     finally:
         torch.set_default_dtype(previous)
-    materialize(model, device)
+    if check_memory is not None:
+        check_memory(model)  # still on the meta device: a model that cannot fit fails before any weight is read
     if load_format == "dummy":
-        init_dummy_weights(model, config, seed)
+        init_dummy_weights(model, config, seed, device)
     else:
+        materialize(model, device)
         load_weights(model, config, Path(path))
-    process_weights_after_loading(model)
+        process_weights_after_loading(model)
     return model.eval()
 
 
-def init_dummy_weights(model: nn.Module, config: ModelConfig, seed: int = 0) -> None:
-    """Random weights from the config alone, for benchmarks without a checkpoint."""
+def init_dummy_weights(
+    model: nn.Module, config: ModelConfig, seed: int = 0, device: str | torch.device = "cpu"
+) -> None:
+    """Random weights from the config alone, for benchmarks without a checkpoint.
+
+    Each linear layer and block of experts gets storage, weights and its method's processing (quantization,
+    packing) before the next one gets storage, so a run with --quantization never holds the whole model in
+    full precision: Scout-shaped W4A16 dummy weights fit where bf16 ones would not.
+    """
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    owners = [m for m in model.modules() if isinstance(m, LinearBase | FusedMoE)]
+    owner_of = {id(p): m for m in owners for p in m.parameters(recurse=False)}
+    left = {id(m): len(list(m.parameters(recurse=False))) for m in owners}
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            module, _, leaf = name.rpartition(".")
-            if module.endswith("norm") or "layernorm" in module.rpartition(".")[2]:
-                param.fill_(1.0 if leaf == "weight" else 0.0)
-            else:
-                noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
-                param.copy_(noise * config.initializer_range)
+        for name, param in list(model.named_parameters()):
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            materialize(module, device, recurse=False)
+            real = module._parameters[leaf]
+            assert real is not None
+            if module_name.endswith("norm") or "layernorm" in module_name.rpartition(".")[2]:
+                real.fill_(1.0 if leaf == "weight" else 0.0)
+            elif real.dtype.is_floating_point:
+                noise = torch.randn(real.shape, generator=gen, dtype=torch.float32)
+                real.copy_(noise * config.initializer_range)
+            owner = owner_of.get(id(param))
+            if owner is not None:
+                left[id(owner)] -= 1
+                if left[id(owner)] == 0:
+                    owner.method.process_weights_after_loading(owner)
+    materialize(model, device)  # buffers
 
 
 def process_weights_after_loading(model: nn.Module) -> None:

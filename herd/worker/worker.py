@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -31,6 +32,7 @@ from herd.worker.inputs import build_step_inputs
 from herd.worker.kv_sizing import KVPlan, plan_kv_cache
 from herd.worker.plan import StepPlan
 from herd.worker.prompt_logprobs import PromptLogprobs, PromptLogprobsOut
+from herd.worker.weight_memory import check_weights_fit
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,14 @@ class Worker:
                 ep_size=config.parallel.ep_size,
             ),
             config=config.model,
+            check_memory=partial(
+                check_weights_fit,
+                device=self.device,
+                mem_fraction=config.cache.mem_fraction_static,
+                cpu_budget_gb=config.cache.cpu_memory_budget_gb,
+                tp_size=config.parallel.tp_size,
+                quantization=config.load.quantization,
+            ),
         )
         self.multimodal = isinstance(self.model, Llama4ForConditionalGeneration)
         # Decode steps only: prefill shapes vary too much to be worth compiling.

@@ -98,6 +98,8 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
 class Fp8OnlineLinearMethod(UnquantizedLinearMethod):
     """--quantization fp8: loads as the unquantized method does, then quantizes each row."""
 
+    stored_bits = 8.0  # per weight element once quantized (herd.worker.weight_memory)
+
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         q, scales = quantize_fp8_rows(layer.weight)
         del layer.weight  # a tied embedding keeps its own reference
@@ -139,6 +141,8 @@ class Fp8CheckpointMoEMethod(FusedMoEMethodBase):
 
 class Fp8OnlineMoEMethod(UnquantizedFusedMoEMethod):
     """--quantization fp8 for experts loaded in HF's fused layout (gate_up [E, H, 2I], down [E, I, H])."""
+
+    stored_bits = 8.0  # per weight element once quantized (herd.worker.weight_memory)
 
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
         gate_up, down = layer.gate_up_proj.detach(), layer.down_proj.detach()

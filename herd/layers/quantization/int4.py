@@ -60,15 +60,17 @@ def unpack_checkpoint(packed: torch.Tensor, rows: int, cols: int) -> torch.Tenso
     return unpack_from_int32(packed, 4, torch.Size([rows, cols]))
 
 
-def pack_for_kernel(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_for_kernel(
+    q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, cpu_layout: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [out, in], scales [out, groups]) -> the kernel's (weight, scales) on q's device.
 
-    CPU: `_convert_weight_to_int4pack_for_cpu`'s layout and scales-and-zeros [groups, out, 2] in `dtype`.
-    Elsewhere: uint8 [out, in / 2], input 2j in the low nibble and 2j + 1 in the high one (each q + 8), and
-    scales [out, groups] in `dtype`.
+    CPU (or cpu_layout): `_convert_weight_to_int4pack_for_cpu`'s layout and scales-and-zeros [groups, out, 2]
+    in `dtype`. Elsewhere (the Triton kernels'): uint8 [out, in / 2], input 2j in the low nibble and 2j + 1 in
+    the high one (each q + 8), and scales [out, groups] in `dtype`.
     """
     unsigned = q.to(torch.int32) + 8
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" if cpu_layout is None else cpu_layout:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.contiguous(), 1)
         scales_zeros = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).to(dtype).contiguous()
         return packed, scales_zeros
@@ -157,6 +159,8 @@ class Int4CheckpointLinearMethod(LinearMethodBase):
 class Int4OnlineLinearMethod(UnquantizedLinearMethod):
     """--quantization w4a16: loads as the unquantized method does, then quantizes per group."""
 
+    stored_bits = 4.125  # per weight element once quantized (herd.worker.weight_memory)
+
     def __init__(self, group: int = DEFAULT_GROUP) -> None:
         self.group = group
 
@@ -244,6 +248,8 @@ class Int4CheckpointMoEMethod(FusedMoEMethodBase):
 
 class Int4OnlineMoEMethod(UnquantizedFusedMoEMethod):
     """--quantization w4a16 for experts loaded in HF's fused layout (gate_up [E, H, 2I], down [E, I, H])."""
+
+    stored_bits = 4.125  # per weight element once quantized (herd.worker.weight_memory)
 
     def __init__(self, group: int = DEFAULT_GROUP) -> None:
         self.group = group
