@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from herd.config import ConfigError
+from herd.layers.quantization.compressed_tensors import UnsupportedQuantizationError
 from herd.models.loader import CheckpointError, load_model
 
 from checkpoints import SCOUT_LIKE, make_text_checkpoint, reference_logits
@@ -150,5 +151,5 @@ def test_quantized_checkpoint_is_refused_clearly(scout_ckpt, tmp_path: Path) -> 
     config = json.loads((bad / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fbgemm_fp8"}
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="quant_method 'fbgemm_fp8'.*not supported yet"):
+    with pytest.raises(UnsupportedQuantizationError, match="quant_method 'fbgemm_fp8' is not supported"):
         load_model(bad)

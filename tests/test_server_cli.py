@@ -104,7 +104,7 @@ def test_image_flags(tmp_path: Path) -> None:
             ["--speculative-demo-draft", "--speculative-algorithm", "NGRAM"],
             ["--speculative-demo-draft", "--speculative-algorithm NGRAM"],
         ),
-        (["--quantization", "fp8"], ["--quantization", "not supported yet"]),
+        (["--quantization", "int3"], ["--quantization", "not supported yet"]),
         (["--dp", "2"], ["--dp-size", "not supported yet"]),
         (["--port", "http"], ["--port", "invalid int"]),
         (["--port", "70000"], ["--port", "65535"]),

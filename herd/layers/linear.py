@@ -71,16 +71,27 @@ class LinearBase(nn.Module):
             check_shape(loaded, [self.output_sizes[part], *self._input_dims(param)])
             parts = [(part, loaded)]
         cols = self._cols()
+        pack = input_pack(param)
         for part, tensor in parts:
             first, count = self._rows(part)
             tensor = tensor.narrow(0, first, count)
-            if cols is not None and param.dim() == 2:
-                tensor = tensor.narrow(1, *cols)
+            if cols is not None and param.dim() == 2 and pack is not None:
+                tensor = tensor.narrow(1, cols[0] // pack, cols[1] // pack)
             offset = sum(self.output_sizes_per_rank[:part])
             param.data.narrow(0, offset, count).copy_(tensor)
 
     def _input_dims(self, param: nn.Parameter) -> list[int]:
-        return [self.input_size] if param.dim() == 2 else []
+        if param.dim() != 2:
+            return []
+        pack = input_pack(param)
+        return [1] if pack is None else [self.input_size // pack]
+
+
+def input_pack(param: nn.Parameter) -> int | None:
+    """Input elements per stored column of a [rows, cols] parameter: 1 for a plain weight, 8 for INT4 packed
+    in int32 words, the group size for group scales; None for one column that covers every input (a
+    per-output-channel scale [out, 1]), which a row-parallel rank keeps whole."""
+    return getattr(param, "input_pack", 1)
 
 
 class ReplicatedLinear(LinearBase):

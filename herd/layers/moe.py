@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.layers.linear import input_pack
 from herd.layers.parameters import check_shape
 from herd.layers.quantization.base import FusedMoEMethodBase
 
@@ -101,6 +102,34 @@ class FusedMoE(nn.Module):
         local = self._local(expert_id)
         if local is not None:
             param.data[local] = self._slice(loaded, 1).t()
+
+    def load_expert_linear(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None, expert_id: int | None = None
+    ) -> None:
+        """One expert's tensor in nn.Linear's [out, in] orientation (a quantized weight or its scales) into
+        param [local experts, out rows, in columns]: `*gate_up*` params hold the gate rows then the up rows
+        (shard_id GATE/UP), `*down*` params the H rows. Columns count `input_pack(param)` inputs each."""
+        if expert_id is None:
+            raise KeyError("quantized experts load one expert at a time (experts.<e>.<proj>.<tensor>)")
+        pack = input_pack(param)
+        per_rank = self.intermediate_size_per_rank
+
+        def cols(n: int) -> list[int]:
+            return [1] if pack is None else [n // pack]
+
+        if shard_id is not None:  # gate or up: this rank's rows of the intermediate dimension
+            check_shape(loaded, [self.intermediate_size, *cols(self.hidden_size)])
+            rows = self._slice(loaded, 0)
+        else:  # down: this rank's columns of the intermediate dimension
+            check_shape(loaded, [self.hidden_size, *cols(self.intermediate_size)])
+            rows = loaded if pack is None else loaded.narrow(1, self.tp_rank * per_rank // pack, per_rank // pack)
+        local = self._local(expert_id)
+        if local is None:
+            return
+        if shard_id is None:
+            param.data[local] = rows
+        else:
+            param.data[local, shard_id * per_rank : (shard_id + 1) * per_rank] = rows
 
 
 def routed_swiglu(x: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -46,18 +46,19 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: A
     param.data.copy_(loaded)
 
 
-def materialize(module: nn.Module, device: torch.device | str) -> None:
-    """Give every parameter and buffer of a module built on the meta device real (uninitialised) storage.
+def materialize(module: nn.Module, device: torch.device | str, recurse: bool = True) -> None:
+    """Give every parameter and buffer of a module built on the meta device real (uninitialised) storage;
+    those that have storage already keep it.
 
     Unlike `Module.to_empty`, keeps each parameter's attributes: its `weight_loader` above all.
     """
-    for sub in module.modules():
+    for sub in module.modules() if recurse else [module]:
         for name, param in list(sub._parameters.items()):
-            if param is None:
+            if param is None or not param.is_meta:
                 continue
             real = nn.Parameter(torch.empty_like(param, device=device), requires_grad=False)
             real.__dict__.update(param.__dict__)
             sub._parameters[name] = real
         for name, buffer in list(sub._buffers.items()):
-            if buffer is not None:
+            if buffer is not None and buffer.is_meta:
                 sub._buffers[name] = torch.empty_like(buffer, device=device)

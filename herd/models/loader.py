@@ -33,6 +33,8 @@ from herd.layers.factory import LayerFactory
 from herd.layers.linear import LinearBase
 from herd.layers.moe import GATE, UP, FusedMoE
 from herd.layers.parameters import WeightShapeError, materialize, weight_loader_of
+from herd.layers.quantization.select import select_quantization
+from herd.layers.quantization.unquantized import UnquantizedConfig
 from herd.models.gguf_loader import gguf_tensors
 from herd.models.llama4 import Llama4ForConditionalGeneration, text_model
 from herd.models.llama4_text import Llama4ForCausalLM
@@ -51,7 +53,11 @@ STACKED_PARAMS = (
     ("gate_up_proj", "gate_proj", 0),
     ("gate_up_proj", "up_proj", 1),
 )
-_PER_EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+# `weight`, or a quantized format's `weight_<part>` (weight_scale, weight_packed, weight_shape): part <part>
+# goes to the fused parameter `<param>_<part>` (gate_up_proj_scale, ...).
+_PER_EXPERT = re.compile(
+    r"^(?P<experts>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight(?P<part>_[a-z_]+)?$"
+)
 _EXPERT_SHARDS = {
     "gate_proj": ("gate_up_proj", GATE),
     "up_proj": ("gate_up_proj", UP),
@@ -87,25 +93,26 @@ def load_model(
     enable_multimodal: bool = False,
     factory: LayerFactory | None = None,
     config: ModelConfig | None = None,
+    check_memory: Callable[[nn.Module], None] | None = None,
 ) -> Model:
     """Build the model of the checkpoint at `path` and fill its weights.
 
     The text model alone, unless `enable_multimodal` and the checkpoint has a vision tower. `factory` makes
     the linear layers and experts: this rank's tensor-parallel slice, in the weight format's method
-    (default: one rank, the weights as stored).
+    (default: one rank, the weights as stored). `check_memory` sees the model on the meta device, before
+    any weight is read, and raises if it cannot fit.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load format {load_format!r}; accepted: {', '.join(LOAD_FORMATS)}")
     config = config or ModelConfig.from_hf(path)
-    if config.quantization is not None and load_format != "dummy":
-        method = config.quantization.get("quant_method", "?")
-        raise CheckpointError(f"quantized checkpoints (quant_method {method!r}) are not supported yet")
     backend = (
         attention_backend
         if isinstance(attention_backend, AttentionBackend)
         else get_attention_backend(attention_backend)
     )
-    factory = factory or LayerFactory()
+    if factory is None:  # one rank; a quantized checkpoint in its own format, the rest as stored
+        checkpoint_quant = config.quantization if load_format != "dummy" else None
+        factory = LayerFactory(select_quantization(checkpoint_quant, config.weight_prefix, None, UnquantizedConfig()))
     torch_dtype = resolve_dtype(dtype, config)
     multimodal = enable_multimodal and config.vision is not None
     previous = torch.get_default_dtype()
@@ -115,26 +122,48 @@ def load_model(
             model = (Llama4ForConditionalGeneration if multimodal else Llama4ForCausalLM)(config, factory, backend)
     finally:
         torch.set_default_dtype(previous)
-    materialize(model, device)
+    if check_memory is not None:
+        check_memory(model)  # still on the meta device: a model that cannot fit fails before any weight is read
     if load_format == "dummy":
-        init_dummy_weights(model, config, seed)
+        init_dummy_weights(model, config, seed, device)
     else:
+        materialize(model, device)
         load_weights(model, config, Path(path))
-    process_weights_after_loading(model)
+        process_weights_after_loading(model)
     return model.eval()
 
 
-def init_dummy_weights(model: nn.Module, config: ModelConfig, seed: int = 0) -> None:
-    """Random weights from the config alone, for benchmarks without a checkpoint."""
+def init_dummy_weights(
+    model: nn.Module, config: ModelConfig, seed: int = 0, device: str | torch.device = "cpu"
+) -> None:
+    """Random weights from the config alone, for benchmarks without a checkpoint.
+
+    Each linear layer and block of experts gets storage, weights and its method's processing (quantization,
+    packing) before the next one gets storage, so a run with --quantization never holds the whole model in
+    full precision: Scout-shaped W4A16 dummy weights fit where bf16 ones would not.
+    """
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    owners = [m for m in model.modules() if isinstance(m, LinearBase | FusedMoE)]
+    owner_of = {id(p): m for m in owners for p in m.parameters(recurse=False)}
+    left = {id(m): len(list(m.parameters(recurse=False))) for m in owners}
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            module, _, leaf = name.rpartition(".")
-            if module.endswith("norm") or "layernorm" in module.rpartition(".")[2]:
-                param.fill_(1.0 if leaf == "weight" else 0.0)
-            else:
-                noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
-                param.copy_(noise * config.initializer_range)
+        for name, param in list(model.named_parameters()):
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            materialize(module, device, recurse=False)
+            real = module._parameters[leaf]
+            assert real is not None
+            if module_name.endswith("norm") or "layernorm" in module_name.rpartition(".")[2]:
+                real.fill_(1.0 if leaf == "weight" else 0.0)
+            elif real.dtype.is_floating_point:
+                noise = torch.randn(real.shape, generator=gen, dtype=torch.float32)
+                real.copy_(noise * config.initializer_range)
+            owner = owner_of.get(id(param))
+            if owner is not None:
+                left[id(owner)] -= 1
+                if left[id(owner)] == 0:
+                    owner.method.process_weights_after_loading(owner)
+    materialize(model, device)  # buffers
 
 
 def process_weights_after_loading(model: nn.Module) -> None:
@@ -189,7 +218,7 @@ def _target(name: str, params: dict[str, nn.Parameter]) -> Loaded | None:
     per_expert = _PER_EXPERT.match(name)
     if per_expert is not None:
         param, shard_id = _EXPERT_SHARDS[per_expert["proj"]]
-        param_name = f"{per_expert['experts']}.{param}"
+        param_name = f"{per_expert['experts']}.{param}{per_expert['part'] or ''}"
         return (param_name, shard_id, int(per_expert["expert"])) if param_name in params else None
     for fused, part, shard_id in STACKED_PARAMS:
         base, sep, leaf = name.rpartition(f".{part}.")
@@ -207,7 +236,7 @@ def _missing(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[Load
             continue
         owner = model.get_submodule(name.rpartition(".")[0])
         if isinstance(owner, FusedMoE):
-            shards = (GATE, UP) if name.endswith("gate_up_proj") else (None,)
+            shards = (GATE, UP) if name.rpartition(".")[2].startswith("gate_up_proj") else (None,)
             if not all((name, s, e) in loaded for e in range(owner.num_experts) for s in shards):
                 missing.append(name)
         elif isinstance(owner, LinearBase) and owner.shard_ids is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -19,7 +20,7 @@ from herd.layers.attention import PagedKVStorage, bind_kv_cache, get_attention_b
 from herd.layers.attention.triton_backend import TritonBackend
 from herd.layers.factory import LayerFactory
 from herd.layers.quantization import QuantizationConfig
-from herd.layers.quantization.int8 import Int8Config
+from herd.layers.quantization.select import select_quantization
 from herd.layers.quantization.unquantized import UnquantizedConfig, cpu_packing_available
 from herd.layers.triton_ops import triton_available
 from herd.models.llama4 import Llama4ForConditionalGeneration, text_model
@@ -34,6 +35,7 @@ from herd.worker.kv_sizing import KVPlan, plan_kv_cache
 from herd.worker.plan import StepPlan
 from herd.worker.prompt_logprobs import PromptLogprobs, PromptLogprobsOut
 from herd.worker.spec_step import propose, sample_chunks
+from herd.worker.weight_memory import check_weights_fit
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,14 @@ class Worker:
                 ep_size=config.parallel.ep_size,
             ),
             config=config.model,
+            check_memory=partial(
+                check_weights_fit,
+                device=self.device,
+                mem_fraction=config.cache.mem_fraction_static,
+                cpu_budget_gb=config.cache.cpu_memory_budget_gb,
+                tp_size=config.parallel.tp_size,
+                quantization=config.load.quantization,
+            ),
         )
         self.multimodal = isinstance(self.model, Llama4ForConditionalGeneration)
         # Rank 0 drafts (the next plan carries its drafts to every rank, like its samples).
@@ -91,15 +101,16 @@ class Worker:
                     self.weight_bytes() / 2**30)  # fmt: skip
 
     def _quant_config(self) -> QuantizationConfig:
-        if self.config.load.quantization == "w8a16":
-            return Int8Config()
         # oneDNN's packed weights are faster on the CPU, but torch.compile cannot lower them.
         packed = (
             not self.config.device.enable_torch_compile
             and cpu_packing_available(self.device)
             and self.dtype != torch.float16
         )
-        return UnquantizedConfig(cpu_packed=packed, triton_moe=self.device.type == "cuda" and triton_available())
+        base = UnquantizedConfig(cpu_packed=packed, triton_moe=self.device.type == "cuda" and triton_available())
+        model = self.config.model
+        checkpoint_quant = model.quantization if self.config.load.load_format != "dummy" else None
+        return select_quantization(checkpoint_quant, model.weight_prefix, self.config.load.quantization, base)
 
     def weight_bytes(self) -> int:
         tensors = [*self.model.parameters(), *self.model.buffers()]

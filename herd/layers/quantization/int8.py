@@ -48,6 +48,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
 class Int8LinearMethod(UnquantizedLinearMethod):
     """Loads as the unquantized method does (TP slices and fused parts included), then quantizes."""
 
+    stored_bits = 8.0  # per weight element once quantized (herd.worker.weight_memory)
+
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         q, scales = quantize_rows(layer.weight)
         del layer.weight  # a tied embedding keeps its own reference
@@ -61,6 +63,8 @@ class Int8LinearMethod(UnquantizedLinearMethod):
 
 class Int8FusedMoEMethod(UnquantizedFusedMoEMethod):
     """Each expert's two projections as INT8 linear weights: gate_up [2I, H], down [H, I]."""
+
+    stored_bits = 8.0  # per weight element once quantized (herd.worker.weight_memory)
 
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
         gate_up, down = layer.gate_up_proj.detach(), layer.down_proj.detach()

@@ -1,0 +1,103 @@
+"""compressed-tensors checkpoints (FP8 and W4A16, in the published layouts) give transformers' greedy tokens
+on the dequantized weights, and what herd cannot run is refused at start naming the scheme."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from herd.layers.quantization.compressed_tensors import UnsupportedQuantizationError
+from herd.llm import LLM
+from herd.models.loader import CheckpointError, load_model
+from herd.sampling import SamplingParams
+
+from checkpoints import CHUNK, MAVERICK_LIKE, SCOUT_LIKE
+from ct_fixtures import MAVERICK_FP8_IGNORE, SHORT_IGNORE, make_ct_checkpoint
+from test_engine import hf_greedy
+
+# W4A16's groups of 128 need inputs of 128 or more: a Scout-like model wide enough for two groups per row.
+W4A16_LIKE = {**SCOUT_LIKE, "hidden_size": 256, "intermediate_size": 128, "intermediate_size_mlp": 128, "head_dim": 32}
+
+CASES = {
+    # Meta's Maverick FP8: multimodal layout, interleaved dense layers, only the routed experts quantized.
+    "maverick_fp8": (MAVERICK_LIKE, "FP8_DYNAMIC", MAVERICK_FP8_IGNORE, True),
+    # RedHatAI's FP8-dynamic / W4A16 Scout: attention, shared expert and experts quantized.
+    "scout_fp8_dynamic": (SCOUT_LIKE, "FP8_DYNAMIC", SHORT_IGNORE, False),
+    "scout_w4a16": (W4A16_LIKE, "W4A16", SHORT_IGNORE, False),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def ct_ckpt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object, str]:
+    text_config, preset, ignore, multimodal = CASES[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    return path, make_ct_checkpoint(path, text_config, preset, ignore, multimodal=multimodal, seed=4), preset
+
+
+def test_greedy_tokens_match_transformers_on_dequantized(ct_ckpt) -> None:
+    path, ref, _ = ct_ckpt
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (2 * CHUNK + 3, 5)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    llm = LLM(str(path), dtype="float32", chunked_prefill_size=7)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(ref, p, 32) for p in prompts]
+
+
+def test_quantized_layers_stay_quantized_and_ignored_ones_do_not(ct_ckpt) -> None:
+    path, _, preset = ct_ckpt
+    model = load_model(path, dtype="float32")
+    kinds = {name.rpartition(".")[2] for name, _ in model.named_buffers()}
+    assert any(k.endswith("fp8") for k in kinds) == (preset == "FP8_DYNAMIC")
+    assert any(k.endswith("int4") for k in kinds) == (preset == "W4A16")
+    layer = model.model.layers[1].feed_forward  # a MoE layer in every case
+    assert layer.router.weight.dtype == torch.float32  # the router is on every ignore list
+    assert not hasattr(layer.experts, "gate_up_proj")  # the experts are quantized in every case
+    shared = layer.shared_expert.gate_up_proj
+    assert hasattr(shared, "weight") == (json.loads((path / "config.json").read_text())["quantization_config"]
+                                         ["ignore"] == MAVERICK_FP8_IGNORE)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("small_fp8")
+    make_ct_checkpoint(path, SCOUT_LIKE, "FP8_DYNAMIC", SHORT_IGNORE)
+    return path
+
+
+def _with_quant(src: Path, dst: Path, change) -> Path:
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    change(config["quantization_config"])
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (
+            lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=4),
+            ["group_0", "float 4-bit", "not supported"],
+        ),
+        (lambda q: q["config_groups"]["group_0"]["weights"].update(symmetric=False), ["asymmetric", "not supported"]),
+        (lambda q: q.update(format="marlin-24"), ["format marlin-24", "not supported"]),
+        (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float"}), ["kv_cache_scheme"]),
+    ],
+)
+def test_unsupported_scheme_fails_at_start_naming_it(change, words: list[str], small_fp8: Path, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedQuantizationError) as error:
+        load_model(_with_quant(small_fp8, tmp_path / "bad", change))
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_ignore_list_that_does_not_match_the_tensors_fails_naming_them(small_fp8: Path, tmp_path: Path) -> None:
+    # The config now claims attention is stored in bf16, but the file holds FP8 q/k/v/o.
+    bad = _with_quant(small_fp8, tmp_path / "bad", lambda q: q["ignore"].append("re:.*self_attn"))
+    with pytest.raises(CheckpointError, match=r"self_attn\.q_proj\.weight_scale"):
+        load_model(bad)
