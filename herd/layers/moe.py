@@ -81,7 +81,9 @@ class FusedMoE(nn.Module):
         if expert_id is None:
             check_shape(loaded, [self.num_experts, self.hidden_size, 2 * inter])
             gate, up = self._experts(loaded).split(inter, dim=2)
-            param.data.copy_(torch.cat([self._slice(gate, 2), self._slice(up, 2)], dim=2))
+            # Half by half into place: a concatenated copy would be a second whole layer of experts in memory.
+            param.data[..., :per_rank].copy_(self._slice(gate, 2))
+            param.data[..., per_rank:].copy_(self._slice(up, 2))
             return
         check_shape(loaded, [inter, self.hidden_size])
         assert shard_id in (GATE, UP)

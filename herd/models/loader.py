@@ -16,12 +16,10 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
@@ -38,6 +36,7 @@ from herd.layers.quantization.unquantized import UnquantizedConfig
 from herd.models.gguf_loader import gguf_tensors
 from herd.models.llama4 import Llama4ForConditionalGeneration, text_model
 from herd.models.llama4_text import Llama4ForCausalLM
+from herd.models.safetensors_mmap import mapped_tensor, read_index
 
 logger = logging.getLogger(__name__)
 
@@ -180,26 +179,27 @@ def load_weights(model: Model, config: ModelConfig, path: Path) -> None:
     loaded: set[Loaded] = set()
     unexpected: list[str] = []
     mismatched: list[str] = []
-    with ExitStack() as stack:
-        tensors = list(gguf_tensors(path) if is_gguf(path) else _checkpoint_tensors(path, stack))
-        for ckpt_name, get in tqdm(tensors, desc="Loading weights", unit="tensor", leave=False):
-            name = ckpt_name if multimodal else _strip_prefix(ckpt_name, config)
-            if name is None:
-                continue
-            target = _target(name, params)
-            if target is None:
-                unexpected.append(ckpt_name)
-                continue
-            param_name, shard_id, expert_id = target
-            param, tensor = params[param_name], get()
-            extra = {} if expert_id is None else {"expert_id": expert_id}
-            try:
-                with torch.no_grad():
-                    weight_loader_of(param)(param, tensor, shard_id, **extra)
-            except WeightShapeError as e:
-                mismatched.append(f"{ckpt_name}: checkpoint {list(tensor.shape)} vs model {e.expected}")
-                continue
-            loaded.add(target)
+    tensors = list(gguf_tensors(path) if is_gguf(path) else _checkpoint_tensors(path))
+    for ckpt_name, get in tqdm(tensors, desc="Loading weights", unit="tensor", leave=False):
+        name = ckpt_name if multimodal else _strip_prefix(ckpt_name, config)
+        if name is None:
+            continue
+        target = _target(name, params)
+        if target is None:
+            unexpected.append(ckpt_name)
+            continue
+        param_name, shard_id, expert_id = target
+        param, tensor = params[param_name], get()
+        extra = {} if expert_id is None else {"expert_id": expert_id}
+        try:
+            with torch.no_grad():
+                weight_loader_of(param)(param, tensor, shard_id, **extra)
+        except WeightShapeError as e:
+            mismatched.append(f"{ckpt_name}: checkpoint {list(tensor.shape)} vs model {e.expected}")
+            continue
+        finally:
+            del tensor  # its pages leave the process now, not when the next tensor replaces it
+        loaded.add(target)
     missing = _missing(model, params, loaded)
     head = f"{config.weight_prefix if multimodal else ''}lm_head.weight"
     if config.tie_word_embeddings and head in missing:
@@ -248,9 +248,10 @@ def _missing(model: nn.Module, params: dict[str, nn.Parameter], loaded: set[Load
     return sorted(missing)
 
 
-def _checkpoint_tensors(path: Path, stack: ExitStack) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(name, lazy getter) for every tensor of the checkpoint, memory-mapped: a getter reads nothing, and a
-    tensor-parallel rank's weight_loader copies out only its slice, so only those pages are ever read."""
+def _checkpoint_tensors(path: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """(name, lazy getter) for every tensor of the checkpoint. A getter maps just that tensor's bytes
+    (herd.models.safetensors_mmap): a tensor-parallel rank's weight_loader copies out only its slice, so only
+    those pages are ever read, and the mapping goes when the tensor is dropped."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
@@ -262,9 +263,8 @@ def _checkpoint_tensors(path: Path, stack: ExitStack) -> Iterator[tuple[str, Cal
     for file in files:
         if not (path / file).is_file():
             raise CheckpointError(f"shard {file} named in model.safetensors.index.json is missing from {path}")
-        handle = stack.enter_context(safe_open(path / file, framework="pt", device="cpu"))
-        for key in handle.keys():  # noqa: SIM118  (safe_open handles are not iterable)
-            yield key, (lambda h=handle, k=key: h.get_tensor(k))
+        for key, entry in read_index(path / file).items():
+            yield key, (lambda e=entry: mapped_tensor(e))
 
 
 def _strip_prefix(ckpt_name: str, config: ModelConfig) -> str | None:
