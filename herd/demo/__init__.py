@@ -11,8 +11,7 @@ embedding: it shares the demo model's), trained by scripts/demo/train_eagle3.py 
 from pathlib import Path
 
 MODEL_PATH = Path(__file__).parent / "model"
-# The EAGLE-3 draft trained for it (issue 22): `herd serve --speculative-demo-draft` drafts with it.
-DRAFT_PATH = Path(__file__).parent / "draft"
 # The name the API lists it under: its folder is the package's "model", which says nothing in a model list.
 MODEL_NAME = "herd-demo"
+# `herd serve --speculative-demo-draft` drafts with it.
 DRAFT_PATH = Path(__file__).parent / "draft"
