@@ -1,4 +1,4 @@
-"""herd's imports go one way: server -> frontend -> engine -> worker -> models -> layers.
+"""herd's imports go one way: server -> frontend -> engine -> worker -> speculative -> models -> layers.
 
 A layer may import itself, any layer below it, and the shared leaves (configs, sampling parameters,
 image inputs); never one above it. Entry points (cli, launch_server, llm, ...) may import anything.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import herd
 
-LAYERS = ["server", "frontend", "engine", "worker", "models", "layers"]
+LAYERS = ["server", "frontend", "engine", "worker", "speculative", "models", "layers"]
 LEAVES = {"config": {"config", "demo"}, "sampling": {"sampling"}, "multimodal": {"multimodal"}, "demo": set()}
 # The benchmark client talks HTTP to any server: no engine code, only herd's tokenizer loader (it reads Meta's
 # tokenizer.model, which transformers cannot).

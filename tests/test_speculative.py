@@ -111,3 +111,17 @@ def test_eagle3_with_prefix_hits_and_preemption(scout_ckpt, eagle3_draft) -> Non
     tokens, llm = generate(scout_ckpt[0], batch, **eagle3(eagle3_draft["scout"], steps=5), **engine_args)
     assert llm.engine.core.scheduler.num_preemptions > 0
     assert tokens == [reference(scout_ckpt, p) for p in batch]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [({"hidden_size": 96}, ["hidden_size 96", "64"]), ({"vocab_size": 300}, ["vocab_size 300", "256"])],
+    ids=["hidden", "vocab"],
+)
+def test_draft_that_does_not_fit_fails_at_start(scout_ckpt, tmp_path: Path, change: dict, words: list[str]) -> None:
+    other = {**scout_ckpt[1].config.to_dict(), **change}
+    draft = write_eagle3_draft(tmp_path / "draft", other)
+    with pytest.raises(ValueError) as error:
+        LLM(str(scout_ckpt[0]), dtype="float32", **eagle3(draft))
+    for word in words:
+        assert word in str(error.value)
