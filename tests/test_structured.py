@@ -425,3 +425,34 @@ def test_a_grammar_crosses_to_the_engine_process() -> None:
         assert re.fullmatch(pattern, text), text
     finally:
         client.close()
+
+
+def test_a_grammar_new_to_the_engine_loads_while_other_requests_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first request with a grammar waits for it to be deserialized (in a thread), not the whole batch.
+    import threading
+
+    import herd.engine.core
+    from herd.frontend.llm_engine import LLMEngine
+
+    gate = threading.Event()
+    real_load = herd.engine.core.load_compiled
+
+    def gated_load(blob):  # type: ignore[no-untyped-def]
+        assert gate.wait(timeout=120)
+        return real_load(blob)
+
+    monkeypatch.setattr(herd.engine.core, "load_compiled", gated_load)
+    engine = LLMEngine(ServerArgs(model_path=DEMO, dtype="float32").to_config())
+    pattern = r"(red|green|blue) [0-9]{2}"
+    regex = StructuredOutput("regex", pattern + "!")  # a grammar no other test compiles: new to the engine
+    engine.add_request("free", "Hello", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    held = SamplingParams(max_tokens=20, temperature=1.0, seed=3, structured=regex)
+    engine.add_request("held", "Pick a color.", held)
+    while engine.core.requests.get("free#0") is not None:
+        assert {r.request_id for r in engine.step()} <= {"free"}
+    assert engine.core.stats().num_waiting == 1  # the held request, still loading
+    gate.set()
+    text = ""
+    while engine.has_unfinished_requests():
+        text = next((r.outputs[0].text for r in engine.step() if r.request_id == "held"), text)
+    assert re.fullmatch(pattern + "!", text), text

@@ -9,6 +9,7 @@ formats are the frontend's (herd.frontend), which talks to the core in `herd.eng
 from __future__ import annotations
 
 import logging
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from herd.config.engine import EngineConfig
@@ -18,7 +19,7 @@ from herd.engine.protocol import CoreInfo, EngineCoreOutput, EngineCoreRequest, 
 from herd.engine.scheduler import Scheduler, SchedulerOutput, Sequence
 from herd.engine.spec_stats import SpecStats
 from herd.sampling import SampleResult
-from herd.sampling.grammar import register_vocabulary
+from herd.sampling.grammar import is_loaded, load_compiled, register_vocabulary
 from herd.worker import NewSequence, ScheduledChunk, StepPlan, Worker
 from herd.worker.distributed import TensorParallelDriver
 
@@ -50,6 +51,10 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv, self.prefix_cache, sched.max_running_requests, sched.prefill_budget)
         self.context_length = sched.context_length
         self.requests: dict[str, _Live] = {}
+        # A grammar new to this process is deserialized in a thread (tens of ms for a big schema over 202k
+        # tokens), its request held out of the scheduler meanwhile: the other requests' steps go on.
+        self._grammar_loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="herd-grammar")
+        self._loading: dict[str, Future[object]] = {}  # request id -> its grammar, being deserialized
         self._finished: list[str] = []  # sequences the workers should forget at the next step
         self.speculative = config.speculative.enabled
         self.spec_stats = SpecStats()
@@ -82,7 +87,11 @@ class EngineCore:
             if request.params.prompt_logprobs is not None:
                 live.prompt_logprobs = [None] * len(request.prompt_token_ids)
             self.requests[request.request_id] = live
-            self.scheduler.add(seq)
+            blob = request.params.grammar
+            if blob is not None and not is_loaded(blob):
+                self._loading[request.request_id] = self._grammar_loader.submit(load_compiled, blob)
+            else:
+                self.scheduler.add(seq)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Stop these requests and free their blocks; unknown or finished ids are ignored."""
@@ -98,6 +107,7 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         """Run one batch; return the new tokens of every sequence that sampled."""
+        self._admit_loaded_grammars()
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             # Nothing runs and nothing can be admitted: the frontend's size checks make this a bug.
@@ -134,6 +144,19 @@ class EngineCore:
             seq = live.seq
             room = min(seq.max_tokens - len(seq.output_token_ids), self.context_length - seq.num_tokens) - 1
             seq.draft_token_ids = draft[: max(0, room)]
+
+    def _admit_loaded_grammars(self) -> None:
+        """Hand the scheduler the requests whose grammars are ready (errors resurface in the worker)."""
+        if not self._loading:
+            return
+        if not self.scheduler.has_work():  # nothing else to run: wait here rather than spin the loop
+            wait(list(self._loading.values()), timeout=0.05, return_when=FIRST_COMPLETED)
+        for request_id, future in list(self._loading.items()):
+            if future.done():
+                del self._loading[request_id]
+                live = self.requests.get(request_id)  # None: aborted while its grammar loaded
+                if live is not None:
+                    self.scheduler.add(live.seq)
 
     def _plan(self, scheduled: SchedulerOutput) -> StepPlan:
         plan = StepPlan(finished_seq_ids=self._finished)
@@ -196,6 +219,7 @@ class EngineCore:
 
     def close(self) -> None:
         """Stop the other tensor-parallel ranks, if any (they also stop when this process exits)."""
+        self._grammar_loader.shutdown(wait=False, cancel_futures=True)
         for worker in self.workers:
             if isinstance(worker, TensorParallelDriver):
                 worker.close()
@@ -210,7 +234,7 @@ class EngineCore:
         total = max(1, pool.num_blocks)
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self._loading),
             kv_usage=held / total,
             kv_cached_usage=(pool.num_used - held) / total,
             prefix_hit_rate=cache.hit_rate if cache is not None else 0.0,
