@@ -49,7 +49,7 @@ fi
 if [[ " $SECTIONS " == *" quant "* ]]; then
     echo "== quantized: W4A16 kernels, compressed-tensors checkpoints, --quantization (issue 20)"
     timeout 150 $PY -m pytest -q -p no:cacheprovider --durations=5 \
-        tests/test_triton_w4a16.py tests/test_quantization_ct.py tests/test_quantization_online.py
+        tests/test_triton_weight_only.py tests/test_quantization_ct.py tests/test_quantization_online.py
     quant_rc=$?
     echo "== quantized Scout: 48-layer W4A16 fit and decode, FP8 experts vs bf16"
     timeout 240 $PY benchmarks/gpu_quant.py --out "$OUT/gpu_quant.json" || quant_rc=1

@@ -123,7 +123,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per figure")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument(
-        "--quantization", nargs="+", default=["none"], choices=["none", "w8a16"], help="a herd column for each"
+        "--quantization",
+        nargs="+",
+        default=["none"],
+        choices=["none", "w8a16", "w4a16", "fp8"],
+        help="a herd column for each",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -26,6 +26,8 @@ from herd.sampling import SamplingParams
 from gguf_fixtures import BOS, EOT, KQUANT_LIKE, convert, make_checkpoint
 from test_engine import hf_greedy
 from test_quantization_int8 import dequantized_reference as int8_reference
+from test_quantization_online import dequantized_reference as online_reference
+from test_quantization_online import int4_groups
 
 MAX_TOKENS = 32
 
@@ -125,6 +127,14 @@ def test_k_and_iq_types_give_transformers_tokens_on_the_dequantized_weights() ->
     skeleton = Llama4ForCausalLM(Llama4TextConfig(**KQUANT_LIKE)).float().eval()
     ref = dequantized_reference(skeleton, KQUANTS, KQUANT_LIKE["num_hidden_layers"])
     assert herd_greedy(KQUANTS) == [hf_greedy(ref, p, MAX_TOKENS) for p in prompts()]
+
+
+def test_k_and_iq_types_repacked_to_int4_by_w4a16() -> None:
+    """--quantization w4a16 on the K/IQ file: each dequantized tensor requantized to INT4 groups (herd's rule)."""
+    torch.manual_seed(0)
+    skeleton = Llama4ForCausalLM(Llama4TextConfig(**KQUANT_LIKE)).float().eval()
+    ref = online_reference(dequantized_reference(skeleton, KQUANTS, KQUANT_LIKE["num_hidden_layers"]), int4_groups)
+    assert herd_greedy(KQUANTS, quantization="w4a16") == [hf_greedy(ref, p, MAX_TOKENS) for p in prompts()]
 
 
 TEXTS = [

@@ -1,7 +1,8 @@
 """Weight formats: a `QuantizationConfig` picks the linear and MoE method of every layer.
 
-The formats live in their own modules (`unquantized`, ...); this package's root holds only the contract,
-which the layers themselves import.
+The formats live in their own modules: `unquantized` (as stored, oneDNN-packed on the CPU), `int8` (w8a16),
+`fp8`, `int4` (w4a16), `compressed_tensors` (checkpoints quantized by llm-compressor); `select` picks the
+config of a run. This package's root holds only the contract, which the layers themselves import.
 """
 
 from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig

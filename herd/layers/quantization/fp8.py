@@ -109,6 +109,13 @@ class Fp8OnlineLinearMethod(UnquantizedLinearMethod):
 
 
 def _fp8_experts(layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda:  # grouped on the device: nothing waits for the host, the step stays capturable
+        from herd.layers.triton_ops.weight_only import fused_moe_fp8
+
+        return fused_moe_fp8(
+            x, expert_ids, layer.gate_up_fp8, layer.gate_up_fp8_scale, layer.down_fp8, layer.down_fp8_scale
+        )
+
     def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
         gate, up = fp8_linear(rows, layer.gate_up_fp8[e], layer.gate_up_fp8_scale[e]).chunk(2, dim=-1)
         return fp8_linear(F.silu(gate) * up, layer.down_fp8[e], layer.down_fp8_scale[e])

@@ -9,7 +9,7 @@ w = q * s, q in [-8, 7], s per (output row, group of inputs); symmetric (no zero
 
 Kernels: on the CPU PyTorch's `_weight_int4pack_mm_for_cpu` (its own packed layout, made at load; it computes
 (q_u - 8) * s + z with q_u = q + 8 and zero z = 0). On a GPU the Triton W4A16 GEMM
-(`herd.layers.triton_ops.w4a16`) reads two values per byte. Each reads a quarter of bf16's weight bytes.
+(`herd.layers.triton_ops.weight_only`) reads two values per byte. Each reads a quarter of bf16's weight bytes.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gro
     if x.device.type == "cpu":
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group, scales)
     elif x.is_cuda:
-        from herd.layers.triton_ops.w4a16 import w4a16_matmul  # triton only on GPUs
+        from herd.layers.triton_ops.weight_only import w4a16_matmul  # triton only on GPUs
 
         out = w4a16_matmul(rows, packed, scales, group)
     else:
@@ -187,7 +187,7 @@ def _finish_experts(layer: FusedMoE, name: str, parts: list[tuple[torch.Tensor, 
 
 def _int4_experts(layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
     if x.is_cuda:
-        from herd.layers.triton_ops.w4a16 import fused_moe_w4a16  # triton only on GPUs
+        from herd.layers.triton_ops.weight_only import fused_moe_w4a16  # triton only on GPUs
 
         return fused_moe_w4a16(
             x, expert_ids, layer.gate_up_int4, layer.gate_up_int4_scale, layer.down_int4, layer.down_int4_scale,

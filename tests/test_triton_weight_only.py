@@ -1,5 +1,5 @@
-"""The W4A16 Triton GEMM and fused MoE against dequantize-then-matmul, under Triton's interpreter on the CPU
-(conftest sets TRITON_INTERPRET=1 without a GPU; on a GPU the same tests run compiled)."""
+"""The weight-only Triton kernels (W4A16 GEMM, INT4 and FP8 fused MoE) against dequantize-then-matmul, under
+Triton's interpreter on the CPU (conftest sets TRITON_INTERPRET=1 without a GPU; on a GPU they run compiled)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from herd.layers.moe import grouped_experts
+from herd.layers.quantization.fp8 import quantize_fp8_rows
 from herd.layers.quantization.int4 import dequantize_packed, pack_for_kernel, quantize_int4_groups
-from herd.layers.triton_ops.w4a16 import fused_moe_w4a16, w4a16_matmul
+from herd.layers.triton_ops.weight_only import fused_moe_fp8, fused_moe_w4a16, w4a16_matmul
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -54,4 +55,28 @@ def test_fused_moe_w4a16_matches_grouped_experts(rows: int, experts: int, hidden
     expected = grouped_experts(x, ids, expert)
     stacked = [torch.stack([t[i] for t in ws]).to(DEVICE) for ws in (gate_up, down) for i in (0, 1)]
     got = fused_moe_w4a16(x.to(DEVICE), ids.to(DEVICE), *stacked, 32, 32)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_moe_fp8_matches_grouped_experts() -> None:
+    rows, experts, hidden, inter = 21, 4, 64, 48
+    gen = torch.Generator().manual_seed(1)
+    weights = {
+        name: [quantize_fp8_rows(torch.randn(out, inp, generator=gen) / inp**0.5) for _ in range(experts)]
+        for name, out, inp in (("gate_up", 2 * inter, hidden), ("down", hidden, inter))
+    }
+    x = torch.randn(rows, hidden, generator=gen)
+    ids = torch.randint(0, experts, (rows,), generator=gen)
+
+    def linear(r: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        q, s = weights[name][e]
+        return F.linear(r, q.float() * s[:, None])
+
+    def expert(e: int, r: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(r, "gate_up", e).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, "down", e)
+
+    expected = grouped_experts(x, ids, expert)
+    stacked = [torch.stack([w[i] for w in weights[name]]).to(DEVICE) for name in ("gate_up", "down") for i in (0, 1)]
+    got = fused_moe_fp8(x.to(DEVICE), ids.to(DEVICE), *stacked)
     torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-5)

@@ -1,13 +1,16 @@
-"""W4A16 on the GPU: INT4 weights dequantized in registers, one tile at a time, inside the GEMM.
+"""Weight-only quantized GEMMs on the GPU: INT4 or FP8 weights dequantized in registers, a tile at a time.
 
-Weight layout (herd.layers.quantization.int4.pack_for_kernel, non-CPU): uint8 [out, in / 2], input 2j in the
+INT4 layout (herd.layers.quantization.int4.pack_for_kernel, non-CPU): uint8 [out, in / 2], input 2j in the
 low nibble and 2j + 1 in the high one, each stored as q + 8; scales [out, in / group]. A [BLOCK_K, BLOCK_N]
 tile of W^T is read as bytes (each byte serves two k), shifted by 4 * (k % 2), scaled by its group's scale,
-cast to the activations' dtype and fed to `tl.dot`. The weight moves as a quarter of bf16's bytes; decode
-GEMVs are bound by those bytes.
+cast to the activations' dtype and fed to `tl.dot`: the weight moves as a quarter of bf16's bytes, and
+decode GEMVs are bound by those bytes. FP8 (float8_e4m3fn [out, in], a float32 scale per output row) is read
+the same way, one element per k (the activations stay in bf16: W8A16-style, not the checkpoint's FP8 x FP8,
+which `torch._scaled_mm` does for the dense layers).
 
-`w4a16_matmul` is the linear layer; `fused_moe_w4a16` the routed experts, grouped on the device exactly as
-the bf16 fused MoE does (herd.layers.triton_ops.fused_moe.align_rows_by_expert), so the step stays capturable.
+`w4a16_matmul` is the INT4 linear layer; `fused_moe_w4a16` and `fused_moe_fp8` the routed experts, grouped on
+the device exactly as the bf16 fused MoE does (herd.layers.triton_ops.fused_moe.align_rows_by_expert), so the
+step stays capturable in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -18,13 +21,18 @@ import triton.language as tl
 
 from herd.layers.triton_ops.fused_moe import align_rows_by_expert
 
+INT4, FP8 = 0, 1  # KIND: how W stores a weight (the kernels compare KIND with these literals)
+
 
 @triton.jit
-def _w4_tile(W, S, k, n, k_ok, n_ok, stride_wn, stride_sn, group, DTYPE: tl.constexpr):
+def _weight_tile(W, S, k, n, k_ok, n_ok, stride_wn, stride_sn, group, DTYPE: tl.constexpr, KIND: tl.constexpr = 0):
     """[BLOCK_K, BLOCK_N] of W^T (rows n of W, inputs k), dequantized to DTYPE."""
     mask = k_ok[:, None] & n_ok[None, :]
-    byte = tl.load(W + n[None, :].to(tl.int64) * stride_wn + (k[:, None] // 2), mask=mask, other=8)
-    q = ((byte.to(tl.int32) >> ((k[:, None] % 2) * 4)) & 0xF) - 8
+    if KIND == 0:  # INT4
+        byte = tl.load(W + n[None, :].to(tl.int64) * stride_wn + (k[:, None] // 2), mask=mask, other=8)
+        q = ((byte.to(tl.int32) >> ((k[:, None] % 2) * 4)) & 0xF) - 8
+    else:
+        q = tl.load(W + n[None, :].to(tl.int64) * stride_wn + k[:, None], mask=mask, other=0.0)
     scale = tl.load(S + n[None, :].to(tl.int64) * stride_sn + (k[:, None] // group), mask=mask, other=0.0)
     return (q.to(tl.float32) * scale.to(tl.float32)).to(DTYPE)
 
@@ -56,7 +64,7 @@ def _w4a16_gemm_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         x = tl.load(X + m[:, None].to(tl.int64) * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _w4_tile(W, S, k, n, k_ok, n_ok, stride_wn, stride_sn, group, X.dtype.element_ty)
+        w = _weight_tile(W, S, k, n, k_ok, n_ok, stride_wn, stride_sn, group, X.dtype.element_ty)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
     out = Out + m[:, None].to(tl.int64) * stride_om + n[None, :]
     tl.store(out, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -85,7 +93,7 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gr
 
 
 @triton.jit
-def _w4_gate_up_kernel(
+def _gate_up_kernel(
     X,  # [N, H]
     W,  # uint8 [E, 2I, H / 2]: gate rows, then up rows
     S,  # [E, 2I, H / group]
@@ -107,6 +115,7 @@ def _w4_gate_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    KIND: tl.constexpr,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert + tile)
@@ -125,8 +134,8 @@ def _w4_gate_up_kernel(
             x_ptrs = X + rows[:, None].to(tl.int64) * stride_xn + k[None, :]
             x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             dtype = X.dtype.element_ty
-            w_gate = _w4_tile(w_base, s_base, k, n, k_ok, n_ok, stride_wn, stride_sn, group, dtype)
-            w_up = _w4_tile(w_base, s_base, k, inter + n, k_ok, n_ok, stride_wn, stride_sn, group, dtype)
+            w_gate = _weight_tile(w_base, s_base, k, n, k_ok, n_ok, stride_wn, stride_sn, group, dtype, KIND)
+            w_up = _weight_tile(w_base, s_base, k, inter + n, k_ok, n_ok, stride_wn, stride_sn, group, dtype, KIND)
             acc_gate = tl.dot(x, w_gate, acc_gate, input_precision=PRECISION)
             acc_up = tl.dot(x, w_up, acc_up, input_precision=PRECISION)
         act = acc_gate * tl.sigmoid(acc_gate) * acc_up
@@ -135,7 +144,7 @@ def _w4_gate_up_kernel(
 
 
 @triton.jit
-def _w4_down_kernel(
+def _down_kernel(
     Act,  # [P, I]
     W,  # uint8 [E, H, I / 2]
     S,  # [E, H, I / group]
@@ -157,6 +166,7 @@ def _w4_down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    KIND: tl.constexpr,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert + tile)
@@ -173,7 +183,7 @@ def _w4_down_kernel(
             k_ok = k < inter
             a_ptrs = Act + slots[:, None].to(tl.int64) * stride_an + k[None, :]
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = _w4_tile(w_base, s_base, k, n, k_ok, n_ok, stride_wn, stride_sn, group, Act.dtype.element_ty)
+            w = _weight_tile(w_base, s_base, k, n, k_ok, n_ok, stride_wn, stride_sn, group, Act.dtype.element_ty, KIND)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
         out_ptrs = Out + rows[:, None].to(tl.int64) * stride_on + n[None, :]
         tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -189,6 +199,35 @@ def fused_moe_w4a16(
     gate_up_group: int,
     down_group: int,
 ) -> torch.Tensor:  # [N, H]
+    return _fused_moe(x, expert_ids, gate_up, gate_up_scales, down, down_scales, gate_up_group, down_group, INT4)
+
+
+def fused_moe_fp8(
+    x: torch.Tensor,  # [N, H]
+    expert_ids: torch.Tensor,  # [N] int64
+    gate_up: torch.Tensor,  # float8_e4m3fn [E, 2I, H]
+    gate_up_scales: torch.Tensor,  # float32 [E, 2I]
+    down: torch.Tensor,  # float8_e4m3fn [E, H, I]
+    down_scales: torch.Tensor,  # float32 [E, H]
+) -> torch.Tensor:  # [N, H]
+    # A row's one scale is a group as wide as the row: k // group is 0 for every input k.
+    hidden, inter = gate_up.shape[2], down.shape[2]
+    return _fused_moe(
+        x, expert_ids, gate_up, gate_up_scales[..., None], down, down_scales[..., None], hidden, inter, FP8
+    )
+
+
+def _fused_moe(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_scales: torch.Tensor,
+    down: torch.Tensor,
+    down_scales: torch.Tensor,
+    gate_up_group: int,
+    down_group: int,
+    kind: int,
+) -> torch.Tensor:
     n, hidden = x.shape
     num_experts, inter = gate_up.shape[0], gate_up.shape[1] // 2
     hidden_out = down.shape[1]
@@ -201,14 +240,14 @@ def fused_moe_w4a16(
     x = x.contiguous()
     act = torch.empty((sorted_rows.shape[0], inter), dtype=x.dtype, device=x.device)
     tiles = tile_expert.shape[0]
-    _w4_gate_up_kernel[(tiles, triton.cdiv(inter, block_n))](
+    _gate_up_kernel[(tiles, triton.cdiv(inter, block_n))](
         x, gate_up, gate_up_scales, act, sorted_rows, tile_expert, n, num_experts, hidden, inter, gate_up_group,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), gate_up_scales.stride(0), gate_up_scales.stride(1),
-        act.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
+        act.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, KIND=kind,
     )  # fmt: skip
-    _w4_down_kernel[(tiles, triton.cdiv(hidden_out, block_n))](
+    _down_kernel[(tiles, triton.cdiv(hidden_out, block_n))](
         act, down, down_scales, out, sorted_rows, tile_expert, n, num_experts, hidden_out, inter, down_group,
         act.stride(0), down.stride(0), down.stride(1), down_scales.stride(0), down_scales.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision, KIND=kind,
     )  # fmt: skip
     return out
