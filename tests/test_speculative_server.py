@@ -115,3 +115,18 @@ def test_accept_length_in_metrics_and_server_info(servers) -> None:
     info = httpx.get(f"{spec.url}/get_server_info").json()
     assert info["internal_states"][0]["avg_spec_accept_length"] == pytest.approx(m["herd:spec_accept_length"])
     assert "avg_spec_accept_length" not in httpx.get(f"{plain.url}/get_server_info").json()["internal_states"][0]
+
+
+def test_bench_serving_prints_the_accept_length(servers, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from herd.bench_serving import main
+
+    plain, spec = servers
+    flags = ["--dataset-name", "random", "--random-input-len", "16", "--random-output-len", "6", "--disable-tqdm"]
+    for server, shown in ((spec, True), (plain, False)):
+        out_file = tmp_path / "run.jsonl"
+        argv = ["--base-url", server.url, "--output-file", str(out_file), "--num-prompts", "4", "--backend", "sglang"]
+        assert main([*argv, *flags]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Accept length:")]
+        assert bool(lines) == shown, lines
+        if shown:
+            assert float(lines[0].split()[-1]) >= 1.0
