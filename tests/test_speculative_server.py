@@ -77,6 +77,7 @@ def test_stop_strings_and_n(servers) -> None:
     texts = [[choice.text for choice in out.choices] for out in outs]
     assert texts[0] == texts[1] and texts[0][0] == texts[0][1] == full[: full.index(stop)]
     assert all(choice.finish_reason == "stop" for choice in outs[1].choices)
+    assert outs[0].usage.completion_tokens == outs[1].usage.completion_tokens  # no token past the stop string
 
 
 def test_sampling_n_and_native_generate(servers) -> None:
