@@ -144,3 +144,15 @@ def test_stop_tokens_sampling_and_n_with_drafts(scout_ckpt, eagle3_draft) -> Non
     assert [len(c.token_ids) for c in out.outputs] == [MAX_TOKENS] * 3
     for llm in (plain, spec):
         assert_no_leaked_blocks(llm.engine)
+
+
+def test_ngram_on_the_triton_backend_across_chunk_boundaries(scout_ckpt) -> None:
+    """Verify steps through the triton extend kernel (TRITON_INTERPRET=1 on the CPU), crossing chunks."""
+    pytest.importorskip("triton")
+    batch = repeating_prompts(seed=0)[:2]
+    llm = LLM(str(scout_ckpt[0]), dtype="float32", attention_backend="triton", page_size=4, **NGRAM)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [reference(scout_ckpt, p)[:12] for p in batch]
+    stats = llm.engine.core.spec_stats
+    assert stats.tokens > stats.verify_steps
