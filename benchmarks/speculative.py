@@ -70,12 +70,22 @@ def decode_run(llm: LLM, ids: list[int], max_tokens: int, name: str) -> tuple[li
     return list(outputs[-1].outputs[0].token_ids), elapsed
 
 
-def bench(mode: str, repeats: int, max_tokens: int, dtype: str) -> dict[str, object]:
-    spec = (
-        {"speculative_algorithm": "EAGLE3", "speculative_draft_model_path": str(DRAFT_PATH)}
-        if mode == "eagle3"
-        else {"speculative_algorithm": "NGRAM"}
-    )
+def bench(
+    mode: str, repeats: int, max_tokens: int, dtype: str, num_draft: int, ngram_min_match: int
+) -> dict[str, object]:
+    if mode == "eagle3":
+        spec = {
+            "speculative_algorithm": "EAGLE3",
+            "speculative_draft_model_path": str(DRAFT_PATH),
+            "speculative_num_steps": num_draft - 1,
+            "speculative_num_draft_tokens": num_draft,
+        }
+    else:
+        spec = {
+            "speculative_algorithm": "NGRAM",
+            "speculative_num_draft_tokens": num_draft,
+            "speculative_ngram_min_match_window_size": ngram_min_match,
+        }
     common = {"dtype": dtype, "disable_radix_cache": True}  # every prompt prefilled afresh, on both sides
     plain, fast = LLM(str(MODEL_PATH), **common), LLM(str(MODEL_PATH), **common, **spec)
     prompts = encode(plain, CHAT_PROMPTS if mode == "eagle3" else COPY_PROMPTS)
@@ -102,6 +112,7 @@ def bench(mode: str, repeats: int, max_tokens: int, dtype: str) -> dict[str, obj
     return {
         "mode": mode,
         "dtype": dtype,
+        "num_draft_tokens": num_draft,
         "prompts": len(prompts),
         "accept_length": round(accept, 3),
         "decode_tok_s_plain": round(best["plain"], 1),
@@ -116,13 +127,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
+    parser.add_argument("--eagle-draft-tokens", type=int, default=4, help="SGLang's --speculative-num-draft-tokens")
+    parser.add_argument("--ngram-draft-tokens", type=int, default=8)
+    parser.add_argument("--ngram-min-match", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     for mode in ("eagle3", "ngram") if args.mode == "both" else (args.mode,):
-        print(json.dumps(bench(mode, args.repeats, args.max_tokens, args.dtype)))
+        num_draft = args.eagle_draft_tokens if mode == "eagle3" else args.ngram_draft_tokens
+        print(json.dumps(bench(mode, args.repeats, args.max_tokens, args.dtype, num_draft, args.ngram_min_match)))
 
 
 if __name__ == "__main__":

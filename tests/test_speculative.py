@@ -125,3 +125,34 @@ def test_draft_that_does_not_fit_fails_at_start(scout_ckpt, tmp_path: Path, chan
         LLM(str(scout_ckpt[0]), dtype="float32", **eagle3(draft))
     for word in words:
         assert word in str(error.value)
+
+
+def test_stop_tokens_sampling_and_n_with_drafts(scout_ckpt, eagle3_draft) -> None:
+    batch = repeating_prompts(seed=4)[:3]
+    plain = LLM(str(scout_ckpt[0]), dtype="float32")
+    spec = LLM(str(scout_ckpt[0]), dtype="float32", **eagle3(eagle3_draft["scout"]))
+    full = [reference(scout_ckpt, p) for p in batch]
+    # A stop token in the middle of each greedy answer: the output ends there, however many drafts stood.
+    for ids, want in zip(batch, full, strict=True):
+        stop = want[len(want) // 2]
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=[stop], ignore_eos=True)
+        outs = [llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0].outputs[0] for llm in (plain, spec)]
+        assert outs[0].token_ids == outs[1].token_ids == want[: want.index(stop) + 1]
+        assert outs[1].finish_reason == "stop"
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, n=3, seed=1, max_tokens=MAX_TOKENS, ignore_eos=True)
+    out = spec.generate({"prompt_token_ids": batch[0]}, sampled, use_tqdm=False)[0]
+    assert [len(c.token_ids) for c in out.outputs] == [MAX_TOKENS] * 3
+    for llm in (plain, spec):
+        assert_no_leaked_blocks(llm.engine)
+
+
+def test_ngram_on_the_triton_backend_across_chunk_boundaries(scout_ckpt) -> None:
+    """Verify steps through the triton extend kernel (TRITON_INTERPRET=1 on the CPU), crossing chunks."""
+    pytest.importorskip("triton")
+    batch = repeating_prompts(seed=0)[:2]
+    llm = LLM(str(scout_ckpt[0]), dtype="float32", attention_backend="triton", page_size=4, **NGRAM)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [reference(scout_ckpt, p)[:12] for p in batch]
+    stats = llm.engine.core.spec_stats
+    assert stats.tokens > stats.verify_steps

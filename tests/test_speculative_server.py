@@ -77,6 +77,7 @@ def test_stop_strings_and_n(servers) -> None:
     texts = [[choice.text for choice in out.choices] for out in outs]
     assert texts[0] == texts[1] and texts[0][0] == texts[0][1] == full[: full.index(stop)]
     assert all(choice.finish_reason == "stop" for choice in outs[1].choices)
+    assert outs[0].usage.completion_tokens == outs[1].usage.completion_tokens  # no token past the stop string
 
 
 def test_sampling_n_and_native_generate(servers) -> None:
@@ -115,3 +116,18 @@ def test_accept_length_in_metrics_and_server_info(servers) -> None:
     info = httpx.get(f"{spec.url}/get_server_info").json()
     assert info["internal_states"][0]["avg_spec_accept_length"] == pytest.approx(m["herd:spec_accept_length"])
     assert "avg_spec_accept_length" not in httpx.get(f"{plain.url}/get_server_info").json()["internal_states"][0]
+
+
+def test_bench_serving_prints_the_accept_length(servers, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from herd.bench_serving import main
+
+    plain, spec = servers
+    flags = ["--dataset-name", "random", "--random-input-len", "16", "--random-output-len", "6", "--disable-tqdm"]
+    for server, shown in ((spec, True), (plain, False)):
+        out_file = tmp_path / "run.jsonl"
+        argv = ["--base-url", server.url, "--output-file", str(out_file), "--num-prompts", "4", "--backend", "sglang"]
+        assert main([*argv, *flags]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Accept length:")]
+        assert bool(lines) == shown, lines
+        if shown:
+            assert float(lines[0].split()[-1]) >= 1.0

@@ -67,7 +67,8 @@ def test_tp_and_ep_tokens_match_transformers(scout_ckpt, maverick_ckpt) -> None:
     with split ones over two nodes, below); one rank's tokens equal transformers' too (test_engine.py)."""
     batch = prompts()
     tp, ep = {"tp_size": 2}, {"tp_size": 2, "ep_size": 2}
-    jobs = [(scout_ckpt, tp), (scout_ckpt, ep), (maverick_ckpt, ep)]
+    ngram = {**tp, "speculative_algorithm": "NGRAM", "speculative_num_draft_tokens": 4}  # rank 0's drafts, all verify
+    jobs = [(scout_ckpt, tp), (scout_ckpt, ep), (maverick_ckpt, ep), (maverick_ckpt, ngram)]
     spec = [(str(ckpt[0]), batch, config) for ckpt, config in jobs]
     cmd = [sys.executable, str(TESTS / "tp_generate.py"), json.dumps(spec), str(MAX_TOKENS)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=600)

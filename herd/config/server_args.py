@@ -178,7 +178,7 @@ class ServerArgs:
 
     def __post_init__(self) -> None:
         self._check_not_yet()
-        self._speculative = self._check_speculative()
+        self._check_speculative()
         self._check_parallel()
         self._check_server()
         self._check_choice("dtype", ("auto", *DTYPES))
@@ -369,7 +369,7 @@ class ServerArgs:
                 node_rank=self.node_rank,
                 dist_init_addr=self.dist_init_addr,
             ),
-            speculative=self._speculative,
+            speculative=self._check_speculative(),
             device=DeviceConfig(
                 device=device,
                 attention_backend=self.attention_backend or default_attention_backend(device),

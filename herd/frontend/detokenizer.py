@@ -97,6 +97,10 @@ class IncrementalDetokenizer:
         return self._stops.matched is not None
 
     @property
+    def has_stop_strings(self) -> bool:
+        return bool(self._stops.stop)
+
+    @property
     def stop_string(self) -> str | None:
         return self._stops.matched
 

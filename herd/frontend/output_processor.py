@@ -108,13 +108,25 @@ class OutputProcessor:
         detokenizer = completion.detokenizer
         reason, stop = out.finish_reason, out.stop_reason
         text = ""
+        token_ids, logprobs = list(out.new_token_ids), out.new_logprobs
         if detokenizer is not None:
             # A stop token ends the text without adding to it.
             ids = out.new_token_ids[:-1] if reason == "stop" else out.new_token_ids
-            text = detokenizer.add_tokens(ids) if ids else ""
+            if len(ids) > 1 and detokenizer.has_stop_strings:
+                # Several tokens in one step (speculative decoding): those after a stop string's end are not
+                # output, as they would not be had the tokens come one step at a time.
+                text, n = "", 0
+                while n < len(ids) and not detokenizer.stopped:
+                    text += detokenizer.add_tokens(ids[n : n + 1])
+                    n += 1
+                if detokenizer.stopped:
+                    token_ids = token_ids[:n]
+                    logprobs = logprobs[:n] if logprobs is not None else None
+            else:
+                text = detokenizer.add_tokens(ids) if ids else ""
             if detokenizer.stopped:
                 reason, stop = "stop", detokenizer.stop_string
             elif reason is not None:
                 text += detokenizer.finish()  # text held back in case a stop string was starting
         completion.finished = reason is not None
-        return CompletionDelta(index, text, list(out.new_token_ids), out.new_logprobs, reason, stop)
+        return CompletionDelta(index, text, token_ids, logprobs, reason, stop)
