@@ -456,3 +456,18 @@ def test_a_grammar_new_to_the_engine_loads_while_other_requests_run(monkeypatch:
     while engine.has_unfinished_requests():
         text = next((r.outputs[0].text for r in engine.step() if r.request_id == "held"), text)
     assert re.fullmatch(pattern + "!", text), text
+
+
+def test_tensor_parallel_followers_get_plans_without_grammars() -> None:
+    # Only rank 0 samples: the compiled grammar (hundreds of kB) stays off the plan broadcast.
+    from herd.sampling.grammar import GrammarBlob
+    from herd.worker.distributed import _for_followers
+    from herd.worker.plan import NewSequence, StepPlan
+
+    blob = GrammarBlob("k", "{}", "v")
+    plan = StepPlan(new_sequences=[NewSequence("a", [1], SamplingParams(grammar=blob), 0, frozenset())])
+    sent = _for_followers(plan)
+    assert sent.new_sequences[0].params.grammar is None and sent.new_sequences[0].seq_id == "a"
+    assert plan.new_sequences[0].params.grammar is blob  # rank 0's own plan keeps it
+    free = StepPlan(new_sequences=[NewSequence("b", [1], SamplingParams(), 0, frozenset())])
+    assert _for_followers(free) is free
