@@ -47,7 +47,8 @@ COMPRESSORS = {"FP8_DYNAMIC": FloatQuantizationCompressor, "W4A16": PackedQuanti
 def make_ct_checkpoint(
     path: Path, text_config: dict, preset: str, ignore: list[str], *, multimodal: bool = False, seed: int = 0
 ) -> torch.nn.Module:
-    """Write the checkpoint to `path`; return transformers' model (fp32) on the dequantized weights."""
+    """Write the checkpoint to `path`; return transformers' model (fp32) on the dequantized weights, with
+    `quantized_params`: the names of its parameters that the checkpoint holds quantized."""
     torch.manual_seed(seed)
     if multimodal:
         from checkpoints import VISION_LIKE
@@ -60,6 +61,7 @@ def make_ct_checkpoint(
     widen(model, seed)
     scheme = preset_name_to_scheme(preset, ["Linear"])
     tensors: dict[str, torch.Tensor] = {}
+    quantized: set[str] = set()  # transformers' names of the parameters the checkpoint holds quantized
     with torch.no_grad():
         for name, param in model.state_dict().items():
             for module, weight, fused in _linears(name, param):
@@ -67,6 +69,7 @@ def make_ct_checkpoint(
                     tensors[f"{module}.weight"] = weight.contiguous()
                     continue
                 compressed, dequantized = _compress(weight, scheme, preset)
+                quantized.add(name)
                 tensors.update({f"{module}.{k}": v.contiguous() for k, v in compressed.items()})
                 fused(dequantized)
             if not _is_linear(name, param):
@@ -80,6 +83,7 @@ def make_ct_checkpoint(
     config["quantization_config"] = quant.model_dump()
     (path / "config.json").write_text(json.dumps(config, indent=2, default=str))
     assert prefix or not multimodal
+    model.quantized_params = quantized
     return model
 
 

@@ -3,6 +3,7 @@ on the dequantized weights, and what herd cannot run is refused at start naming 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from herd.layers.quantization.compressed_tensors import UnsupportedQuantizationError
+from herd.layers.quantization.select import select_quantization
+from herd.layers.quantization.unquantized import UnquantizedConfig
 from herd.llm import LLM
 from herd.models.loader import CheckpointError, load_model
 from herd.sampling import SamplingParams
@@ -18,6 +21,7 @@ from herd.sampling import SamplingParams
 from checkpoints import CHUNK, MAVERICK_LIKE, SCOUT_LIKE
 from ct_fixtures import MAVERICK_FP8_IGNORE, SHORT_IGNORE, make_ct_checkpoint
 from test_engine import hf_greedy
+from test_quantization_int8 import fake_quantize
 
 # W4A16's groups of 128 need inputs of 128 or more: a Scout-like model wide enough for two groups per row.
 W4A16_LIKE = {**SCOUT_LIKE, "hidden_size": 256, "intermediate_size": 128, "intermediate_size_mlp": 128, "head_dim": 32}
@@ -46,6 +50,26 @@ def test_greedy_tokens_match_transformers_on_dequantized(ct_ckpt) -> None:
     llm = LLM(str(path), dtype="float32", chunked_prefill_size=7)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(ref, p, 32) for p in prompts]
+
+
+def test_fp8_checkpoint_runs_as_int8_with_w8a16(ct_ckpt) -> None:
+    """--quantization w8a16 on an FP8 checkpoint: w = q * s requantized per output channel (INT8 CPU GEMM)."""
+    path, ref, preset = ct_ckpt
+    if preset != "FP8_DYNAMIC":
+        pytest.skip("w8a16 applies to FP8 checkpoints only")
+    ref = copy.deepcopy(ref)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name in ref.quantized_params:  # Linear [out, in] or fused experts [E, in, out]
+                p.copy_(fake_quantize(p, in_dim=1))
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (2 * CHUNK + 3, 5)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    llm = LLM(str(path), dtype="float32", quantization="w8a16")
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(ref, p, 32) for p in prompts]
+    int8 = [n for n, b in llm.engine.core.workers[0].model.named_buffers() if b.dtype == torch.int8]
+    assert int8 and not any(b.dtype == torch.float8_e4m3fn for b in llm.engine.core.workers[0].model.buffers())
 
 
 def test_quantized_layers_stay_quantized_and_ignored_ones_do_not(ct_ckpt) -> None:
@@ -87,6 +111,7 @@ def _with_quant(src: Path, dst: Path, change) -> Path:
         (lambda q: q["config_groups"]["group_0"]["weights"].update(symmetric=False), ["asymmetric", "not supported"]),
         (lambda q: q.update(format="marlin-24"), ["format marlin-24", "not supported"]),
         (lambda q: q.update(kv_cache_scheme={"num_bits": 8, "type": "float"}), ["kv_cache_scheme"]),
+        (lambda q: q.update(quant_method="fbgemm_fp8"), ["quant_method 'fbgemm_fp8'", "not supported"]),
     ],
 )
 def test_unsupported_scheme_fails_at_start_naming_it(change, words: list[str], small_fp8: Path, tmp_path: Path) -> None:
@@ -101,3 +126,17 @@ def test_ignore_list_that_does_not_match_the_tensors_fails_naming_them(small_fp8
     bad = _with_quant(small_fp8, tmp_path / "bad", lambda q: q["ignore"].append("re:.*self_attn"))
     with pytest.raises(CheckpointError, match=r"self_attn\.q_proj\.weight_scale"):
         load_model(bad)
+
+
+def test_quantization_flag_on_a_quantized_checkpoint_is_refused_unless_fp8_to_w8a16() -> None:
+    w4a16 = {
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int",
+                                                                          "strategy": "group", "group_size": 128}}},
+    }  # fmt: skip
+    with pytest.raises(UnsupportedQuantizationError, match="already quantized"):
+        select_quantization(w4a16, "", "w8a16", UnquantizedConfig())
+    with pytest.raises(UnsupportedQuantizationError, match="already quantized"):
+        select_quantization(w4a16, "", "fp8", UnquantizedConfig())

@@ -30,7 +30,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
-from herd.layers.quantization.fp8 import Fp8CheckpointLinearMethod, Fp8CheckpointMoEMethod
+from herd.layers.quantization.fp8 import (
+    Fp8AsInt8LinearMethod,
+    Fp8AsInt8MoEMethod,
+    Fp8CheckpointLinearMethod,
+    Fp8CheckpointMoEMethod,
+)
 from herd.layers.quantization.int4 import Int4CheckpointLinearMethod, Int4CheckpointMoEMethod
 
 # herd's fused layers and the checkpoint modules each stands for.
@@ -56,13 +61,22 @@ class CompressedTensorsConfig(QuantizationConfig):
     name = "compressed-tensors"
 
     def __init__(
-        self, groups: list[tuple[list[str], Scheme]], ignore: list[str], weight_prefix: str, base: QuantizationConfig
+        self,
+        groups: list[tuple[list[str], Scheme]],
+        ignore: list[str],
+        weight_prefix: str,
+        base: QuantizationConfig,
+        fp8_as_int8: bool = False,
     ) -> None:
         self.groups, self.ignore, self.weight_prefix, self.base = groups, ignore, weight_prefix, base
+        self.fp8_as_int8 = fp8_as_int8  # --quantization w8a16 on an FP8 checkpoint (herd.layers.quantization.fp8)
 
     @classmethod
-    def from_hf(cls, quant: dict, weight_prefix: str, base: QuantizationConfig) -> CompressedTensorsConfig:
-        """`quant` is config.json's quantization_config; `base` gives the methods of the layers left as stored."""
+    def from_hf(
+        cls, quant: dict, weight_prefix: str, base: QuantizationConfig, flag: str | None = None
+    ) -> CompressedTensorsConfig:
+        """`quant` is config.json's quantization_config; `base` gives the methods of the layers left as stored;
+        `flag` is --quantization: only w8a16, on an FP8 checkpoint, which then runs as INT8."""
         from compressed_tensors.quantization import QuantizationConfig as CTConfig
 
         method = quant.get("quant_method")
@@ -87,14 +101,19 @@ class CompressedTensorsConfig(QuantizationConfig):
             (list(group.targets), _scheme(name, group, group.format or parsed.format))
             for name, group in parsed.config_groups.items()
         ]
-        return cls(groups, list(parsed.ignore or []), weight_prefix, base)
+        if flag is not None and (flag != "w8a16" or any(scheme.kind != "fp8" for _, scheme in groups)):
+            raise UnsupportedQuantizationError(
+                f"--quantization {flag}: the checkpoint is already quantized (compressed-tensors); drop the flag "
+                "(only w8a16 applies, to an FP8 checkpoint, which it runs as INT8 on PyTorch's INT8 GEMM)"
+            )
+        return cls(groups, list(parsed.ignore or []), weight_prefix, base, fp8_as_int8=flag == "w8a16")
 
     def linear_method(self, prefix: str) -> LinearMethodBase:
         scheme = self._scheme_of(self._checkpoint_names(prefix))
         if scheme is None:
             return self.base.linear_method(prefix)
         if scheme.kind == "fp8":
-            return Fp8CheckpointLinearMethod()
+            return Fp8AsInt8LinearMethod() if self.fp8_as_int8 else Fp8CheckpointLinearMethod()
         assert scheme.group_size is not None
         return Int4CheckpointLinearMethod(scheme.group_size)
 
@@ -107,7 +126,7 @@ class CompressedTensorsConfig(QuantizationConfig):
         if scheme is None:
             return self.base.moe_method(prefix)
         if scheme.kind == "fp8":
-            return Fp8CheckpointMoEMethod()
+            return Fp8AsInt8MoEMethod() if self.fp8_as_int8 else Fp8CheckpointMoEMethod()
         assert scheme.group_size is not None
         return Int4CheckpointMoEMethod(scheme.group_size)
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from herd.layers.moe import grouped_experts
 from herd.layers.parameters import new_parameter
 from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase
+from herd.layers.quantization.int8 import Int8FusedMoEMethod, Int8LinearMethod, quantize_rows
 from herd.layers.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class Fp8CheckpointLinearMethod(LinearMethodBase):
 
     def create_weights(self, layer: LinearBase) -> None:
         out, inp = layer.output_size_per_rank, layer.input_size_per_rank
+        layer.compute_dtype = torch.get_default_dtype()  # the model's dtype (the loader sets it while building)
         layer.weight = new_parameter((out, inp), layer.weight_loader, dtype=FP8)
         layer.weight_scale = new_parameter((out, 1), layer.weight_loader, dtype=torch.float32)
         layer.weight_scale.input_pack = None  # type: ignore[attr-defined]  (one scale covers the whole row)
@@ -129,6 +131,7 @@ class Fp8CheckpointMoEMethod(FusedMoEMethodBase):
 
     def create_weights(self, layer: FusedMoE) -> None:
         experts, hidden, inter = layer.num_local_experts, layer.hidden_size, layer.intermediate_size_per_rank
+        layer.compute_dtype = torch.get_default_dtype()
         for name, (rows, cols) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
             setattr(layer, name, new_parameter((experts, rows, cols), layer.load_expert_linear, dtype=FP8))
             scale = new_parameter((experts, rows, 1), layer.load_expert_linear, dtype=torch.float32)
@@ -160,3 +163,38 @@ class Fp8OnlineMoEMethod(UnquantizedFusedMoEMethod):
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         return _fp8_experts(layer, x, expert_ids)
+
+
+# --quantization w8a16 on an FP8 checkpoint: PyTorch's INT8 CPU GEMM instead of a dequantization per call.
+# w = q * s is requantized per output channel, adding about 0.8% relative RMS error to the FP8 weight
+# (benchmarks/RESULTS.md, "FP8 checkpoints as INT8").
+
+
+def _fp8_rows_to_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    q8, s8 = quantize_rows(q.float() * scales.float()[:, None])
+    return q8, s8.to(dtype)
+
+
+class Fp8AsInt8LinearMethod(Fp8CheckpointLinearMethod):
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        q, scales = layer.weight.detach(), layer.weight_scale.detach().view(-1)
+        del layer.weight, layer.weight_scale
+        q8, s8 = _fp8_rows_to_int8(q, scales, layer.compute_dtype)
+        layer.register_buffer("weight_int8", q8, persistent=False)
+        layer.register_buffer("weight_scale", s8, persistent=False)
+
+    apply = Int8LinearMethod.apply
+
+
+class Fp8AsInt8MoEMethod(Fp8CheckpointMoEMethod):
+    def process_weights_after_loading(self, layer: FusedMoE) -> None:
+        for name in ("gate_up", "down"):
+            q, scales = getattr(layer, f"{name}_proj").detach(), getattr(layer, f"{name}_proj_scale").detach()
+            delattr(layer, f"{name}_proj")
+            delattr(layer, f"{name}_proj_scale")
+            parts = [_fp8_rows_to_int8(q[e], scales[e, :, 0], layer.compute_dtype) for e in range(q.shape[0])]
+            layer.register_buffer(f"{name}_int8", torch.stack([p for p, _ in parts]), persistent=False)
+            layer.register_buffer(f"{name}_scale", torch.stack([p for _, p in parts]), persistent=False)
+
+    def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        return Int8FusedMoEMethod.apply(self, layer, x, expert_ids)  # type: ignore[arg-type]

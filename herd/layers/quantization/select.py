@@ -43,12 +43,7 @@ def select_quantization(
     """checkpoint_quant: config.json's quantization_config (None for a full-precision checkpoint); flag: the
     --quantization value; base: the methods for weights kept as stored."""
     if checkpoint_quant is not None:
-        if flag is not None:
-            method = checkpoint_quant.get("quant_method", "?")
-            raise UnsupportedQuantizationError(
-                f"--quantization {flag}: the checkpoint is already quantized ({method}); drop the flag"
-            )
-        return CompressedTensorsConfig.from_hf(checkpoint_quant, weight_prefix, base)
+        return CompressedTensorsConfig.from_hf(checkpoint_quant, weight_prefix, base, flag)
     if flag is None:
         return base
     if flag not in ONLINE:
