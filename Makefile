@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# herd's CPU kernels (C++; a missing compiler only leaves PyTorch's kernels in their place)
+	$(PY) -m herd.kernels.cpu || echo "herd's CPU kernels were not built; PyTorch's are used"
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -111,9 +111,17 @@ class UnquantizedConfig(QuantizationConfig):
         return self.cpu_packed and not prefix.startswith(UNPACKED_PREFIXES)
 
     def linear_method(self, prefix: str) -> LinearMethodBase:
-        return CPUPackedLinearMethod() if self._packed(prefix) else UnquantizedLinearMethod()
+        if not self._packed(prefix):
+            return UnquantizedLinearMethod()
+        from herd.layers.quantization import cpu_gemv  # builds herd's CPU kernels on first use
+
+        return cpu_gemv.CPUGemvLinearMethod() if cpu_gemv.gemv_enabled() else CPUPackedLinearMethod()
 
     def moe_method(self, prefix: str) -> FusedMoEMethodBase:
         if self.triton_moe:
             return TritonFusedMoEMethod()
-        return CPUPackedFusedMoEMethod() if self._packed(prefix) else UnquantizedFusedMoEMethod()
+        if not self._packed(prefix):
+            return UnquantizedFusedMoEMethod()
+        from herd.layers.quantization import cpu_gemv
+
+        return cpu_gemv.CPUGemvFusedMoEMethod() if cpu_gemv.gemv_enabled() else CPUPackedFusedMoEMethod()

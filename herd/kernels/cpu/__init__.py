@@ -1,0 +1,48 @@
+"""CPU kernels of our own, compiled from C++ the first time they are needed (or by `make venv`).
+
+Each is a torch op (`torch.ops.herd_cpu.*`), so eager code and torch.compile call it alike. The build needs
+a C++ compiler; without one, or if it fails, `gemv_ops()` answers None and callers keep PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name("gemv_bf16.cpp")]
+
+
+def build_dir() -> Path:
+    # Keyed by the sources' hash and torch's version: worktrees and venvs never load each other's build.
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()).hexdigest()
+    root = Path(os.environ.get("HERD_KERNEL_CACHE", Path.home() / ".cache" / "herd" / "kernels"))
+    return root / f"cpu-{digest[:16]}"
+
+
+@functools.cache
+def gemv_ops() -> object | None:
+    """`torch.ops.herd_cpu` once its library is built and loaded; None where it cannot be built."""
+    from torch.utils import cpp_extension
+
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(
+            name="herd_cpu_kernels",
+            sources=[str(p) for p in SOURCES],
+            extra_cflags=["-O3"],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+    except (OSError, RuntimeError, ImportError) as e:
+        logger.warning("CPU kernels not built (%s); using PyTorch's GEMV", e)
+        return None
+    return torch.ops.herd_cpu

@@ -1,0 +1,76 @@
+"""bf16 weights on the CPU through herd's own GEMV kernel (herd.kernels.cpu) at decode batch sizes.
+
+At batch 1 a decode step is a chain of GEMVs that read every active weight once; oneDNN's bf16 GEMV reads
+at about half this machine's memory bandwidth, herd's kernel close to all of it (benchmarks/gemv_cpu.py).
+The weights stay as loaded, [out, in] row-major (experts transposed once to that orientation), so loading
+needs no repacking copy. Batches above `GEMV_MAX_ROWS` rows, where the matmul is no longer bound by the
+weight's bytes, go to PyTorch's matmul. Weights that are not bf16, or a CPU where the kernel cannot be
+built, fall back to the oneDNN-packed methods.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from herd.kernels.cpu import gemv_ops
+from herd.layers.moe import grouped_experts
+from herd.layers.quantization.unquantized import CPUPackedFusedMoEMethod, CPUPackedLinearMethod
+
+if TYPE_CHECKING:
+    from herd.layers.linear import LinearBase
+    from herd.layers.moe import FusedMoE
+
+# Rows of x up to which the GEMV kernel beats PyTorch's matmul on bf16 weights (benchmarks/gemv_cpu.py).
+GEMV_MAX_ROWS = 16
+
+
+def gemv_enabled() -> bool:
+    """HERD_CPU_GEMV=0 turns the kernel off (for A/B measurements); otherwise on where it builds."""
+    return os.environ.get("HERD_CPU_GEMV", "1") != "0" and gemv_ops() is not None
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight [out, in].T in bf16, through the kernel when few rows."""
+    if x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and x.dtype == torch.bfloat16:
+        return torch.ops.herd_cpu.gemv_bf16(x, weight)
+    return F.linear(x, weight)
+
+
+class CPUGemvLinearMethod(CPUPackedLinearMethod):
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        if layer.weight.dtype != torch.bfloat16:
+            super().process_weights_after_loading(layer)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if "weight" not in layer._parameters:  # packed by the fallback
+            return super().apply(layer, x, bias)
+        out = bf16_linear(x, layer.weight)
+        return out if bias is None else out + bias
+
+
+class CPUGemvFusedMoEMethod(CPUPackedFusedMoEMethod):
+    """Each expert's projections as linear weights: gate_up [E, 2I, H], down [E, H, I]."""
+
+    def process_weights_after_loading(self, layer: FusedMoE) -> None:
+        if layer.gate_up_proj.dtype != torch.bfloat16:
+            super().process_weights_after_loading(layer)
+            return
+        for name in ("gate_up_proj", "down_proj"):
+            # One layer's experts at a time: the transposed copy replaces the loaded one before the next.
+            transposed = getattr(layer, name).detach().transpose(1, 2).contiguous()
+            delattr(layer, name)
+            layer.register_buffer(f"{name}_t", transposed, persistent=False)
+
+    def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        if not hasattr(layer, "gate_up_proj_t"):
+            return super().apply(layer, x, expert_ids)
+
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            gate, up = bf16_linear(rows, layer.gate_up_proj_t[e]).chunk(2, dim=-1)
+            return bf16_linear(F.silu(gate) * up, layer.down_proj_t[e])
+
+        return grouped_experts(x, expert_ids, expert)

@@ -1,0 +1,59 @@
+"""herd's bf16 GEMV kernel (herd.kernels.cpu) and the linear/expert methods that use it on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from herd.kernels.cpu import gemv_ops
+from herd.layers.factory import LayerFactory
+from herd.layers.quantization import cpu_gemv
+from herd.layers.quantization.unquantized import UnquantizedConfig
+from herd.models.loader import load_model
+
+from paged import PagedRunner
+
+pytestmark = pytest.mark.skipif(gemv_ops() is None, reason="herd's CPU kernels did not build here")
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize(("n", "k"), [(1, 32), (7, 40), (33, 256), (130, 2050)])
+def test_gemv_matches_an_fp32_matmul(m: int, n: int, k: int) -> None:
+    """Every blocking remainder: rows of the weight (by 4), rows of x (by 4), columns (by 32)."""
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    got = torch.ops.herd_cpu.gemv_bf16(x, w)
+    expected = (x.float() @ w.float().t()).bfloat16()
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    # fp32 accumulation in another order: within a bf16 rounding step of the fp32 result.
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2 * k**0.5)
+
+
+def test_gemv_keeps_leading_dims() -> None:
+    x, w = torch.randn(2, 3, 64).bfloat16(), torch.randn(5, 64).bfloat16()
+    assert torch.ops.herd_cpu.gemv_bf16(x, w).shape == (2, 3, 5)
+    assert torch.ops.herd_cpu.gemv_bf16(x[:, :0], w).shape == (2, 0, 5)
+
+
+def test_gemv_refuses_other_dtypes() -> None:
+    with pytest.raises(RuntimeError, match="bf16 only"):
+        torch.ops.herd_cpu.gemv_bf16(torch.randn(1, 8), torch.randn(4, 8))
+
+
+def test_gemv_model_decodes_as_the_packed_one(scout_ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same bf16 checkpoint through the GEMV methods and through oneDNN's packed ones: a prefill (the
+    matmul path) and decode steps (the kernel) give logits within bf16 noise of each other."""
+    path, _ = scout_ckpt
+    factory = LayerFactory(UnquantizedConfig(cpu_packed=True))
+    fast = load_model(path, dtype="bfloat16", factory=factory)
+    assert hasattr(fast.model.layers[0].feed_forward.experts, "gate_up_proj_t")
+    monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: False)
+    packed = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
+    assert hasattr(packed.model.layers[0].feed_forward.experts, "packed_gate_up_0")
+    ids = list(range(3, 23))
+    runners = [PagedRunner(model, max_seqs=1, max_len=len(ids) + 4) for model in (fast, packed)]
+    for step in [[(0, ids)], *([(0, [t])] for t in (5, 9, 11, 7))]:
+        got, expected = (runner.step(step).float() for runner in runners)
+        torch.testing.assert_close(got, expected, rtol=0.05, atol=0.1)
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
