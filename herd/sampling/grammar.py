@@ -173,7 +173,9 @@ class StepMask:
         local = [j for j, row in enumerate(batch_rows) if row in constrained]
         if not local:
             return
-        bitmask = self.bitmask if list(batch_rows) == list(range(len(batch_rows))) else self.bitmask[list(batch_rows)]
+        rows = list(batch_rows)
+        # x's rows are the batch's first ones (often all of them): a view, else a gather of just those rows.
+        bitmask = self.bitmask[: len(rows)] if rows == list(range(len(rows))) else self.bitmask[rows]
         # xgrammar's kernel: C++ on the CPU, a GPU kernel on CUDA. On the CPU it was 8x faster than
         # unpacking the bits with torch ops (16 rows of 202k logits: ~20 ms against ~160 ms, dev-cpu).
         xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device, non_blocking=True), indices=local)
