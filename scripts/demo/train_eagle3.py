@@ -308,6 +308,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=0.0, help="stop training after this long (0: no limit)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--features", type=Path, help="cache of the target features: read if present, else written")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -315,9 +316,14 @@ def main() -> None:
     target = load_reference(args.model).eval()
     use_routed_experts(target)  # same numbers, a quarter of the MoE work
     tokenizer = Tokenizer.from_file(str(args.model / "tokenizer.json"))
-    records = read_jsonl(args.data / "train.jsonl", limit=args.dialogs, seed=args.seed)
     start = time.perf_counter()
-    samples = build_samples(records, target, tokenizer, args.max_len)
+    if args.features and args.features.is_file():
+        samples = [Sample(**s) for s in torch.load(args.features)]
+    else:
+        records = read_jsonl(args.data / "train.jsonl", limit=args.dialogs, seed=args.seed)
+        samples = build_samples(records, target, tokenizer, args.max_len)
+        if args.features:
+            torch.save([dataclasses.asdict(s) for s in samples], args.features)
     tokens = sum(len(s.ids) for s in samples)
     logger.info("features of %d dialogs (%d tokens) in %.0f s", len(samples), tokens, time.perf_counter() - start)
     vocab = target.config.text_config.vocab_size
