@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from herd.models.eagle3_config import Eagle3Config
@@ -308,6 +308,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=0.0, help="stop training after this long (0: no limit)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, help="start from this saved draft (its vocabulary too)")
     parser.add_argument("--features", type=Path, help="cache of the target features: read if present, else written")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -327,9 +328,16 @@ def main() -> None:
     tokens = sum(len(s.ids) for s in samples)
     logger.info("features of %d dialogs (%d tokens) in %.0f s", len(samples), tokens, time.perf_counter() - start)
     vocab = target.config.text_config.vocab_size
-    hot = choose_vocab(samples, args.draft_vocab_size, vocab)
-    config = draft_config(target, args.draft_vocab_size, args.intermediate_size)
-    model = init_draft(config, target, hot, args.seed)
+    if args.init:
+        config = json.loads((args.init / "config.json").read_text())
+        saved = load_file(str(args.init / "model.safetensors"))
+        hot = torch.arange(config["draft_vocab_size"]) + saved.pop("d2t")
+        model = init_draft(config, target, hot, args.seed)
+        model.load_state_dict({k: v.float() for k, v in saved.items() if k != "t2d"}, strict=False)
+    else:
+        hot = choose_vocab(samples, args.draft_vocab_size, vocab)
+        config = draft_config(target, args.draft_vocab_size, args.intermediate_size)
+        model = init_draft(config, target, hot, args.seed)
     del target
     train(model, samples, args)
     save(model, config, args.out)
