@@ -309,7 +309,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", type=Path, help="start from this saved draft (its vocabulary too)")
-    parser.add_argument("--features", type=Path, help="cache of the target features: read if present, else written")
+    parser.add_argument(
+        "--features",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="caches of target features: read if all present, else the first is written",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -318,13 +324,13 @@ def main() -> None:
     use_routed_experts(target)  # same numbers, a quarter of the MoE work
     tokenizer = Tokenizer.from_file(str(args.model / "tokenizer.json"))
     start = time.perf_counter()
-    if args.features and args.features.is_file():
-        samples = [Sample(**s) for s in torch.load(args.features)]
+    if args.features and all(f.is_file() for f in args.features):
+        samples = [Sample(**s) for f in args.features for s in torch.load(f)]
     else:
         records = read_jsonl(args.data / "train.jsonl", limit=args.dialogs, seed=args.seed)
         samples = build_samples(records, target, tokenizer, args.max_len)
         if args.features:
-            torch.save([dataclasses.asdict(s) for s in samples], args.features)
+            torch.save([dataclasses.asdict(s) for s in samples], args.features[0])
     tokens = sum(len(s.ids) for s in samples)
     logger.info("features of %d dialogs (%d tokens) in %.0f s", len(samples), tokens, time.perf_counter() - start)
     vocab = target.config.text_config.vocab_size
