@@ -7,8 +7,9 @@ Two modes, each on the packaged demo model (herd/demo/model), greedy, natural st
 Each prompt is timed with and without speculation, alternately (so a busy spell on a shared machine hits both),
 as decode time only: from the step after the first token to the last. The greedy tokens are compared: in
 float32 they are identical; in bfloat16 a verify step's wider matmuls round differently from a one-token
-step's, so a near tie may go the other way (as it may between two batch sizes). The figure is total decode tokens / total decode seconds over the prompts, best of --repeats, and the mean
-accept length is the engine's (tokens per verify step).
+step's, so a near tie may go the other way (as it may between two batch sizes). The figure is total decode
+tokens / total decode seconds over the prompts, best of --repeats; the mean accept length is the engine's
+(tokens per verify step).
 
     python benchmarks/speculative.py --mode eagle3 --repeats 3
 """
