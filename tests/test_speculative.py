@@ -156,3 +156,20 @@ def test_ngram_on_the_triton_backend_across_chunk_boundaries(scout_ckpt) -> None
     assert [o.outputs[0].token_ids for o in outputs] == [reference(scout_ckpt, p)[:12] for p in batch]
     stats = llm.engine.core.spec_stats
     assert stats.tokens > stats.verify_steps
+
+
+def test_demo_model_with_its_trained_draft() -> None:
+    """`--speculative-demo-draft`: the shipped draft fits the demo model, its guesses mostly stand, and greedy
+    answers are the ones the demo model gives alone (fp32)."""
+    from herd.demo import DRAFT_PATH, MODEL_PATH
+
+    if not (DRAFT_PATH / "config.json").is_file():
+        pytest.skip("no trained demo draft in this checkout")
+    questions = ["What is 37 * 48?", "What is the capital of Peru?", "Repeat after me: quarterly report draft"]
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    plain = LLM(str(MODEL_PATH), dtype="float32")
+    spec = LLM(str(MODEL_PATH), dtype="float32", speculative_demo_draft=True)
+    answers = [[o.outputs[0].token_ids for o in llm.chat(convs, params, use_tqdm=False)] for llm in (plain, spec)]
+    assert answers[0] == answers[1]
+    assert spec.engine.core.spec_stats.accept_length > 1.5
