@@ -288,3 +288,24 @@ def test_checkpoint_layouts_with_model_prefix_and_embedding(tmp_path: Path) -> N
         drafts.append(drafter.draft(0, 4))
     assert drafts[0] == drafts[1]
     assert drafts[0] == Reference(path, draft_tensors(config, 1, True)["embed_tokens.weight"]).chain(tokens, aux, 4)
+
+
+def test_demo_draft_fits_the_demo_model() -> None:
+    """The shipped draft loads against the shipped model, sharing its embedding, in the published layout."""
+    from safetensors import safe_open
+
+    from herd.demo import DRAFT_PATH, MODEL_PATH
+
+    if not (DRAFT_PATH / "model.safetensors").is_file():
+        pytest.skip("no trained demo draft in this checkout")
+    with safe_open(str(DRAFT_PATH / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    with safe_open(str(MODEL_PATH / "model.safetensors"), "pt") as f:
+        embedding = f.get_tensor("language_model.model.embed_tokens.weight")
+    assert {"fc.weight", "midlayer.self_attn.q_proj.weight", "lm_head.weight", "d2t", "t2d"} <= names
+    assert "embed_tokens.weight" not in names
+    drafter = load_eagle3_draft(DRAFT_PATH, ModelConfig.from_hf(MODEL_PATH), torch.float32, "cpu", embedding)
+    assert drafter.target_layer_ids == (0, 2, 4)
+    tokens, aux = torch.tensor([5, 6, 7]), torch.zeros(3, 3 * 256)
+    drafter.extend(0, tokens, aux, 0)
+    assert len(drafter.draft(0, 3)) == 3

@@ -12,7 +12,7 @@ from herd.sampling.speculative import can_speculate, verify_chain
 scipy_stats = pytest.importorskip("scipy.stats")
 
 VOCAB = 6
-DRAWS = 20_000
+DRAWS = 10_000
 
 
 def target_probs(params: SamplingParams, rows: int, seed: int = 0) -> torch.Tensor:

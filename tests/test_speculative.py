@@ -64,7 +64,7 @@ def test_ngram_greedy_matches_transformers(scout_ckpt, engine_args: dict) -> Non
 
 
 def test_ngram_greedy_maverick_under_preemption(maverick_ckpt) -> None:
-    batch = repeating_prompts(seed=1)
+    batch = repeating_prompts(seed=2)  # the EAGLE-3 test's prompts: transformers' references are shared
     longest = max(map(len, batch)) + MAX_TOKENS
     tokens, llm = generate(
         maverick_ckpt[0], batch, **NGRAM, max_total_tokens=longest + 8, page_size=4, chunked_prefill_size=16
@@ -103,8 +103,8 @@ def test_eagle3_random_draft_greedy_matches_transformers(request, eagle3_draft, 
 
 
 def test_eagle3_with_prefix_hits_and_preemption(scout_ckpt, eagle3_draft) -> None:
-    batch = repeating_prompts(seed=3)
-    shared = batch[3][:17]
+    batch = repeating_prompts(seed=2)[1:4]
+    shared = batch[2][:17]
     batch = batch + [shared + p for p in batch[:2]]  # prefix-cache hits: the draft never saw those positions
     longest = max(map(len, batch)) + MAX_TOKENS
     engine_args = dict(max_total_tokens=longest + 8, page_size=4, chunked_prefill_size=16)
@@ -128,7 +128,7 @@ def test_draft_that_does_not_fit_fails_at_start(scout_ckpt, tmp_path: Path, chan
 
 
 def test_stop_tokens_sampling_and_n_with_drafts(scout_ckpt, eagle3_draft) -> None:
-    batch = repeating_prompts(seed=4)[:3]
+    batch = repeating_prompts(seed=0)[:3]
     plain = LLM(str(scout_ckpt[0]), dtype="float32")
     spec = LLM(str(scout_ckpt[0]), dtype="float32", **eagle3(eagle3_draft["scout"]))
     full = [reference(scout_ckpt, p) for p in batch]
@@ -156,3 +156,20 @@ def test_ngram_on_the_triton_backend_across_chunk_boundaries(scout_ckpt) -> None
     assert [o.outputs[0].token_ids for o in outputs] == [reference(scout_ckpt, p)[:12] for p in batch]
     stats = llm.engine.core.spec_stats
     assert stats.tokens > stats.verify_steps
+
+
+def test_demo_model_with_its_trained_draft() -> None:
+    """`--speculative-demo-draft`: the shipped draft fits the demo model, its guesses mostly stand, and greedy
+    answers are the ones the demo model gives alone (fp32)."""
+    from herd.demo import DRAFT_PATH, MODEL_PATH
+
+    if not (DRAFT_PATH / "config.json").is_file():
+        pytest.skip("no trained demo draft in this checkout")
+    questions = ["What is 37 * 48?", "What is the capital of Peru?", "Repeat after me: quarterly report draft"]
+    convs = [[{"role": "user", "content": q}] for q in questions]
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    plain = LLM(str(MODEL_PATH), dtype="float32")
+    spec = LLM(str(MODEL_PATH), dtype="float32", speculative_demo_draft=True)
+    answers = [[o.outputs[0].token_ids for o in llm.chat(convs, params, use_tqdm=False)] for llm in (plain, spec)]
+    assert answers[0] == answers[1]
+    assert spec.engine.core.spec_stats.accept_length > 1.5

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from herd.models.eagle3_config import Eagle3Config
@@ -308,6 +308,14 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=0.0, help="stop training after this long (0: no limit)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, help="start from this saved draft (its vocabulary too)")
+    parser.add_argument(
+        "--features",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="caches of target features: read if all present, else the first is written",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -315,15 +323,27 @@ def main() -> None:
     target = load_reference(args.model).eval()
     use_routed_experts(target)  # same numbers, a quarter of the MoE work
     tokenizer = Tokenizer.from_file(str(args.model / "tokenizer.json"))
-    records = read_jsonl(args.data / "train.jsonl", limit=args.dialogs, seed=args.seed)
     start = time.perf_counter()
-    samples = build_samples(records, target, tokenizer, args.max_len)
+    if args.features and all(f.is_file() for f in args.features):
+        samples = [Sample(**s) for f in args.features for s in torch.load(f)]
+    else:
+        records = read_jsonl(args.data / "train.jsonl", limit=args.dialogs, seed=args.seed)
+        samples = build_samples(records, target, tokenizer, args.max_len)
+        if args.features:
+            torch.save([dataclasses.asdict(s) for s in samples], args.features[0])
     tokens = sum(len(s.ids) for s in samples)
     logger.info("features of %d dialogs (%d tokens) in %.0f s", len(samples), tokens, time.perf_counter() - start)
     vocab = target.config.text_config.vocab_size
-    hot = choose_vocab(samples, args.draft_vocab_size, vocab)
-    config = draft_config(target, args.draft_vocab_size, args.intermediate_size)
-    model = init_draft(config, target, hot, args.seed)
+    if args.init:
+        config = json.loads((args.init / "config.json").read_text())
+        saved = load_file(str(args.init / "model.safetensors"))
+        hot = torch.arange(config["draft_vocab_size"]) + saved.pop("d2t")
+        model = init_draft(config, target, hot, args.seed)
+        model.load_state_dict({k: v.float() for k, v in saved.items() if k != "t2d"}, strict=False)
+    else:
+        hot = choose_vocab(samples, args.draft_vocab_size, vocab)
+        config = draft_config(target, args.draft_vocab_size, args.intermediate_size)
+        model = init_draft(config, target, hot, args.seed)
     del target
     train(model, samples, args)
     save(model, config, args.out)
