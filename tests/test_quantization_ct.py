@@ -60,7 +60,7 @@ def test_greedy_tokens_match_transformers_on_dequantized(ct_ckpt) -> None:
 
 def test_fp8_checkpoint_runs_as_int8_with_w8a16(ct_ckpt) -> None:
     """--quantization w8a16 on an FP8 checkpoint: w = q * s requantized per output channel (INT8 CPU GEMM)."""
-    path, ref, preset = ct_ckpt
+    path, ref, _ = ct_ckpt
     if not path.name.startswith("maverick_fp8"):  # one FP8 case is enough (keeps the suite short)
         pytest.skip("run on Meta's Maverick FP8 layout only")
     ref = copy.deepcopy(ref)
