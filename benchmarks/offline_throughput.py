@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[16, 64], help="none: batch 1 only")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per figure")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument(
@@ -135,9 +135,9 @@ def main() -> None:
     sizes, lengths = args.batch_sizes, (args.input_len, args.output_len)
     rows = {}
     for q in args.quantization:
-        rows["herd" if q == "none" else f"herd-{q}"] = bench_herd(
-            path, sizes, *lengths, args.repeats, None if q == "none" else q
-        )
+        name = "herd" if q == "none" else f"herd-{q}"
+        rows[name] = bench_herd(path, sizes, *lengths, args.repeats, None if q == "none" else q)
+        print(name, json.dumps(rows[name]), flush=True)  # as each column ends: a long run shows progress
     if not args.skip_transformers:
         rows["transformers"] = bench_transformers(path, sizes, *lengths, args.repeats)
     keys = list(next(iter(rows.values())))

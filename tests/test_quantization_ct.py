@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,10 @@ from checkpoints import CHUNK, MAVERICK_LIKE, SCOUT_LIKE
 from ct_fixtures import MAVERICK_FP8_IGNORE, SHORT_IGNORE, make_ct_checkpoint
 from test_engine import hf_greedy
 from test_quantization_int8 import fake_quantize
+from test_tensor_parallel import MAX_TOKENS as TP_TOKENS
+from test_tensor_parallel import env as tp_env
+from test_tensor_parallel import prompts as tp_prompts
+from test_tensor_parallel import transformers_greedy
 
 # W4A16's groups of 128 need inputs of 128 or more: a Scout-like model wide enough for two groups per row.
 W4A16_LIKE = {**SCOUT_LIKE, "hidden_size": 256, "intermediate_size": 128, "intermediate_size_mlp": 128, "head_dim": 32}
@@ -54,9 +60,9 @@ def test_greedy_tokens_match_transformers_on_dequantized(ct_ckpt) -> None:
 
 def test_fp8_checkpoint_runs_as_int8_with_w8a16(ct_ckpt) -> None:
     """--quantization w8a16 on an FP8 checkpoint: w = q * s requantized per output channel (INT8 CPU GEMM)."""
-    path, ref, preset = ct_ckpt
-    if preset != "FP8_DYNAMIC":
-        pytest.skip("w8a16 applies to FP8 checkpoints only")
+    path, ref, _ = ct_ckpt
+    if not path.name.startswith("maverick_fp8"):  # one FP8 case is enough (keeps the suite short)
+        pytest.skip("run on Meta's Maverick FP8 layout only")
     ref = copy.deepcopy(ref)
     with torch.no_grad():
         for name, p in ref.named_parameters():
@@ -87,10 +93,27 @@ def test_quantized_layers_stay_quantized_and_ignored_ones_do_not(ct_ckpt) -> Non
 
 
 @pytest.fixture(scope="module")
-def small_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_fp8_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     path = tmp_path_factory.mktemp("small_fp8")
-    make_ct_checkpoint(path, SCOUT_LIKE, "FP8_DYNAMIC", SHORT_IGNORE)
-    return path
+    return path, make_ct_checkpoint(path, SCOUT_LIKE, "FP8_DYNAMIC", SHORT_IGNORE)
+
+
+@pytest.fixture(scope="module")
+def small_fp8(small_fp8_ckpt) -> Path:
+    return small_fp8_ckpt[0]
+
+
+def test_tensor_and_expert_parallel_ranks_load_their_slices_of_fp8(small_fp8_ckpt) -> None:
+    """FP8 attention split by heads and columns (a row-parallel rank keeps every per-row scale), experts split
+    by their intermediate dimension (tp 2) or whole (ep 2): transformers' tokens on the dequantized weights."""
+    path, ref = small_fp8_ckpt
+    batch = tp_prompts()
+    spec = [(str(path), batch, config) for config in ({"tp_size": 2}, {"tp_size": 2, "ep_size": 2})]
+    cmd = [sys.executable, str(Path(__file__).parent / "tp_generate.py"), json.dumps(spec), str(TP_TOKENS)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=tp_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    expected = transformers_greedy(ref, batch, TP_TOKENS)
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == [expected, expected]
 
 
 def _with_quant(src: Path, dst: Path, change) -> Path:
