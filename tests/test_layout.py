@@ -11,7 +11,7 @@ from pathlib import Path
 
 import herd
 
-LAYERS = ["server", "frontend", "engine", "worker", "speculative", "models", "layers"]
+LAYERS = ["server", "frontend", "engine", "worker", "speculative", "models", "layers", "kernels"]
 LEAVES = {"config": {"config", "demo"}, "sampling": {"sampling"}, "multimodal": {"multimodal"}, "demo": set()}
 # The benchmark client talks HTTP to any server: no engine code, only herd's tokenizer loader (it reads Meta's
 # tokenizer.model, which transformers cannot).

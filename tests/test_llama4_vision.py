@@ -114,8 +114,8 @@ def test_multimodal_off_skips_vision_weights(vision_ckpt, monkeypatch: pytest.Mo
     read: list[str] = []
     tensors = loader._checkpoint_tensors
 
-    def recording(path, stack):
-        for name, get in tensors(path, stack):
+    def recording(path):
+        for name, get in tensors(path):
             yield name, (lambda n=name, g=get: (read.append(n), g())[1])
 
     monkeypatch.setattr(loader, "_checkpoint_tensors", recording)
