@@ -45,4 +45,5 @@ def gemv_ops() -> object | None:
     except (OSError, RuntimeError, ImportError) as e:
         logger.warning("CPU kernels not built (%s); using PyTorch's GEMV", e)
         return None
+    logger.info("herd's CPU kernels loaded from %s", directory)
     return torch.ops.herd_cpu
