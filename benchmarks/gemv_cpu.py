@@ -29,12 +29,12 @@ SHAPES = {  # name: (out, in)
 }
 
 
-def pass_seconds(fn, xs: list[torch.Tensor], weights: list[object]) -> float:
+def pass_seconds(fn, xs: list[torch.Tensor], weights: list[object], clock=time.perf_counter) -> float:
     """One call on each weight copy: together they exceed the last-level cache, as a decode step's do."""
-    start = time.perf_counter()
+    start = clock()
     for x, w in zip(xs, weights, strict=True):
         fn(x, w)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def main() -> None:
@@ -43,8 +43,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--passes", type=int, default=20, help="best of this many passes per kernel")
     parser.add_argument("--working-set-mb", type=int, default=256, help="weight copies per shape, in all")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by this thread's CPU time (with --threads 1): steadier than wall time on a busy machine",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     ops = gemv_ops()
     assert ops is not None, "the CPU kernels did not build"
     kernels = {
@@ -65,7 +71,7 @@ def main() -> None:
             best = dict.fromkeys(kernels, float("inf"))
             for _ in range(args.passes):  # interleaved: a busy spell hits every kernel
                 for key, (fn, _) in kernels.items():
-                    best[key] = min(best[key], pass_seconds(fn, xs, prepared[key]))
+                    best[key] = min(best[key], pass_seconds(fn, xs, prepared[key], clock))
             gbs = {key: copies * n * k * 2 / t / 1e9 for key, t in best.items()}
             print(f"| {name} | {m} | {gbs['herd']:.1f} | {gbs['packed']:.1f} | {gbs['plain']:.1f} | {diff:.2e} |")
 
