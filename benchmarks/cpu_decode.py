@@ -46,7 +46,7 @@ def main() -> None:
             rates.append((args.output_len - 1) / (time.perf_counter() - start))
     result = {
         "checkpoint": os.path.basename(args.checkpoint.rstrip("/")),
-        "HERD_CPU_GEMV": os.environ.get("HERD_CPU_GEMV", "1"),
+        "HERD_CPU_GEMV": os.environ.get("HERD_CPU_GEMV", "0"),
         "quantization": args.quantization,
         "tok_s": [round(r, 1) for r in rates],
         "median_tok_s": round(statistics.median(rates), 1),

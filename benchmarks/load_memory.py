@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def main() -> None:
         "peak_growth_gib": round((peak - before) / 2**20, 3),
         "peak_growth_ratio": round((peak - before) * 1024 / ckpt, 3),
         "held_growth_gib": round((held - before) / 2**20, 3),
-        "mode": "engine" if args.engine else ("plain" if args.plain else "packed"),
+        "mode": "engine" if args.engine else ("plain" if args.plain else "cpu methods"),
+        "HERD_CPU_GEMV": os.environ.get("HERD_CPU_GEMV", "0"),
     }
     json.dump(result, sys.stdout)
     print()

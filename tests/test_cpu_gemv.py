@@ -45,8 +45,8 @@ def test_gemv_model_decodes_as_the_packed_one(scout_ckpt, monkeypatch: pytest.Mo
     """The same bf16 checkpoint through the GEMV methods and through oneDNN's packed ones: a prefill (the
     matmul path) and decode steps (the kernel) give logits within bf16 noise of each other."""
     path, _ = scout_ckpt
-    factory = LayerFactory(UnquantizedConfig(cpu_packed=True))
-    fast = load_model(path, dtype="bfloat16", factory=factory)
+    monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
+    fast = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
     assert hasattr(fast.model.layers[0].feed_forward.experts, "gate_up_proj_t")
     monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: False)
     packed = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))

@@ -32,8 +32,8 @@ def gemv_ops() -> object | None:
     from torch.utils import cpp_extension
 
     directory = build_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
             name="herd_cpu_kernels",
             sources=[str(p) for p in SOURCES],
@@ -45,4 +45,5 @@ def gemv_ops() -> object | None:
     except (OSError, RuntimeError, ImportError) as e:
         logger.warning("CPU kernels not built (%s); using PyTorch's GEMV", e)
         return None
+    logger.info("herd's CPU kernels loaded from %s", directory)
     return torch.ops.herd_cpu

@@ -29,8 +29,10 @@ GEMV_MAX_ROWS = 16
 
 
 def gemv_enabled() -> bool:
-    """HERD_CPU_GEMV=0 turns the kernel off (for A/B measurements); otherwise on where it builds."""
-    return os.environ.get("HERD_CPU_GEMV", "1") != "0" and gemv_ops() is not None
+    """HERD_CPU_GEMV=1 turns the kernel on where it builds. Off by default: on 2026-12-05's shared machine the
+    engine decoded scout-mini slower with it at 2 threads (16.7 vs 20.9 tok/s, benchmarks/RESULTS.md) though
+    it reads faster on one core; it stays opt-in until a quiet-machine run settles it."""
+    return os.environ.get("HERD_CPU_GEMV", "0") == "1" and gemv_ops() is not None
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
