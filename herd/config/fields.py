@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 
@@ -11,6 +13,20 @@ class ConfigError(ValueError):
 
 class ArgumentError(ValueError):
     """A bad option value: the message names the option and what is accepted."""
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The JSON object in a checkpoint folder's config.json (or in the file `path` itself)."""
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"no config.json at {path}")
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file} must hold a JSON object")
+    return raw
 
 
 def read_int(

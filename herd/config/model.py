@@ -10,12 +10,11 @@ that the model code never re-derives them.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from herd.config.fields import ConfigError, read_float, read_int
+from herd.config.fields import ConfigError, read_config_json, read_float, read_int
 from herd.config.vision import VisionConfig, vision_config_from
 
 MULTIMODAL_ARCHITECTURES = ("Llama4ForConditionalGeneration",)
@@ -96,16 +95,7 @@ class ModelConfig:
 
             raw, factors = gguf_config_dict(path)
             return dataclasses.replace(cls.from_dict(raw), rope_freq_factors=factors)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise ConfigError(f"no config.json at {path}")
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{file} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{file} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_json(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:

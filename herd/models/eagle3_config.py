@@ -10,13 +10,12 @@ rotate-half pairs), not Llama 4's; SGLang reads it with `LlamaConfig` (python/sg
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from herd.config import RopeScaling
-from herd.config.fields import ConfigError, read_float, read_int
+from herd.config.fields import ConfigError, read_config_json, read_float, read_int
 
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
 
@@ -64,16 +63,7 @@ class Eagle3Config:
     def from_hf(cls, path: str | Path) -> Eagle3Config:
         """Read a draft checkpoint's config.json (a folder or the file itself)."""
         path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise ConfigError(f"no config.json at {path}")
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{file} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{file} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_config_json(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Eagle3Config:
