@@ -179,16 +179,15 @@ class Worker:
         if self.prompt_logprobs.wanted:
             starts = inputs.query_starts
             self.last_prompt_logprobs = self.prompt_logprobs.compute(self.model, hidden, plan.chunks, starts)
+        states = {c.seq_id: self.sequences[c.seq_id].sampling for c in plan.chunks}
         if not any(c.samples for c in plan.chunks):
             results: list[list[SampleResult]] = []
         else:
             logits = self.model.compute_logits(hidden[inputs.sample_rows]).float()  # every rank: it gathers the vocab
             if self.rank != 0:  # rank 0 samples; the next plan brings every rank the tokens it chose
                 return []
-            states = {c.seq_id: self.sequences[c.seq_id].sampling for c in plan.chunks}
             results = sample_chunks(self.sampler, logits, plan.chunks, states)
         if self.proposer is not None:
-            states = {c.seq_id: self.sequences[c.seq_id].sampling for c in plan.chunks}
             aux = text_model(self.model).aux_hidden if self.aux_layers else None
             self.last_drafts = propose(self.proposer, plan.chunks, results, states, inputs.query_starts, aux)
         return results
