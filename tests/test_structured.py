@@ -471,3 +471,25 @@ def test_tensor_parallel_followers_get_plans_without_grammars() -> None:
     assert plan.new_sequences[0].params.grammar is blob  # rank 0's own plan keeps it
     free = StepPlan(new_sequences=[NewSequence("b", [1], SamplingParams(), 0, frozenset())])
     assert _for_followers(free) is free
+
+
+@pytest.mark.parametrize(
+    ("vocab", "constrained", "batch_rows"),
+    [(1000, [0, 2], [0, 1, 2, 3]), (1000, [0, 1, 2, 3], [0, 1, 2, 3]), (1003, [1, 3], [1, 3]), (70, [0, 4], [2, 4, 0])],
+)
+def test_cpu_mask_is_xgrammars(vocab: int, constrained: list[int], batch_rows: list[int]) -> None:
+    """herd's CPU unpacking of the bitmask sets exactly the logits xgrammar's own kernel sets to -inf."""
+    import torch
+    import xgrammar as xgr
+
+    from herd.sampling.grammar import StepMask
+
+    generator = torch.Generator().manual_seed(vocab)
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (5, words), dtype=torch.int32, generator=generator)
+    logits = torch.randn(len(batch_rows), vocab, generator=generator)
+    expected = logits.clone()
+    local = [j for j, row in enumerate(batch_rows) if row in constrained]
+    xgr.apply_token_bitmask_inplace(expected, bitmask[batch_rows], indices=local)
+    StepMask(bitmask, constrained).apply(logits, batch_rows)
+    assert torch.equal(logits, expected)

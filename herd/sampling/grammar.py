@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf", "structural_tag"]
 _CACHE_SIZE = 256  # deserialized grammars kept by the engine
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)  # unpacks an int32 bitmask word into its 32 tokens
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,16 @@ class StepMask:
         rows = list(batch_rows)
         # x's rows are the batch's first ones (often all of them): a view, else a gather of just those rows.
         bitmask = self.bitmask[: len(rows)] if rows == list(range(len(rows))) else self.bitmask[rows]
-        # xgrammar's kernel: C++ on the CPU, a GPU kernel on CUDA. On the CPU it was 8x faster than
-        # unpacking the bits with torch ops (16 rows of 202k logits: ~20 ms against ~160 ms, dev-cpu).
-        xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device, non_blocking=True), indices=local)
+        if x.is_cuda:  # xgrammar's GPU kernel
+            xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device, non_blocking=True), indices=local)
+            return
+        # On the CPU, torch's vectorised unpacking beats xgrammar's one-threaded C++ loop: 16 rows of 202k
+        # logits, 5.2 ms against 13.5 ms on an idle dev-cpu (benchmarks/grammar_mask_cpu.py). Bit j of word w
+        # is token 32 * w + j, as in xgrammar; ids past the logits' width are left alone.
+        words = bitmask[local] if len(local) < len(rows) else bitmask
+        allowed = ((words.unsqueeze(-1) >> _BIT_SHIFTS) & 1).bool().view(len(local), -1)[:, : x.shape[1]]
+        if len(local) == x.shape[0]:
+            x.masked_fill_(~allowed, float("-inf"))
+        else:
+            index = torch.tensor(local)
+            x[index] = x[index].masked_fill(~allowed, float("-inf"))
