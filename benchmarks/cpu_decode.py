@@ -1,7 +1,8 @@
 """Batch-1 decode speed of herd's offline engine on a checkpoint (no HTTP): tokens/s after the first token.
 
 Each repeat is a fresh random prompt (no prefix-cache hit), greedy, EOS ignored; prints each repeat's
-tokens/s and their median. Compare kernels by running it twice on the same checkpoint, alternating, e.g.
+tokens/s and their median. Compare herd's CPU kernels with PyTorch's (HERD_CPU_GEMV=0) by running it on the
+same checkpoint, alternating, e.g.
 
     for v in 1 0 1 0; do HERD_CPU_GEMV=$v python benchmarks/cpu_decode.py /tmp/herd-peers/scout-mini; done
 """
@@ -46,7 +47,7 @@ def main() -> None:
             rates.append((args.output_len - 1) / (time.perf_counter() - start))
     result = {
         "checkpoint": os.path.basename(args.checkpoint.rstrip("/")),
-        "HERD_CPU_GEMV": os.environ.get("HERD_CPU_GEMV", "0"),
+        "HERD_CPU_GEMV": os.environ.get("HERD_CPU_GEMV", "1"),
         "quantization": args.quantization,
         "tok_s": [round(r, 1) for r in rates],
         "median_tok_s": round(statistics.median(rates), 1),

@@ -1,22 +1,27 @@
-"""bf16 linear layers on the CPU, per shape and batch: herd's GEMV kernel vs oneDNN (packed and plain).
+"""Linear layers on the CPU at decode batch sizes, per weight format: herd's kernels vs PyTorch's.
 
-Shapes are scout-mini's (hidden 2048) and tiny's; GB/s counts the weight's bytes once per call. Each pass
-calls a kernel once on each of several copies of the weight (256 MB in all: beyond the last-level cache, so
-the bytes come from memory as in a decode step); the best of --passes passes counts, and the kernels take
-turns pass by pass, so that a busy spell on a shared machine hits all of them.
+bf16: herd's `gemv_bf16` vs oneDNN (packed and plain `F.linear`); INT8 (one scale per row): `gemv_int8` vs
+`_weight_int8pack_mm`; INT4 (groups of 128): `gemv_int4` vs `_weight_int4pack_mm_for_cpu`. Shapes are
+scout-mini's (hidden 2048); GB/s counts the weight's bytes once per call. Each pass calls a kernel once on
+each of several copies of the weight (256 MB of bf16 in all: beyond the last-level cache, so the bytes come
+from memory as in a decode step); the best of --passes passes counts, and the kernels take turns pass by
+pass, so that a busy spell on a shared machine hits all of them.
 
-    python benchmarks/gemv_cpu.py --threads 2 --batches 1 4 16 64
+    python benchmarks/gemv_cpu.py --threads 2 --batches 1 4 8
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from herd.kernels.cpu import gemv_ops
+from herd.kernels.cpu import gemv_ops, pack_int4
+from herd.layers.quantization.int4 import quantize_int4_groups
+from herd.layers.quantization.int8 import quantize_rows
 from herd.layers.quantization.unquantized import pack, packed_linear
 
 SHAPES = {  # name: (out, in)
@@ -24,25 +29,57 @@ SHAPES = {  # name: (out, in)
     "scout-mini o / down": (2048, 2048),
     "scout-mini gate_up": (4096, 2048),
     "scout-mini lm_head": (32000, 2048),
-    "tiny gate_up": (1024, 256),
-    "tiny lm_head": (32000, 256),
 }
+GROUP = 128
+
+# format -> kernel name -> (prepare a bf16 weight, call on (x, prepared)); the first of each format is herd's
+Kernel = tuple[Callable[[torch.Tensor], object], Callable[[torch.Tensor, object], torch.Tensor]]
 
 
-def pass_seconds(fn, xs: list[torch.Tensor], weights: list[object], clock=time.perf_counter) -> float:
-    """One call on each weight copy: together they exceed the last-level cache, as a decode step's do."""
-    start = clock()
-    for x, w in zip(xs, weights, strict=True):
-        fn(x, w)
-    return clock() - start
+def kernels(ops: object) -> dict[str, dict[str, Kernel]]:
+    def int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_rows(w)
+
+    def int4_herd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scales = quantize_int4_groups(w, GROUP)
+        return pack_int4(q), scales
+
+    def int4_torch(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scales = quantize_int4_groups(w, GROUP)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
+        zeros = torch.zeros_like(scales.t())
+        return packed, torch.stack([scales.t(), zeros], dim=-1).bfloat16().contiguous()
+
+    return {
+        "bf16": {
+            "herd": (lambda w: w, lambda x, w: ops.gemv_bf16(x, w)),
+            "oneDNN packed": (pack, packed_linear),
+            "F.linear": (lambda w: w, F.linear),
+        },
+        "int8": {
+            "herd": (int8, lambda x, w: ops.gemv_int8(x, *w)),
+            "_weight_int8pack_mm": (int8, lambda x, w: torch.ops.aten._weight_int8pack_mm(x, *w)),
+        },
+        "int4": {
+            "herd": (int4_herd, lambda x, w: ops.gemv_int4(x, w[0], w[1], GROUP)),
+            "_weight_int4pack_mm_for_cpu": (
+                int4_torch,
+                lambda x, w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], GROUP, w[1]),
+            ),
+        },
+    }
+
+
+BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--passes", type=int, default=20, help="best of this many passes per kernel")
-    parser.add_argument("--working-set-mb", type=int, default=256, help="weight copies per shape, in all")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--formats", nargs="+", default=list(BYTES_PER_WEIGHT))
+    parser.add_argument("--passes", type=int, default=15, help="best of this many passes per kernel")
+    parser.add_argument("--working-set-mb", type=int, default=256, help="bf16 weight copies per shape, in all")
     parser.add_argument(
         "--cpu-time",
         action="store_true",
@@ -52,28 +89,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.cpu_time else time.perf_counter
     ops = gemv_ops()
-    assert ops is not None, "the CPU kernels did not build"
-    kernels = {
-        "herd": (lambda x, w: ops.gemv_bf16(x, w), lambda w: w),
-        "packed": (packed_linear, pack),
-        "plain": (F.linear, lambda w: w),
-    }
-    print("| shape | M | herd GB/s | oneDNN packed GB/s | F.linear GB/s | max abs diff vs fp32 |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, (n, k) in SHAPES.items():
-        copies = max(1, args.working_set_mb * 2**20 // (n * k * 2))
-        ws = [torch.randn(n, k).bfloat16() * 0.05 for _ in range(copies)]
-        prepared = {key: [prep(w) for w in ws] for key, (_, prep) in kernels.items()}
-        for m in args.batches:
-            xs = [torch.randn(m, k).bfloat16() for _ in ws]
-            ref = xs[0].float() @ ws[0].float().t()
-            diff = (ops.gemv_bf16(xs[0], ws[0]).float() - ref).abs().max().item()
-            best = dict.fromkeys(kernels, float("inf"))
-            for _ in range(args.passes):  # interleaved: a busy spell hits every kernel
-                for key, (fn, _) in kernels.items():
-                    best[key] = min(best[key], pass_seconds(fn, xs, prepared[key], clock))
-            gbs = {key: copies * n * k * 2 / t / 1e9 for key, t in best.items()}
-            print(f"| {name} | {m} | {gbs['herd']:.1f} | {gbs['packed']:.1f} | {gbs['plain']:.1f} | {diff:.2e} |")
+    assert ops is not None, "the CPU kernels did not build (or this CPU lacks AVX-512)"
+    print("| format | shape | M | kernel | GB/s | us/call | max abs diff vs fp32 |")
+    print("|---|---|---:|---|---:|---:|---:|")
+    for fmt in args.formats:
+        table = kernels(ops)[fmt]
+        for name, (n, k) in SHAPES.items():
+            copies = max(1, args.working_set_mb * 2**20 // (n * k * 2))
+            ws = [torch.randn(n, k).bfloat16() * 0.05 for _ in range(copies)]
+            prepared = {key: [prep(w) for w in ws] for key, (prep, _) in table.items()}
+            for m in args.batches:
+                x = torch.randn(m, k).bfloat16()
+                best = dict.fromkeys(table, float("inf"))
+                for _ in range(args.passes):  # interleaved: a busy spell hits every kernel
+                    for key, (_, fn) in table.items():
+                        start = clock()
+                        for w in prepared[key]:
+                            fn(x, w)
+                        best[key] = min(best[key], clock() - start)
+                ref = table["herd"][1](x.float(), prepared["herd"][0]).float()
+                for key, (_, fn) in table.items():
+                    diff = (fn(x, prepared[key][0]).float() - ref).abs().max().item()
+                    gbs = copies * n * k * BYTES_PER_WEIGHT[fmt] / best[key] / 1e9
+                    us = best[key] / copies * 1e6
+                    print(f"| {fmt} | {name} | {m} | {key} | {gbs:.1f} | {us:.0f} | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

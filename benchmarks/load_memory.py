@@ -70,7 +70,7 @@ def main() -> None:
         "peak_growth_ratio": round((peak - before) * 1024 / ckpt, 3),
         "held_growth_gib": round((held - before) / 2**20, 3),
         "mode": "engine" if args.engine else ("plain" if args.plain else "cpu methods"),
-        "HERD_CPU_GEMV": os.environ.get("HERD_CPU_GEMV", "0"),
+        "HERD_CPU_GEMV": os.environ.get("HERD_CPU_GEMV", "1"),
     }
     json.dump(result, sys.stdout)
     print()

@@ -1,11 +1,12 @@
-"""herd's bf16 GEMV kernel (herd.kernels.cpu) and the linear/expert methods that use it on the CPU."""
+"""herd's CPU kernels (herd.kernels.cpu: bf16, INT8 and INT4 weight-streaming matmuls) and the linear/expert
+methods that use them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from herd.kernels.cpu import gemv_ops
+from herd.kernels.cpu import gemv_ops, pack_int4, unpack_int4
 from herd.layers.factory import LayerFactory
 from herd.layers.quantization import cpu_gemv
 from herd.layers.quantization.unquantized import UnquantizedConfig
@@ -13,11 +14,13 @@ from herd.models.loader import load_model
 
 from paged import PagedRunner
 
-pytestmark = pytest.mark.skipif(gemv_ops() is None, reason="herd's CPU kernels did not build here")
+pytestmark = pytest.mark.skipif(gemv_ops() is None, reason="herd's CPU kernels did not build here (or no AVX-512)")
+
+SHAPES = [(1, 32), (7, 40), (33, 256), (130, 2050)]  # every remainder: weight rows by 4, columns by 16/32
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
-@pytest.mark.parametrize(("n", "k"), [(1, 32), (7, 40), (33, 256), (130, 2050)])
+@pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_gemv_matches_an_fp32_matmul(m: int, n: int, k: int) -> None:
     """Every blocking remainder: rows of the weight (by 4), rows of x (by 4), columns (by 32)."""
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
@@ -37,8 +40,56 @@ def test_gemv_keeps_leading_dims() -> None:
 
 
 def test_gemv_refuses_other_dtypes() -> None:
-    with pytest.raises(RuntimeError, match="bf16 only"):
+    with pytest.raises(RuntimeError, match="contiguous bf16"):
         torch.ops.herd_cpu.gemv_bf16(torch.randn(1, 8), torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="x must be float32, bfloat16 or float16"):
+        torch.ops.herd_cpu.gemv_bf16(torch.ones(1, 8, dtype=torch.int32), torch.randn(4, 8).bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_int8_gemv_matches_the_dequantized_matmul(dtype: torch.dtype, m: int, n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(n, generator=gen) * 0.01).to(dtype)
+    got = torch.ops.herd_cpu.gemv_int8(x, q, scales)
+    expected = x.float() @ (q.float() * scales.float()[:, None]).t()
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * k**0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize(("n", "k", "group"), [(1, 32, 32), (7, 64, 32), (33, 256, 128), (130, 2048, 128)])
+def test_int4_gemv_matches_the_dequantized_matmul(dtype: torch.dtype, m: int, n: int, k: int, group: int) -> None:
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    scales = torch.rand(n, k // group, generator=gen) * 0.01
+    got = torch.ops.herd_cpu.gemv_int4(x, pack_int4(q), scales, group)
+    expected = x.float() @ (q.float() * scales.repeat_interleave(group, dim=1)).t()
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * k**0.5)
+
+
+def test_int4_packing_round_trips_and_puts_input_16_in_the_high_nibble() -> None:
+    q = torch.randint(-8, 8, (3, 64), dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.shape == (3, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), q)
+    assert packed[0, 0].item() == (q[0, 0].item() + 8) | ((q[0, 16].item() + 8) << 4)
+
+
+def test_int4_gemv_refuses_bad_groups() -> None:
+    packed, x = pack_int4(torch.zeros(4, 64, dtype=torch.int8)), torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="groups of 48 over 64 inputs"):
+        torch.ops.herd_cpu.gemv_int4(x, packed, torch.ones(4, 1), 48)
+    with pytest.raises(RuntimeError, match=r"scales must be \[N, K / group\]"):
+        torch.ops.herd_cpu.gemv_int4(x, packed, torch.ones(4, 3), 32)
 
 
 def test_gemv_model_decodes_as_the_packed_one(scout_ckpt, monkeypatch: pytest.MonkeyPatch) -> None:

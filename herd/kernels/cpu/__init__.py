@@ -1,7 +1,8 @@
 """CPU kernels of our own, compiled from C++ the first time they are needed (or by `make venv`).
 
 Each is a torch op (`torch.ops.herd_cpu.*`), so eager code and torch.compile call it alike. The build needs
-a C++ compiler; without one, or if it fails, `gemv_ops()` answers None and callers keep PyTorch's kernels.
+a C++ compiler and the kernels AVX-512F/BW/VL; without either, `gemv_ops()` answers None and callers keep
+PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("gemv_bf16.cpp")]
+SOURCES = [Path(__file__).with_name("gemv.cpp")]
+# Rows of x up to which the weight-streaming kernels beat PyTorch's matmuls (benchmarks/gemv_cpu.py): they
+# widen each weight vector once for up to four rows of x, so past a few rows the arithmetic, not the weight's
+# bytes, is the cost.
+GEMV_MAX_ROWS = 8
 
 
 def build_dir() -> Path:
@@ -37,7 +42,7 @@ def gemv_ops() -> object | None:
         cpp_extension.load(
             name="herd_cpu_kernels",
             sources=[str(p) for p in SOURCES],
-            extra_cflags=["-O3"],
+            extra_cflags=["-O3", "-fopenmp"],
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,
@@ -45,5 +50,31 @@ def gemv_ops() -> object | None:
     except (OSError, RuntimeError, ImportError) as e:
         logger.warning("CPU kernels not built (%s); using PyTorch's GEMV", e)
         return None
+    if not torch.ops.herd_cpu.supported():
+        logger.info("this CPU lacks AVX-512; using PyTorch's GEMV")
+        return None
     logger.info("herd's CPU kernels loaded from %s", directory)
     return torch.ops.herd_cpu
+
+
+@functools.cache
+def enabled() -> bool:
+    """The kernels are used where they build and the CPU has AVX-512, unless HERD_CPU_GEMV=0 (read once)."""
+    return os.environ.get("HERD_CPU_GEMV", "1") != "0" and gemv_ops() is not None
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q int8 [out, in] in [-8, 7] -> gemv_int4's uint8 [out, in / 2]: per run of 32 inputs, byte j holds
+    input j in its low nibble and input 16 + j in its high one, each as q + 8."""
+    out, inp = q.shape
+    if inp % 32:
+        raise ValueError(f"INT4 rows of {inp} inputs: the CPU kernel packs runs of 32")
+    u = (q.to(torch.uint8) + 8).reshape(out, inp // 32, 2, 16)
+    return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(out, inp // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """pack_int4's inverse: q int8 [out, in]."""
+    out = packed.shape[0]
+    runs = packed.reshape(out, -1, 16)
+    return (torch.stack([runs & 0xF, runs >> 4], dim=2).to(torch.int8) - 8).reshape(out, -1)

@@ -1,22 +1,22 @@
 """bf16 weights on the CPU through herd's own GEMV kernel (herd.kernels.cpu) at decode batch sizes.
 
 At batch 1 a decode step is a chain of GEMVs that read every active weight once; oneDNN's bf16 GEMV reads
-at about half this machine's memory bandwidth, herd's kernel close to all of it (benchmarks/gemv_cpu.py).
+at about half this machine's memory bandwidth, herd's AVX-512 kernel close to all of it
+(benchmarks/gemv_cpu.py).
 The weights stay as loaded, [out, in] row-major (experts transposed once to that orientation), so loading
 needs no repacking copy. Batches above `GEMV_MAX_ROWS` rows, where the matmul is no longer bound by the
 weight's bytes, go to PyTorch's matmul. Weights that are not bf16, or a CPU where the kernel cannot be
-built, fall back to the oneDNN-packed methods.
+built or lacks AVX-512, fall back to the oneDNN-packed methods; so does HERD_CPU_GEMV=0.
 """
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from herd.kernels.cpu import gemv_ops
+from herd.kernels.cpu import GEMV_MAX_ROWS, enabled
 from herd.layers.moe import grouped_experts
 from herd.layers.quantization.unquantized import CPUPackedFusedMoEMethod, CPUPackedLinearMethod
 
@@ -24,15 +24,10 @@ if TYPE_CHECKING:
     from herd.layers.linear import LinearBase
     from herd.layers.moe import FusedMoE
 
-# Rows of x up to which the GEMV kernel beats PyTorch's matmul on bf16 weights (benchmarks/gemv_cpu.py).
-GEMV_MAX_ROWS = 16
-
 
 def gemv_enabled() -> bool:
-    """HERD_CPU_GEMV=1 turns the kernel on where it builds. Off by default: on 2026-12-05's shared machine the
-    engine decoded scout-mini slower with it at 2 threads (16.7 vs 20.9 tok/s, benchmarks/RESULTS.md) though
-    it reads faster on one core; it stays opt-in until a quiet-machine run settles it."""
-    return os.environ.get("HERD_CPU_GEMV", "0") == "1" and gemv_ops() is not None
+    """Whether bf16 linear layers and experts take these methods (herd.kernels.cpu.enabled)."""
+    return enabled()
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,9 @@ and every routed expert (the router, the embeddings and the vision tower stay as
 logits decide which expert runs, and a flipped choice costs more than its 2 MB save). A weight row w becomes
 q = round(w / s) in [-127, 127] with s = max|w| / 127, so the weight's error is at most s / 2 per element.
 
-On the CPU the matmul is PyTorch's `_weight_int8pack_mm`, which reads the INT8 weight directly: a decode
-GEMV moves half the bytes of bf16 (benchmarks/RESULTS.md). Elsewhere the weight is dequantized per call.
+On the CPU a decode step's few rows go through herd's AVX-512 kernel (herd.kernels.cpu.gemv_int8), larger
+batches (or a CPU without it) through PyTorch's `_weight_int8pack_mm`; both read the INT8 weight directly, half
+the bytes of bf16 (benchmarks/RESULTS.md). Elsewhere the weight is dequantized per call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from herd.kernels.cpu import GEMV_MAX_ROWS, enabled
 from herd.layers.moe import grouped_experts
 from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
 from herd.layers.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
@@ -42,7 +44,11 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     if x.device.type != "cpu":
         return F.linear(x, q.to(x.dtype) * scales[:, None])
     rows = x.reshape(-1, x.shape[-1])
-    return torch.ops.aten._weight_int8pack_mm(rows, q, scales).reshape(*x.shape[:-1], q.shape[0])
+    if rows.shape[0] <= GEMV_MAX_ROWS and enabled():
+        out = torch.ops.herd_cpu.gemv_int8(rows, q, scales)
+    else:
+        out = torch.ops.aten._weight_int8pack_mm(rows, q, scales)
+    return out.reshape(*x.shape[:-1], q.shape[0])
 
 
 class Int8LinearMethod(UnquantizedLinearMethod):

@@ -1,0 +1,425 @@
+// Weight-streaming matmuls for decoding on a CPU: y[m, n] = sum_k x[m, k] * W[n, k] for a few rows of x.
+//
+// At decode batch sizes the weight is read once from memory and that read is the whole cost, so each kernel
+// keeps the weight in its stored form (bf16, INT8 per output channel, INT4 per group of inputs), widens it to
+// fp32 in registers and multiplies in fp32 (AVX-512F; no BF16 or VNNI instructions needed). Activations are
+// converted to fp32 once per call. Each thread takes whole strips of kRows weight rows; the strip is small
+// enough to stay in L1 while every row of x passes over it, so the weight comes from memory once.
+//
+// CPUs without AVX-512F get `supported() == false` and herd keeps PyTorch's kernels (no slow fallback here).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRows = 4;  // weight rows per strip
+
+#define HERD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+// --- activations -------------------------------------------------------------------------------------------
+
+// x [m, k] (bf16, fp16 or fp32) as fp32, row-major.
+std::vector<float> to_float(const at::Tensor& x2) {
+  at::Tensor f = x2.to(at::kFloat).contiguous();
+  const float* p = f.data_ptr<float>();
+  return std::vector<float>(p, p + f.numel());
+}
+
+// bf16 weights are read as 32-bit words, each holding inputs 2i (low half) and 2i + 1 (high half); x is split
+// the same way so that both halves multiply a contiguous run of x: even[m][k/2], odd[m][k/2].
+void split_even_odd(const std::vector<float>& x, int64_t m, int64_t k, std::vector<float>& even,
+                    std::vector<float>& odd) {
+  const int64_t h = k / 2;
+  even.resize(m * h);
+  odd.resize(m * h);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < h; ++j) {
+      even[i * h + j] = x[i * k + 2 * j];
+      odd[i * h + j] = x[i * k + 2 * j + 1];
+    }
+}
+
+template <typename Fn>
+void for_strips(int64_t n, int64_t bytes_per_row, const Fn& fn) {
+  // A task is a few hundred KiB of weight: big enough to amortise the task, small enough to balance 2-64 cores.
+  const int64_t rows_per_task = std::max<int64_t>(kRows, (256 * 1024 / std::max<int64_t>(bytes_per_row, 1)));
+  const int64_t strips = (n + kRows - 1) / kRows;
+  at::parallel_for(0, strips, std::max<int64_t>(1, rows_per_task / kRows), [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) fn(s * kRows, std::min(kRows, n - s * kRows));
+  });
+}
+
+void store(float v, at::Tensor& y, int64_t index) {
+  if (y.scalar_type() == at::kFloat)
+    y.data_ptr<float>()[index] = v;
+  else if (y.scalar_type() == at::kBFloat16)
+    y.data_ptr<at::BFloat16>()[index] = at::BFloat16(v);
+  else
+    y.data_ptr<at::Half>()[index] = at::Half(v);
+}
+
+// Each kernel takes R rows of W (a strip) against C rows of x: every weight vector is widened once and used for
+// all C rows. With one row of x, two accumulators per weight row keep enough FMAs in flight.
+template <int C>
+constexpr int kAcc = C == 1 ? 2 : 1;
+
+// Each row of a strip is its own stream through memory; prefetching a few lines ahead of each keeps enough
+// reads in flight for one core to reach its share of the bandwidth.
+constexpr int64_t kPrefetchBytes = 1024;
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+// Lanes of a 16-float step that lie before the end: all of them but in the last step.
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// --- bf16 ---------------------------------------------------------------------------------------------------
+
+// 16 words (32 inputs) of R rows of w against C rows of x split into even/odd halves (row stride h floats).
+template <int R, int C, int A>
+HERD_AVX512 inline void bf16_step(const uint32_t* w, int64_t h, const float* even, const float* odd, int64_t j,
+                                  __mmask16 mask, __m512 (&acc)[R][C][A]) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 xe[C], xo[C];
+  for (int c = 0; c < C; ++c) {
+    xe[c] = _mm512_maskz_loadu_ps(mask, even + c * h + j);
+    xo[c] = _mm512_maskz_loadu_ps(mask, odd + c * h + j);
+  }
+  for (int r = 0; r < R; ++r) {
+    prefetch(w + (r + 2 * R) * h + j);
+    const __m512i v = _mm512_maskz_loadu_epi32(mask, w + r * h + j);
+    const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+    for (int c = 0; c < C; ++c) {
+      acc[r][c][0] = _mm512_fmadd_ps(we, xe[c], acc[r][c][0]);
+      acc[r][c][A - 1] = _mm512_fmadd_ps(wo, xo[c], acc[r][c][A - 1]);
+    }
+  }
+}
+
+// w: R rows of h = k / 2 words; even/odd: C rows of h floats each; out[c * R + r].
+template <int R, int C>
+HERD_AVX512 void bf16_block(const uint32_t* w, int64_t h, const float* even, const float* odd, float* out) {
+  constexpr int A = kAcc<C>;
+  __m512 acc[R][C][A];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c)
+      for (int a = 0; a < A; ++a) acc[r][c][a] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= h; j += 16) bf16_step<R, C, A>(w, h, even, odd, j, static_cast<__mmask16>(0xFFFF), acc);
+  if (j < h) bf16_step<R, C, A>(w, h, even, odd, j, tail_mask(h - j), acc);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      __m512 sum = acc[r][c][0];
+      if constexpr (A == 2) sum = _mm512_add_ps(sum, acc[r][c][1]);
+      out[c * R + r] = _mm512_reduce_add_ps(sum);
+    }
+}
+
+// --- INT8, one scale per output row (applied by the caller) ----------------------------------------------------
+
+HERD_AVX512 inline __m512 widen_int8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int R, int C>
+HERD_AVX512 void int8_block(const int8_t* q, int64_t k, const float* x, float* out) {
+  constexpr int A = kAcc<C>;
+  __m512 acc[R][C][A];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c)
+      for (int a = 0; a < A; ++a) acc[r][c][a] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= k; j += 32) {
+    __m512 x0[C], x1[C];
+    for (int c = 0; c < C; ++c) {
+      x0[c] = _mm512_loadu_ps(x + c * k + j);
+      x1[c] = _mm512_loadu_ps(x + c * k + j + 16);
+    }
+    for (int r = 0; r < R; ++r) {
+      if (j % 64 == 0) prefetch(q + (r + 2 * R) * k + j);
+      const __m512 w0 = widen_int8(q + r * k + j), w1 = widen_int8(q + r * k + j + 16);
+      for (int c = 0; c < C; ++c) {
+        acc[r][c][0] = _mm512_fmadd_ps(w0, x0[c], acc[r][c][0]);
+        acc[r][c][A - 1] = _mm512_fmadd_ps(w1, x1[c], acc[r][c][A - 1]);
+      }
+    }
+  }
+  for (; j < k; j += 16) {
+    const __mmask16 mask = tail_mask(k - j);
+    __m512 xv[C];
+    for (int c = 0; c < C; ++c) xv[c] = _mm512_maskz_loadu_ps(mask, x + c * k + j);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + r * k + j)));
+      for (int c = 0; c < C; ++c) acc[r][c][0] = _mm512_fmadd_ps(wv, xv[c], acc[r][c][0]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      __m512 sum = acc[r][c][0];
+      if constexpr (A == 2) sum = _mm512_add_ps(sum, acc[r][c][1]);
+      out[c * R + r] = _mm512_reduce_add_ps(sum);
+    }
+}
+
+// --- INT4, one scale per group of inputs --------------------------------------------------------------------
+
+// herd's INT4 layout (herd.kernels.cpu.pack_int4): each run of 32 inputs is 16 bytes; byte j holds input j
+// (low nibble) and input 16 + j (high nibble), each stored as q + 8. vpermps looks a nibble up in a table of
+// q = -8..7 as floats, so the offset and the conversion to float cost one instruction.
+template <int R, int C>
+HERD_AVX512 void int4_block(const uint8_t* p, const float* scales, int64_t k, int64_t group, const float* x,
+                            float* out) {
+  constexpr int A = kAcc<C>;
+  const __m512 table =
+      _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+  const int64_t groups = k / group, bytes = k / 2;
+  __m512 total[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) total[r][c] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[R][C][A];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c)
+        for (int a = 0; a < A; ++a) acc[r][c][a] = _mm512_setzero_ps();
+    for (int64_t j = g * group; j < (g + 1) * group; j += 32) {
+      __m512 x0[C], x1[C];
+      for (int c = 0; c < C; ++c) {
+        x0[c] = _mm512_loadu_ps(x + c * k + j);
+        x1[c] = _mm512_loadu_ps(x + c * k + j + 16);
+      }
+      for (int r = 0; r < R; ++r) {
+        if (j % 128 == 0) prefetch(p + (r + 2 * R) * bytes + j / 2);
+        const __m512i v =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + r * bytes + j / 2)));
+        const __m512 w0 = _mm512_permutexvar_ps(v, table);
+        const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+        for (int c = 0; c < C; ++c) {
+          acc[r][c][0] = _mm512_fmadd_ps(w0, x0[c], acc[r][c][0]);
+          acc[r][c][A - 1] = _mm512_fmadd_ps(w1, x1[c], acc[r][c][A - 1]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(scales[r * groups + g]);
+      for (int c = 0; c < C; ++c) {
+        __m512 sum = acc[r][c][0];
+        if constexpr (A == 2) sum = _mm512_add_ps(sum, acc[r][c][1]);
+        total[r][c] = _mm512_fmadd_ps(sum, s, total[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[c * R + r] = _mm512_reduce_add_ps(total[r][c]);
+}
+
+// Calls block<R, C>(out, c0) for a strip of `rows` (1..kRows) weight rows and every run of up to `max_c` rows of
+// x, C known at compile time; `out` holds C * R results, x row c0 + c and weight row r at out[c * R + r].
+template <int MaxC, typename Block, typename Emit>
+void over_strip(int64_t rows, int64_t m, const Block& block, const Emit& emit) {
+  float out[kRows * MaxC];
+  auto with_r = [&](auto r) {
+    constexpr int R = decltype(r)::value;
+    int64_t c0 = 0;
+    for (; c0 + MaxC <= m; c0 += MaxC) {
+      block(std::integral_constant<int, R>{}, std::integral_constant<int, MaxC>{}, c0, out);
+      emit(R, MaxC, c0, out);
+    }
+    const int64_t left = m - c0;
+    if (left == 0) return;
+    if constexpr (MaxC > 1) {
+      if (left == 1) block(std::integral_constant<int, R>{}, std::integral_constant<int, 1>{}, c0, out);
+      if constexpr (MaxC > 2) {
+        if (left == 2) block(std::integral_constant<int, R>{}, std::integral_constant<int, 2>{}, c0, out);
+        if constexpr (MaxC > 3) {
+          if (left == 3) block(std::integral_constant<int, R>{}, std::integral_constant<int, 3>{}, c0, out);
+        }
+      }
+    }
+    emit(R, left, c0, out);
+  };
+  switch (rows) {
+    case 4: with_r(std::integral_constant<int, 4>{}); break;
+    case 3: with_r(std::integral_constant<int, 3>{}); break;
+    case 2: with_r(std::integral_constant<int, 2>{}); break;
+    default: with_r(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+// --- ops ----------------------------------------------------------------------------------------------------
+
+bool supported() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+
+// Checks x against a weight of `k` inputs and gives x as [m, k], the output [m, n] in x's dtype and its shape.
+std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>> prepare(const at::Tensor& x, int64_t k, int64_t n,
+                                                                 const char* op) {
+  TORCH_CHECK(supported(), op, ": this CPU lacks AVX-512F/BW/VL");
+  TORCH_CHECK(x.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              op, ": x must be float32, bfloat16 or float16, not ", x.scalar_type());
+  TORCH_CHECK(x.size(-1) == k, op, ": x has ", x.size(-1), " columns, the weight ", k);
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  at::Tensor x2 = x.reshape({-1, k});
+  return {x2, at::empty({x2.size(0), n}, x.options()), shape};
+}
+
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous(),
+              "gemv_bf16: the weight must be a contiguous bf16 [N, K]");
+  const int64_t n = w.size(0), k = w.size(1);
+  TORCH_CHECK(k % 2 == 0, "gemv_bf16: K must be even, got ", k);
+  auto [x2, y, shape] = prepare(x, k, n, "gemv_bf16");
+  const int64_t m = x2.size(0), h = k / 2;
+  if (m == 0 || n == 0) return y.view(shape);
+  std::vector<float> even, odd;
+  split_even_odd(to_float(x2), m, k, even, odd);
+  const auto* words = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());
+  for_strips(n, 2 * k, [&](int64_t r0, int64_t rows) {
+    over_strip<4>(
+        rows, m,
+        [&](auto r, auto c, int64_t c0, float* out) {
+          bf16_block<decltype(r)::value, decltype(c)::value>(words + r0 * h, h, &even[c0 * h], &odd[c0 * h], out);
+        },
+        [&](int64_t rr, int64_t cc, int64_t c0, const float* out) {
+          for (int64_t c = 0; c < cc; ++c)
+            for (int64_t r = 0; r < rr; ++r) store(out[c * rr + r], y, (c0 + c) * n + r0 + r);
+        });
+  });
+  return y.view(shape);
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(),
+              "gemv_int8: the weight must be a contiguous int8 [N, K]");
+  const int64_t n = q.size(0), k = q.size(1);
+  TORCH_CHECK(scale.numel() == n, "gemv_int8: ", scale.numel(), " scales for ", n, " rows");
+  auto [x2, y, shape] = prepare(x, k, n, "gemv_int8");
+  const int64_t m = x2.size(0);
+  if (m == 0 || n == 0) return y.view(shape);
+  const std::vector<float> xf = to_float(x2);
+  const at::Tensor s = scale.to(at::kFloat).contiguous();
+  const float* sp = s.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  for_strips(n, k, [&](int64_t r0, int64_t rows) {
+    over_strip<4>(
+        rows, m,
+        [&](auto r, auto c, int64_t c0, float* out) {
+          int8_block<decltype(r)::value, decltype(c)::value>(qp + r0 * k, k, &xf[c0 * k], out);
+        },
+        [&](int64_t rr, int64_t cc, int64_t c0, const float* out) {
+          for (int64_t c = 0; c < cc; ++c)
+            for (int64_t r = 0; r < rr; ++r) store(out[c * rr + r] * sp[r0 + r], y, (c0 + c) * n + r0 + r);
+        });
+  });
+  return y.view(shape);
+}
+
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t group) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+              "gemv_int4: the weight must be a contiguous uint8 [N, K / 2] from pack_int4");
+  const int64_t n = packed.size(0), k = packed.size(1) * 2;
+  TORCH_CHECK(group % 32 == 0 && k % group == 0, "gemv_int4: groups of ", group, " over ", k,
+              " inputs (groups must be a multiple of 32 that divides K)");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == k / group,
+              "gemv_int4: scales must be [N, K / group] = [", n, ", ", k / group, "], got ", scales.sizes());
+  auto [x2, y, shape] = prepare(x, k, n, "gemv_int4");
+  const int64_t m = x2.size(0), groups = k / group;
+  if (m == 0 || n == 0) return y.view(shape);
+  const std::vector<float> xf = to_float(x2);
+  const at::Tensor s = scales.to(at::kFloat).contiguous();
+  const float* sp = s.data_ptr<float>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  for_strips(n, k / 2, [&](int64_t r0, int64_t rows) {
+    over_strip<2>(
+        rows, m,
+        [&](auto r, auto c, int64_t c0, float* out) {
+          int4_block<decltype(r)::value, decltype(c)::value>(pp + r0 * (k / 2), sp + r0 * groups, k, group,
+                                                              &xf[c0 * k], out);
+        },
+        [&](int64_t rr, int64_t cc, int64_t c0, const float* out) {
+          for (int64_t c = 0; c < cc; ++c)
+            for (int64_t r = 0; r < rr; ++r) store(out[c * rr + r], y, (c0 + c) * n + r0 + r);
+        });
+  });
+  return y.view(shape);
+}
+
+// --- RMSNorm ------------------------------------------------------------------------------------------------
+
+// One row: y = dtype(x * rsqrt(mean(x^2) + eps)), then y = dtype(y * weight), as the reference computes it
+// (normalised in float32, rounded to the input's dtype, then scaled by the weight in that dtype).
+template <typename T, typename W>
+void rms_norm_row(const T* x, const W* weight, T* y, int64_t h, float eps) {
+  constexpr int kLanes = 16;  // independent partial sums: the compiler vectorises them
+  float partial[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= h; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = static_cast<float>(x[j + l]);
+      partial[l] += v * v;
+    }
+  for (; j < h; ++j) partial[0] += static_cast<float>(x[j]) * static_cast<float>(x[j]);
+  float sum = 0.f;
+  for (float p : partial) sum += p;
+  const float inv = 1.f / std::sqrt(sum / static_cast<float>(h) + eps);
+  for (j = 0; j < h; ++j) {
+    const T normed = static_cast<T>(static_cast<float>(x[j]) * inv);
+    y[j] = weight == nullptr ? normed : static_cast<T>(static_cast<float>(normed) * static_cast<float>(weight[j]));
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu(), "rms_norm: CPU tensors only");
+  const int64_t h = x.size(-1);
+  at::Tensor x2 = x.reshape({-1, h}).contiguous();
+  at::Tensor y = at::empty_like(x2);
+  at::Tensor w;
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->numel() == h, "rms_norm: weight of ", weight->numel(), " for rows of ", h);
+    TORCH_CHECK(weight->scalar_type() == x.scalar_type(), "rms_norm: weight and x must share a dtype");
+    w = weight->contiguous();
+  }
+  const int64_t rows = x2.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = x2.data_ptr<scalar_t>();
+    const scalar_t* wp = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(h, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) rms_norm_row(xp + r * h, wp, yp + r * h, h, static_cast<float>(eps));
+    });
+  });
+  return y.view(x.sizes());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(herd_cpu, m) {
+  m.def("supported() -> bool", &supported);  // a catch-all: it takes no tensor to dispatch on
+  m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor packed, Tensor scales, int group) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(herd_cpu, CPU, m) {
+  m.impl("gemv_bf16", &gemv_bf16);
+  m.impl("gemv_int8", &gemv_int8);
+  m.impl("gemv_int4", &gemv_int4);
+  m.impl("rms_norm", &rms_norm);
+}
