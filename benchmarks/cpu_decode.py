@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -19,6 +20,11 @@ import torch
 
 from herd.llm import LLM
 from herd.sampling import SamplingParams
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main() -> None:
@@ -51,6 +57,8 @@ def main() -> None:
         "quantization": args.quantization,
         "tok_s": [round(r, 1) for r in rates],
         "median_tok_s": round(statistics.median(rates), 1),
+        "rss_gib": round(resident_bytes() / 2**30, 2),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 2),
     }
     print(json.dumps(result))
 
