@@ -59,14 +59,20 @@ void for_strips(int64_t n, int64_t bytes_per_row, const Fn& fn) {
   });
 }
 
-void store(float v, at::Tensor& y, int64_t index) {
-  if (y.scalar_type() == at::kFloat)
-    y.data_ptr<float>()[index] = v;
-  else if (y.scalar_type() == at::kBFloat16)
-    y.data_ptr<at::BFloat16>()[index] = at::BFloat16(v);
-  else
-    y.data_ptr<at::Half>()[index] = at::Half(v);
-}
+// The output's raw pointer and dtype, looked up once per call rather than per element.
+struct Output {
+  explicit Output(at::Tensor& y) : dtype(y.scalar_type()), data(y.data_ptr()) {}
+  void store(int64_t index, float v) const {
+    if (dtype == at::kFloat)
+      static_cast<float*>(data)[index] = v;
+    else if (dtype == at::kBFloat16)
+      static_cast<at::BFloat16*>(data)[index] = at::BFloat16(v);
+    else
+      static_cast<at::Half*>(data)[index] = at::Half(v);
+  }
+  at::ScalarType dtype;
+  void* data;
+};
 
 // Each kernel takes R rows of W (a strip) against C rows of x: every weight vector is widened once and used for
 // all C rows. With one row of x, two accumulators per weight row keep enough FMAs in flight.
@@ -290,6 +296,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   std::vector<float> even, odd;
   split_even_odd(to_float(x2), m, k, even, odd);
   const auto* words = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());
+  const Output dst(y);
   for_strips(n, 2 * k, [&](int64_t r0, int64_t rows) {
     over_strip<4>(
         rows, m,
@@ -298,7 +305,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
         },
         [&](int64_t rr, int64_t cc, int64_t c0, const float* out) {
           for (int64_t c = 0; c < cc; ++c)
-            for (int64_t r = 0; r < rr; ++r) store(out[c * rr + r], y, (c0 + c) * n + r0 + r);
+            for (int64_t r = 0; r < rr; ++r) dst.store((c0 + c) * n + r0 + r, out[c * rr + r]);
         });
   });
   return y.view(shape);
@@ -316,6 +323,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const at::Tensor s = scale.to(at::kFloat).contiguous();
   const float* sp = s.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
+  const Output dst(y);
   for_strips(n, k, [&](int64_t r0, int64_t rows) {
     over_strip<4>(
         rows, m,
@@ -324,7 +332,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
         },
         [&](int64_t rr, int64_t cc, int64_t c0, const float* out) {
           for (int64_t c = 0; c < cc; ++c)
-            for (int64_t r = 0; r < rr; ++r) store(out[c * rr + r] * sp[r0 + r], y, (c0 + c) * n + r0 + r);
+            for (int64_t r = 0; r < rr; ++r) dst.store((c0 + c) * n + r0 + r, out[c * rr + r] * sp[r0 + r]);
         });
   });
   return y.view(shape);
@@ -345,6 +353,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const at::Tensor s = scales.to(at::kFloat).contiguous();
   const float* sp = s.data_ptr<float>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const Output dst(y);
   for_strips(n, k / 2, [&](int64_t r0, int64_t rows) {
     over_strip<2>(
         rows, m,
@@ -354,7 +363,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Te
         },
         [&](int64_t rr, int64_t cc, int64_t c0, const float* out) {
           for (int64_t c = 0; c < cc; ++c)
-            for (int64_t r = 0; r < rr; ++r) store(out[c * rr + r], y, (c0 + c) * n + r0 + r);
+            for (int64_t r = 0; r < rr; ++r) dst.store((c0 + c) * n + r0 + r, out[c * rr + r]);
         });
   });
   return y.view(shape);
