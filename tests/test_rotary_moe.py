@@ -11,6 +11,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from herd.config import ModelConfig
 from herd.layers.factory import LayerFactory
 from herd.layers.moe import grouped_experts, swiglu_expert
+from herd.layers.quantization.unquantized import CPUPackedFusedMoEMethod, cpu_packing_available
 from herd.layers.rotary import rope_inv_freq
 from herd.models.llama4_text import Llama4MoE
 
@@ -93,3 +94,25 @@ def test_grouped_experts_with_idle_experts() -> None:
     for t in range(5):
         gate, up = (x[t] @ gate_up[ids[t]]).chunk(2)
         torch.testing.assert_close(out[t], (torch.nn.functional.silu(gate) * up) @ down[ids[t]])
+
+
+@pytest.mark.skipif(not cpu_packing_available(torch.device("cpu")), reason="needs oneDNN's packed linear")
+def test_small_experts_in_one_matmul_match_one_matmul_per_expert() -> None:
+    """The CPU's all-experts form for a few rows (a verify step) gives each row exactly its own expert's output."""
+    from herd.layers.moe import FusedMoE
+
+    method = CPUPackedFusedMoEMethod()
+    moe = FusedMoE(4, 64, 96, method=method)
+    g = torch.Generator().manual_seed(0)
+    moe.gate_up_proj = torch.nn.Parameter((0.1 * torch.randn(4, 64, 192, generator=g)).bfloat16(), requires_grad=False)
+    moe.down_proj = torch.nn.Parameter((0.1 * torch.randn(4, 96, 64, generator=g)).bfloat16(), requires_grad=False)
+    gate_up, down = moe.gate_up_proj.detach().clone(), moe.down_proj.detach().clone()
+    method.process_weights_after_loading(moe)
+    assert hasattr(moe, "packed_down_all")
+    x, ids = torch.randn(4, 64, generator=g).bfloat16(), torch.tensor([2, 0, 2, 3])
+    out = moe(x, ids)  # 4 rows: the all-experts form
+    for t in range(4):
+        row = moe(x[t : t + 1], ids[t : t + 1])  # one row: its expert's own matmuls
+        torch.testing.assert_close(out[t : t + 1], row, atol=0, rtol=0)
+        expected = swiglu_expert(x[t : t + 1].float(), gate_up[ids[t]].float(), down[ids[t]].float())
+        torch.testing.assert_close(out[t : t + 1].float(), expected, atol=0.02, rtol=0.05)

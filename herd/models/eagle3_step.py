@@ -1,0 +1,89 @@
+"""The EAGLE-3 draft layer for drafting: the same network as `Eagle3DraftModel.layer`, with as few ops as it takes.
+
+At batch 1 on a CPU a draft step is a few dozen tiny ops, so its cost is their count, not their flops. This is
+the draft's step written for that: q/k/v one matmul (the attention scale folded into q's rows), gate/up one
+matmul, RoPE from a cached table, attention as two batched matmuls over the draft's KV cache held head-major
+([n_kv, positions, D], so the past keys are a view, never a copy), and no module calls. The training and tree
+paths keep the module form; both compute the same function (tests/test_eagle3_draft.py checks the chains).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from herd.models.eagle3_model import Eagle3DraftModel
+
+
+class DraftStep:
+    def __init__(self, model: Eagle3DraftModel) -> None:
+        cfg, m = model.config, model.midlayer
+        attn = m.self_attn
+        self.num_heads, self.num_kv, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.hidden, self.eps = cfg.hidden_size, cfg.rms_norm_eps
+        scale = self.head_dim**-0.5  # RoPE is linear, so scaling q's rows before it scales the scores
+        self.w_qkv = torch.cat([attn.q_proj.weight * scale, attn.k_proj.weight, attn.v_proj.weight]).contiguous()
+        self.w_o = attn.o_proj.weight
+        self.w_gate_up = torch.cat([m.mlp.gate_proj.weight, m.mlp.up_proj.weight]).contiguous()
+        self.w_down = m.mlp.down_proj.weight
+        self.w_fc, self.w_head, self.embedding = model.fc.weight, model.lm_head.weight, model.embed_tokens.weight
+        self.n_in, self.n_hid = m.input_layernorm.weight, m.hidden_norm.weight
+        self.n_post, self.n_final = m.post_attention_layernorm.weight, model.norm.weight
+        self.to_target = model.draft_to_target.tolist()
+        self._model = model
+        self._cos = self._sin = self.w_qkv.new_empty((0, self.head_dim))
+
+    def fc(self, aux: torch.Tensor) -> torch.Tensor:  # [T, 3 * target H] -> [T, H]
+        return F.linear(aux.to(self.w_fc.dtype), self.w_fc)
+
+    def rope(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [n, 1, D] of positions start .. start + n - 1 (x * cos + swap_halves(x) * sin)."""
+        if start + n > self._cos.shape[0]:
+            size = max(start + n, 2 * self._cos.shape[0], 256)
+            cos, sin = self._model.rope(torch.arange(size, device=self.w_qkv.device))
+            half = self.head_dim // 2
+            sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+            self._cos, self._sin = cos.to(self.w_qkv.dtype)[:, None], sin.to(self.w_qkv.dtype)[:, None]
+        return self._cos[start : start + n], self._sin[start : start + n]
+
+    def __call__(
+        self,
+        token_ids: torch.Tensor,  # [T] the token at each position + 1
+        hidden: torch.Tensor,  # [T, H] fc(target features) or the draft's previous output
+        start: int,  # position of the first row; rows are consecutive positions
+        k_cache: torch.Tensor,  # [n_kv, capacity, D]: positions < start hold the context; written at start ..
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:  # [T, H] the pre-norm outputs
+        n, d, kv, h = token_ids.shape[0], self.head_dim, self.num_kv, self.num_heads
+        x = torch.cat(
+            [
+                F.rms_norm(F.embedding(token_ids, self.embedding), (self.hidden,), self.n_in, self.eps),
+                F.rms_norm(hidden, (self.hidden,), self.n_hid, self.eps),
+            ],
+            dim=-1,
+        )
+        qkv = F.linear(x, self.w_qkv)
+        qk, v = qkv.view(n, h + 2 * kv, d).split([h + kv, kv], dim=1)
+        cos, sin = self.rope(start, n)
+        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # rotate-half RoPE on q and k heads at once
+        end = start + n
+        k_cache[:, start:end] = qk[:, h:].transpose(0, 1)
+        v_cache[:, start:end] = v.transpose(0, 1)
+        # Grouped-query attention as one batched matmul per KV head: q [n_kv, n * group, D].
+        group = h // kv
+        q = qk[:, :h].reshape(n, kv, group, d).transpose(0, 1).reshape(kv, n * group, d)
+        scores = torch.bmm(q, k_cache[:, :end].transpose(1, 2))  # [n_kv, n * group, end]
+        if n > 1:  # row r (position start + r // group) sees positions <= start + r // group
+            rows = torch.arange(n, device=scores.device).repeat_interleave(group)[:, None] + start
+            scores = scores.masked_fill(torch.arange(end, device=scores.device)[None, :] > rows, float("-inf"))
+        out = torch.bmm(scores.softmax(-1), v_cache[:, :end])  # [n_kv, n * group, D]
+        out = out.view(kv, n, group * d).transpose(0, 1).reshape(n, h * d)
+        mid = hidden + F.linear(out, self.w_o)
+        gate, up = F.linear(F.rms_norm(mid, (self.hidden,), self.n_post, self.eps), self.w_gate_up).chunk(2, dim=-1)
+        return mid + F.linear(F.silu(gate) * up, self.w_down)
+
+    def head(self, out: torch.Tensor) -> tuple[int, float]:
+        """The greedy draft token (a target id) after a pre-norm output [H], and the draft's probability of it."""
+        logits = F.linear(F.rms_norm(out, (self.hidden,), self.n_final, self.eps), self.w_head)
+        prob, index = logits.softmax(-1).max(-1)
+        return self.to_target[int(index)], float(prob)
