@@ -22,6 +22,7 @@ class Eagle3Proposer(Proposer):
         self.drafter = drafter
         self.aux_layer_ids = tuple(drafter.target_layer_ids)
         self._offsets: dict[str, int] = {}  # target position of each sequence's draft position 0
+        self.min_prob = 0.0
 
     def propose(self, seqs: list[StepSeq], aux_hidden: torch.Tensor | None) -> dict[str, list[int]]:
         assert aux_hidden is not None, "EAGLE-3 needs the target's auxiliary hidden states"
@@ -37,7 +38,7 @@ class Eagle3Proposer(Proposer):
             self.drafter.truncate(s.seq_id, start)
             self.drafter.extend(s.seq_id, ids, aux_hidden[s.rows][: s.num_valid], start)
             if s.wants_draft:
-                drafts[s.seq_id] = list(self.drafter.draft(s.seq_id, self.num_draft))
+                drafts[s.seq_id] = self.drafter.draft(s.seq_id, self.num_draft, self.min_prob)
         return drafts
 
     def _draft_position(self, seq_id: str, start: int) -> int:
