@@ -21,17 +21,22 @@ class DraftStep:
         attn = m.self_attn
         self.num_heads, self.num_kv, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.hidden, self.eps = cfg.hidden_size, cfg.rms_norm_eps
-        scale = self.head_dim**-0.5  # RoPE is linear, so scaling q's rows before it scales the scores
-        self.w_qkv = torch.cat([attn.q_proj.weight * scale, attn.k_proj.weight, attn.v_proj.weight]).contiguous()
+        h, scale = cfg.hidden_size, self.head_dim**-0.5
+        # Each RMS norm's weight folded into the columns of the matmul that reads it, and the attention scale into
+        # q's rows (RoPE is linear): the same function, fewer ops.
+        qkv = torch.cat([attn.q_proj.weight * scale, attn.k_proj.weight, attn.v_proj.weight])
+        self.w_qkv_hidden = (qkv[:, h:] * m.hidden_norm.weight).contiguous()
+        # The embedding half of q/k/v for every token at once: a draft step looks its row up instead.
+        embed = F.rms_norm(model.embed_tokens.weight.to(qkv.dtype), (h,), m.input_layernorm.weight, self.eps)
+        self.qkv_of_token = F.linear(embed, qkv[:, :h].contiguous())  # [vocab, (n_heads + 2 n_kv) * D]
         self.w_o = attn.o_proj.weight
-        self.w_gate_up = torch.cat([m.mlp.gate_proj.weight, m.mlp.up_proj.weight]).contiguous()
+        self.w_gate_up = (torch.cat([m.mlp.gate_proj.weight, m.mlp.up_proj.weight]) * m.post_attention_layernorm.weight)
         self.w_down = m.mlp.down_proj.weight
-        self.w_fc, self.w_head, self.embedding = model.fc.weight, model.lm_head.weight, model.embed_tokens.weight
-        self.n_in, self.n_hid = m.input_layernorm.weight, m.hidden_norm.weight
-        self.n_post, self.n_final = m.post_attention_layernorm.weight, model.norm.weight
+        self.w_fc, self.w_head = model.fc.weight, (model.lm_head.weight * model.norm.weight).contiguous()
         self.to_target = model.draft_to_target.tolist()
         self._model = model
-        self._cos = self._sin = self.w_qkv.new_empty((0, self.head_dim))
+        self._cos = self._sin = self.w_o.new_empty((0, self.head_dim))
+        self._masks: dict[int, torch.Tensor] = {}
 
     def fc(self, aux: torch.Tensor) -> torch.Tensor:  # [T, 3 * target H] -> [T, H]
         return F.linear(aux.to(self.w_fc.dtype), self.w_fc)
@@ -40,10 +45,10 @@ class DraftStep:
         """cos and signed sin [n, 1, D] of positions start .. start + n - 1 (x * cos + swap_halves(x) * sin)."""
         if start + n > self._cos.shape[0]:
             size = max(start + n, 2 * self._cos.shape[0], 256)
-            cos, sin = self._model.rope(torch.arange(size, device=self.w_qkv.device))
+            cos, sin = self._model.rope(torch.arange(size, device=self.w_o.device))
             half = self.head_dim // 2
             sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-            self._cos, self._sin = cos.to(self.w_qkv.dtype)[:, None], sin.to(self.w_qkv.dtype)[:, None]
+            self._cos, self._sin = cos.to(self.w_o.dtype)[:, None], sin.to(self.w_o.dtype)[:, None]
         return self._cos[start : start + n], self._sin[start : start + n]
 
     def __call__(
@@ -55,14 +60,8 @@ class DraftStep:
         v_cache: torch.Tensor,
     ) -> torch.Tensor:  # [T, H] the pre-norm outputs
         n, d, kv, h = token_ids.shape[0], self.head_dim, self.num_kv, self.num_heads
-        x = torch.cat(
-            [
-                F.rms_norm(F.embedding(token_ids, self.embedding), (self.hidden,), self.n_in, self.eps),
-                F.rms_norm(hidden, (self.hidden,), self.n_hid, self.eps),
-            ],
-            dim=-1,
-        )
-        qkv = F.linear(x, self.w_qkv)
+        norm = F.rms_norm(hidden, (self.hidden,), None, self.eps)
+        qkv = F.linear(norm, self.w_qkv_hidden).add_(self.qkv_of_token[token_ids])
         qk, v = qkv.view(n, h + 2 * kv, d).split([h + kv, kv], dim=1)
         cos, sin = self.rope(start, n)
         qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # rotate-half RoPE on q and k heads at once
@@ -71,19 +70,30 @@ class DraftStep:
         v_cache[:, start:end] = v.transpose(0, 1)
         # Grouped-query attention as one batched matmul per KV head: q [n_kv, n * group, D].
         group = h // kv
-        q = qk[:, :h].reshape(n, kv, group, d).transpose(0, 1).reshape(kv, n * group, d)
+        if n == 1:
+            q = qk[0, :h].view(kv, group, d)
+        else:
+            q = qk[:, :h].reshape(n, kv, group, d).transpose(0, 1).reshape(kv, n * group, d)
         scores = torch.bmm(q, k_cache[:, :end].transpose(1, 2))  # [n_kv, n * group, end]
-        if n > 1:  # row r (position start + r // group) sees positions <= start + r // group
-            rows = torch.arange(n, device=scores.device).repeat_interleave(group)[:, None] + start
-            scores = scores.masked_fill(torch.arange(end, device=scores.device)[None, :] > rows, float("-inf"))
+        if n > 1:  # the new rows see every earlier position and, among themselves, causally
+            scores[:, :, start:].masked_fill_(self._future(n), float("-inf"))
         out = torch.bmm(scores.softmax(-1), v_cache[:, :end])  # [n_kv, n * group, D]
-        out = out.view(kv, n, group * d).transpose(0, 1).reshape(n, h * d)
+        out = out.view(1, h * d) if n == 1 else out.view(kv, n, group * d).transpose(0, 1).reshape(n, h * d)
         mid = hidden + F.linear(out, self.w_o)
-        gate, up = F.linear(F.rms_norm(mid, (self.hidden,), self.n_post, self.eps), self.w_gate_up).chunk(2, dim=-1)
+        gate, up = F.linear(F.rms_norm(mid, (self.hidden,), None, self.eps), self.w_gate_up).chunk(2, dim=-1)
         return mid + F.linear(F.silu(gate) * up, self.w_down)
+
+    def _future(self, n: int) -> torch.Tensor:
+        """bool [n * group, n]: query row r (token r // group) must not see new token j > r // group."""
+        mask = self._masks.get(n)
+        if mask is None:
+            group = self.num_heads // self.num_kv
+            mask = torch.ones(n, n, dtype=torch.bool, device=self.w_o.device).triu(1).repeat_interleave(group, dim=0)
+            self._masks[n] = mask
+        return mask
 
     def head(self, out: torch.Tensor) -> tuple[int, float]:
         """The greedy draft token (a target id) after a pre-norm output [H], and the draft's probability of it."""
-        logits = F.linear(F.rms_norm(out, (self.hidden,), self.n_final, self.eps), self.w_head)
+        logits = F.linear(F.rms_norm(out, (self.hidden,), None, self.eps), self.w_head)
         prob, index = logits.softmax(-1).max(-1)
         return self.to_target[int(index)], float(prob)
