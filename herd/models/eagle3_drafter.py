@@ -53,11 +53,12 @@ class Eagle3Drafter:
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self._fast: DraftStep | None = None  # built on first use: the weights are loaded after construction
+        self.packed_matmuls = False  # the draft step's matmuls in packed bf16 (see DraftStep); set before drafting
 
     @property
     def step(self) -> DraftStep:
         if self._fast is None:
-            self._fast = DraftStep(self.model)
+            self._fast = DraftStep(self.model, self.packed_matmuls)
         return self._fast
 
     # ----- state -----
