@@ -28,9 +28,9 @@ class _SeqState:
         if size <= cap:
             return
         new = max(size, 2 * cap)
-        k, v = self.k.new_empty((self.k.shape[0], new, self.k.shape[2])), self.v.new_empty((self.v.shape[0], new, self.v.shape[2]))
+        k = self.k.new_empty((self.k.shape[0], new, self.k.shape[2]))  # positions on dim 1
+        v, out = self.v.new_empty(k.shape), self.out.new_empty((new, self.out.shape[1]))
         k[:, : self.length], v[:, : self.length] = self.k[:, : self.length], self.v[:, : self.length]
-        out = self.out.new_empty((new, self.out.shape[1]))
         out[: self.length] = self.out[: self.length]
         self.k, self.v, self.out = k, v, out
 
@@ -134,12 +134,8 @@ class Eagle3Drafter:
         return out[0, 0], k[0, 0], v[0, 0]
 
     @torch.inference_mode()
-    def draft(self, seq_id: int, num_steps: int, min_prob: float = 0.0) -> list[int]:
-        """A greedy chain of up to num_steps tokens (target vocabulary ids) following the last extended position.
-
-        min_prob: stop before a token whose draft probability is below it (the target rarely accepts what the
-        draft is unsure of; each token not drafted saves a draft step and a verified row).
-        """
+    def draft(self, seq_id: int, num_steps: int) -> list[int]:
+        """A greedy chain of num_steps tokens (target vocabulary ids) following the last extended position."""
         state, hidden = self._last(seq_id)
         base = state.length
         state.reserve(base + num_steps)
@@ -147,9 +143,7 @@ class Eagle3Drafter:
         token_ids = torch.empty(1, dtype=torch.long, device=self.device)
         tokens: list[int] = []
         for i in range(num_steps):
-            token, prob = step.head(hidden)
-            if prob < min_prob:
-                break
+            token = step.head(hidden)
             tokens.append(token)
             if i == num_steps - 1:
                 break

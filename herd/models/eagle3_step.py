@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from herd.layers.quantization.unquantized import pack, packed_linear
 from herd.models.eagle3_model import Eagle3DraftModel
 
+# Up to this size (a small vocabulary: the demo draft's is 4 MiB) the embedding half of q/k/v is precomputed per
+# token; a Llama 4 vocabulary of 202k would need gigabytes, so there each step computes its row.
+TOKEN_TABLE_BYTES = 64 * 2**20
+
 
 class DraftStep:
     """packed: the matmul weights in oneDNN's packed bf16 (CPU only; activations stay in the model's dtype). In a
@@ -32,17 +36,23 @@ class DraftStep:
         # q's rows (RoPE is linear): the same function, fewer ops.
         qkv = torch.cat([attn.q_proj.weight * scale, attn.k_proj.weight, attn.v_proj.weight])
         self.w_qkv_hidden = (qkv[:, h:] * m.hidden_norm.weight).contiguous()
-        # The embedding half of q/k/v for every token at once: a draft step looks its row up instead.
-        embed = F.rms_norm(model.embed_tokens.weight.to(qkv.dtype), (h,), m.input_layernorm.weight, self.eps)
-        self.qkv_of_token = F.linear(embed, qkv[:, :h].contiguous())  # [vocab, (n_heads + 2 n_kv) * D]
+        self.w_qkv_embed = (qkv[:, :h] * m.input_layernorm.weight).contiguous()
+        self.embedding = model.embed_tokens.weight
+        self.qkv_of_token: torch.Tensor | None = None
+        if self.embedding.shape[0] * qkv.shape[0] * qkv.element_size() <= TOKEN_TABLE_BYTES:
+            # The embedding half of q/k/v for every token at once: a draft step looks its row up instead.
+            embed = F.rms_norm(self.embedding.to(self.dtype), (h,), None, self.eps)
+            self.qkv_of_token = F.linear(embed, self.w_qkv_embed)  # [vocab, (n_heads + 2 n_kv) * D]
+            del self.w_qkv_embed
         self.w_o = attn.o_proj.weight
-        self.w_gate_up = (torch.cat([m.mlp.gate_proj.weight, m.mlp.up_proj.weight]) * m.post_attention_layernorm.weight)
+        self.w_gate_up = torch.cat([m.mlp.gate_proj.weight, m.mlp.up_proj.weight]) * m.post_attention_layernorm.weight
         self.w_down = m.mlp.down_proj.weight
         self.w_fc, self.w_head = model.fc.weight, (model.lm_head.weight * model.norm.weight).contiguous()
-        self.linear = F.linear
+        self.linear, self.packed = F.linear, packed
         if packed:
-            for name in ("w_qkv_hidden", "w_o", "w_gate_up", "w_down", "w_fc", "w_head"):
-                setattr(self, name, pack(getattr(self, name).to(torch.bfloat16)))
+            for name in ("w_qkv_hidden", "w_qkv_embed", "w_o", "w_gate_up", "w_down", "w_fc", "w_head"):
+                if hasattr(self, name):
+                    setattr(self, name, pack(getattr(self, name).to(torch.bfloat16)))
             self.linear = _bf16_linear
         self.to_target = model.draft_to_target.tolist()
         self._model = model
@@ -50,7 +60,9 @@ class DraftStep:
         self._masks: dict[int, torch.Tensor] = {}
 
     def fc(self, aux: torch.Tensor) -> torch.Tensor:  # [T, 3 * target H] -> [T, H]
-        return self.linear(aux.to(self.dtype), self.w_fc)
+        if self.packed:  # the target's bf16 states straight in, no round trip through fp32
+            return packed_linear(aux.to(torch.bfloat16), self.w_fc).to(self.dtype)
+        return F.linear(aux.to(self.dtype), self.w_fc)
 
     def rope(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin [n, 1, D] of positions start .. start + n - 1 (x * cos + swap_halves(x) * sin)."""
@@ -72,7 +84,7 @@ class DraftStep:
     ) -> torch.Tensor:  # [T, H] the pre-norm outputs
         n, d, kv, h = token_ids.shape[0], self.head_dim, self.num_kv, self.num_heads
         norm = F.rms_norm(hidden, (self.hidden,), None, self.eps)
-        qkv = self.linear(norm, self.w_qkv_hidden).add_(self.qkv_of_token[token_ids])
+        qkv = self.linear(norm, self.w_qkv_hidden).add_(self._qkv_of(token_ids))
         qk, v = qkv.view(n, h + 2 * kv, d).split([h + kv, kv], dim=1)
         cos, sin = self.rope(start, n)
         qk = qk * cos + qk.roll(d // 2, dims=-1) * sin  # rotate-half RoPE on q and k heads at once
@@ -94,6 +106,12 @@ class DraftStep:
         gate, up = self.linear(F.rms_norm(mid, (self.hidden,), None, self.eps), self.w_gate_up).chunk(2, dim=-1)
         return mid + self.linear(F.silu(gate) * up, self.w_down)
 
+    def _qkv_of(self, token_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, (n_heads + 2 n_kv) * D]
+        if self.qkv_of_token is not None:
+            return self.qkv_of_token[token_ids]
+        embed = F.embedding(token_ids, self.embedding).to(self.dtype)
+        return self.linear(F.rms_norm(embed, (self.hidden,), None, self.eps), self.w_qkv_embed)
+
     def _future(self, n: int) -> torch.Tensor:
         """bool [n * group, n]: query row r (token r // group) must not see new token j > r // group."""
         mask = self._masks.get(n)
@@ -103,11 +121,9 @@ class DraftStep:
             self._masks[n] = mask
         return mask
 
-    def head(self, out: torch.Tensor) -> tuple[int, float]:
-        """The greedy draft token (a target id) after a pre-norm output [H], and the draft's probability of it."""
-        logits = self.linear(F.rms_norm(out, (self.hidden,), None, self.eps), self.w_head)
-        prob, index = logits.softmax(-1).max(-1)
-        return self.to_target[int(index)], float(prob)
+    def head(self, out: torch.Tensor) -> int:
+        """The greedy draft token (a target id) after a pre-norm output [H]: the argmax over the draft vocabulary."""
+        return self.to_target[int(self.linear(F.rms_norm(out, (self.hidden,), None, self.eps), self.w_head).argmax())]
 
 
 def _bf16_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ class Eagle3Proposer(Proposer):
         self.drafter = drafter
         self.aux_layer_ids = tuple(drafter.target_layer_ids)
         self._offsets: dict[str, int] = {}  # target position of each sequence's draft position 0
-        self.min_prob = 0.0
 
     def propose(self, seqs: list[StepSeq], aux_hidden: torch.Tensor | None) -> dict[str, list[int]]:
         assert aux_hidden is not None, "EAGLE-3 needs the target's auxiliary hidden states"
@@ -38,7 +37,7 @@ class Eagle3Proposer(Proposer):
             self.drafter.truncate(s.seq_id, start)
             self.drafter.extend(s.seq_id, ids, aux_hidden[s.rows][: s.num_valid], start)
             if s.wants_draft:
-                drafts[s.seq_id] = self.drafter.draft(s.seq_id, self.num_draft, self.min_prob)
+                drafts[s.seq_id] = self.drafter.draft(s.seq_id, self.num_draft)
         return drafts
 
     def _draft_position(self, seq_id: str, start: int) -> int:
@@ -57,9 +56,8 @@ class Eagle3Proposer(Proposer):
 
 def load_eagle3_proposer(config, target, dtype: torch.dtype, device: torch.device) -> Eagle3Proposer:
     """The draft checkpoint at config.draft_model_path, checked against the target (it shares its embedding)."""
-    from herd.models.llama4_eagle3 import load_eagle3_draft  # the draft model: only when EAGLE-3 is on
-
     from herd.layers.quantization.unquantized import cpu_packing_available
+    from herd.models.llama4_eagle3 import load_eagle3_draft  # the draft model: only when EAGLE-3 is on
 
     if device.type == "cpu":
         # On a CPU the draft's small ops run faster in fp32, its matmuls from oneDNN's packed bf16 weights (half
