@@ -87,6 +87,13 @@ def test_moe_matches_dense_reference() -> None:
     torch.testing.assert_close(moe(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_grouped_experts_when_every_row_chose_one_expert() -> None:
+    gate_up, down = torch.randn(4, 8, 12), torch.randn(4, 6, 8)
+    x, ids = torch.randn(3, 8), torch.tensor([2, 2, 2])
+    out = grouped_experts(x, ids, lambda e, rows: swiglu_expert(rows, gate_up[e], down[e]))
+    torch.testing.assert_close(out, swiglu_expert(x, gate_up[2], down[2]))
+
+
 def test_grouped_experts_with_idle_experts() -> None:
     gate_up, down = torch.randn(4, 8, 12), torch.randn(4, 6, 8)
     x, ids = torch.randn(5, 8), torch.tensor([3, 3, 0, 3, 0])
@@ -116,3 +123,5 @@ def test_small_experts_in_one_matmul_match_one_matmul_per_expert() -> None:
         torch.testing.assert_close(out[t : t + 1], row, atol=0, rtol=0)
         expected = swiglu_expert(x[t : t + 1].float(), gate_up[ids[t]].float(), down[ids[t]].float())
         torch.testing.assert_close(out[t : t + 1].float(), expected, atol=0.02, rtol=0.05)
+    same = torch.tensor([1, 1, 1, 1])  # one expert for every row: that expert's matmuls over all rows
+    torch.testing.assert_close(moe(x, same), torch.cat([moe(x[t : t + 1], same[:1]) for t in range(4)]), atol=0, rtol=0)
