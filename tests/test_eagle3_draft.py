@@ -17,6 +17,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from herd.config import ModelConfig
+from herd.layers.quantization.unquantized import cpu_packing_available
 from herd.models.llama4_eagle3 import Eagle3Config, Eagle3Drafter, load_eagle3_draft
 
 from checkpoints import SCOUT_LIKE
@@ -309,3 +310,31 @@ def test_demo_draft_fits_the_demo_model() -> None:
     tokens, aux = torch.tensor([5, 6, 7]), torch.zeros(3, 3 * 256)
     drafter.extend(0, tokens, aux, 0)
     assert len(drafter.draft(0, 3)) == 3
+
+
+def test_draft_step_without_the_token_table_drafts_the_same(tmp_path: Path, monkeypatch) -> None:
+    """A large vocabulary computes the embedding half of q/k/v per step instead of looking it up."""
+    import herd.models.eagle3_step as eagle3_step
+
+    monkeypatch.setattr(eagle3_step, "TOKEN_TABLE_BYTES", 0)
+    drafter, ref = setup_pair(tmp_path)
+    assert drafter.step.qkv_of_token is None
+    tokens, aux = inputs(12)
+    drafter.extend(5, torch.tensor(tokens), aux, 0)
+    assert drafter.draft(5, 3) == ref.chain(tokens, aux, 3)
+
+
+@pytest.mark.skipif(not cpu_packing_available(torch.device("cpu")), reason="needs oneDNN's packed linear")
+def test_packed_bf16_draft_step_stays_close_to_fp32(tmp_path: Path) -> None:
+    """The CPU's packed bf16 matmuls change the draft's numbers by bf16 rounding only (its guesses, never the
+    output: the target verifies them)."""
+    drafter, _ = setup_pair(tmp_path)
+    packed, _ = setup_pair(tmp_path / "packed")
+    packed.packed_matmuls = True
+    tokens, aux = inputs(12)
+    for d in (drafter, packed):
+        d.extend(0, torch.tensor(tokens), aux, 0)
+    assert packed.step.packed and not drafter.step.packed
+    assert drafter.length(0) == packed.length(0) == 12
+    torch.testing.assert_close(packed._seqs[0].out[:12], drafter._seqs[0].out[:12], atol=0.05, rtol=0.05)
+    assert len(packed.draft(0, 3)) == 3

@@ -11,6 +11,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from herd.config import ModelConfig
 from herd.layers.factory import LayerFactory
 from herd.layers.moe import grouped_experts, swiglu_expert
+from herd.layers.quantization.unquantized import CPUPackedFusedMoEMethod, cpu_packing_available
 from herd.layers.rotary import rope_inv_freq
 from herd.models.llama4_text import Llama4MoE
 
@@ -86,6 +87,13 @@ def test_moe_matches_dense_reference() -> None:
     torch.testing.assert_close(moe(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_grouped_experts_when_every_row_chose_one_expert() -> None:
+    gate_up, down = torch.randn(4, 8, 12), torch.randn(4, 6, 8)
+    x, ids = torch.randn(3, 8), torch.tensor([2, 2, 2])
+    out = grouped_experts(x, ids, lambda e, rows: swiglu_expert(rows, gate_up[e], down[e]))
+    torch.testing.assert_close(out, swiglu_expert(x, gate_up[2], down[2]))
+
+
 def test_grouped_experts_with_idle_experts() -> None:
     gate_up, down = torch.randn(4, 8, 12), torch.randn(4, 6, 8)
     x, ids = torch.randn(5, 8), torch.tensor([3, 3, 0, 3, 0])
@@ -93,3 +101,27 @@ def test_grouped_experts_with_idle_experts() -> None:
     for t in range(5):
         gate, up = (x[t] @ gate_up[ids[t]]).chunk(2)
         torch.testing.assert_close(out[t], (torch.nn.functional.silu(gate) * up) @ down[ids[t]])
+
+
+@pytest.mark.skipif(not cpu_packing_available(torch.device("cpu")), reason="needs oneDNN's packed linear")
+def test_small_experts_in_one_matmul_match_one_matmul_per_expert() -> None:
+    """The CPU's all-experts form for a few rows (a verify step) gives each row exactly its own expert's output."""
+    from herd.layers.moe import FusedMoE
+
+    method = CPUPackedFusedMoEMethod()
+    moe = FusedMoE(4, 64, 96, method=method)
+    g = torch.Generator().manual_seed(0)
+    moe.gate_up_proj = torch.nn.Parameter((0.1 * torch.randn(4, 64, 192, generator=g)).bfloat16(), requires_grad=False)
+    moe.down_proj = torch.nn.Parameter((0.1 * torch.randn(4, 96, 64, generator=g)).bfloat16(), requires_grad=False)
+    gate_up, down = moe.gate_up_proj.detach().clone(), moe.down_proj.detach().clone()
+    method.process_weights_after_loading(moe)
+    assert hasattr(moe, "packed_down_all")
+    x, ids = torch.randn(4, 64, generator=g).bfloat16(), torch.tensor([2, 0, 2, 3])
+    out = moe(x, ids)  # 4 rows: the all-experts form
+    for t in range(4):
+        row = moe(x[t : t + 1], ids[t : t + 1])  # one row: its expert's own matmuls
+        torch.testing.assert_close(out[t : t + 1], row, atol=0, rtol=0)
+        expected = swiglu_expert(x[t : t + 1].float(), gate_up[ids[t]].float(), down[ids[t]].float())
+        torch.testing.assert_close(out[t : t + 1].float(), expected, atol=0.02, rtol=0.05)
+    same = torch.tensor([1, 1, 1, 1])  # one expert for every row: that expert's matmuls over all rows
+    torch.testing.assert_close(moe(x, same), torch.cat([moe(x[t : t + 1], same[:1]) for t in range(4)]), atol=0, rtol=0)

@@ -11,27 +11,32 @@ from dataclasses import dataclass
 
 import torch
 
-from herd.models.eagle3_model import Eagle3DraftModel, causal_mask
+from herd.models.eagle3_model import Eagle3DraftModel
+from herd.models.eagle3_step import DraftStep
 
 
 @dataclass
 class _SeqState:
-    k: torch.Tensor  # [capacity, n_kv, D]
+    k: torch.Tensor  # [n_kv, capacity, D], head-major: the keys of positions 0 .. n - 1 are a view
     v: torch.Tensor
     out: torch.Tensor  # [capacity, H] the draft's pre-norm output at each position
     length: int = 0  # positions 0 .. length - 1 hold verified entries
 
     def reserve(self, size: int) -> None:
         """Grow the buffers (doubling) so that `size` positions fit."""
-        cap = self.k.shape[0]
+        cap = self.out.shape[0]
         if size <= cap:
             return
         new = max(size, 2 * cap)
-        for name in ("k", "v", "out"):
-            old = getattr(self, name)
-            grown = old.new_empty((new, *old.shape[1:]))
-            grown[: self.length] = old[: self.length]
-            setattr(self, name, grown)
+        k = self.k.new_empty((self.k.shape[0], new, self.k.shape[2]))  # positions on dim 1
+        v, out = self.v.new_empty(k.shape), self.out.new_empty((new, self.out.shape[1]))
+        k[:, : self.length], v[:, : self.length] = self.k[:, : self.length], self.v[:, : self.length]
+        out[: self.length] = self.out[: self.length]
+        self.k, self.v, self.out = k, v, out
+
+    def keys(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions < end, position-major [end, n_kv, D] (views)."""
+        return self.k[:, :end].transpose(0, 1), self.v[:, :end].transpose(0, 1)
 
 
 class Eagle3Drafter:
@@ -47,13 +52,21 @@ class Eagle3Drafter:
         self._seqs: dict[int, _SeqState] = {}
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
+        self._fast: DraftStep | None = None  # built on first use: the weights are loaded after construction
+        self.packed_matmuls = False  # the draft step's matmuls in packed bf16 (see DraftStep); set before drafting
+
+    @property
+    def step(self) -> DraftStep:
+        if self._fast is None:
+            self._fast = DraftStep(self.model, self.packed_matmuls)
+        return self._fast
 
     # ----- state -----
 
     def _state(self, seq_id: int) -> _SeqState:
         if seq_id not in self._seqs:
             cfg = self.model.config
-            k = torch.empty((64, cfg.num_kv_heads, cfg.head_dim), dtype=self.dtype, device=self.device)
+            k = torch.empty((cfg.num_kv_heads, 64, cfg.head_dim), dtype=self.dtype, device=self.device)
             out = torch.empty((64, cfg.hidden_size), dtype=self.dtype, device=self.device)
             self._seqs[seq_id] = _SeqState(k, torch.empty_like(k), out)
         return self._seqs[seq_id]
@@ -90,22 +103,10 @@ class Eagle3Drafter:
         if n == 0:
             state.length = start_pos
             return
-        m = self.model
-        ids = next_token_ids.to(self.device).view(1, n)
-        hidden = m.fc(aux_hidden.to(device=self.device, dtype=self.dtype).view(1, n, -1))
-        positions = torch.arange(start_pos, start_pos + n, device=self.device)
-        out, k, v = m.layer(
-            m.embed_tokens(ids),
-            hidden,
-            positions,
-            state.k[None, :start_pos],
-            state.v[None, :start_pos],
-            causal_mask(start_pos, n, self.device),
-        )
         state.reserve(start_pos + n)
-        state.k[start_pos : start_pos + n] = k[0]
-        state.v[start_pos : start_pos + n] = v[0]
-        state.out[start_pos : start_pos + n] = out[0]
+        ids = next_token_ids.to(self.device)
+        hidden = self.step.fc(aux_hidden.to(device=self.device))
+        state.out[start_pos : start_pos + n] = self.step(ids, hidden, start_pos, state.k, state.v)
         state.length = start_pos + n
 
     # ----- drafting -----
@@ -119,7 +120,7 @@ class Eagle3Drafter:
     def _step(
         self, token: int, hidden: torch.Tensor, pos: int, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One draft token (a target id) at `pos` over the given keys: (out [H], k, v [n_kv, D])."""
+        """One draft token (a target id) at `pos` over the given keys [pos, n_kv, D]: (out [H], k, v [n_kv, D])."""
         m = self.model
         ids = torch.tensor([[token]], device=self.device)
         out, k, v = m.layer(
@@ -138,16 +139,17 @@ class Eagle3Drafter:
         state, hidden = self._last(seq_id)
         base = state.length
         state.reserve(base + num_steps)
-        to_target = self.model.draft_to_target
+        step = self.step
+        token_ids = torch.empty(1, dtype=torch.long, device=self.device)
         tokens: list[int] = []
-        for step in range(num_steps):
-            token = int(to_target[int(self.model.logits(hidden).argmax())])
+        for i in range(num_steps):
+            token = step.head(hidden)
             tokens.append(token)
-            if step == num_steps - 1:
+            if i == num_steps - 1:
                 break
-            pos = base + step  # scratch slots past the verified length
-            hidden, k, v = self._step(token, hidden, pos, state.k[:pos], state.v[:pos])
-            state.k[pos], state.v[pos] = k, v
+            token_ids[0] = token
+            # Scratch slots past the verified length: the next extend or truncate discards them.
+            hidden = step(token_ids, hidden[None], base + i, state.k, state.v)[0]
         return tokens
 
     @torch.inference_mode()
@@ -164,7 +166,7 @@ class Eagle3Drafter:
         if num_steps < 1 or topk < 1 or want < 1:
             raise ValueError("draft_tree needs num_steps >= 1, topk >= 1 and num_draft_tokens >= 2")
         m, base = self.model, state.length
-        keys, values = state.k[:base], state.v[:base]
+        keys, values = state.keys(base)
         to_target = m.draft_to_target
         # The pool of every node drawn: token, parent (pool index), score, depth.
         tokens: list[int] = []

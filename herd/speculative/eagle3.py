@@ -37,7 +37,7 @@ class Eagle3Proposer(Proposer):
             self.drafter.truncate(s.seq_id, start)
             self.drafter.extend(s.seq_id, ids, aux_hidden[s.rows][: s.num_valid], start)
             if s.wants_draft:
-                drafts[s.seq_id] = list(self.drafter.draft(s.seq_id, self.num_draft))
+                drafts[s.seq_id] = self.drafter.draft(s.seq_id, self.num_draft)
         return drafts
 
     def _draft_position(self, seq_id: str, start: int) -> int:
@@ -56,11 +56,13 @@ class Eagle3Proposer(Proposer):
 
 def load_eagle3_proposer(config, target, dtype: torch.dtype, device: torch.device) -> Eagle3Proposer:
     """The draft checkpoint at config.draft_model_path, checked against the target (it shares its embedding)."""
+    from herd.layers.quantization.unquantized import cpu_packing_available
     from herd.models.llama4_eagle3 import load_eagle3_draft  # the draft model: only when EAGLE-3 is on
 
     if device.type == "cpu":
-        # Its matmuls are small: on a CPU fp32 runs them faster than bf16 (no packed bf16 kernel here), and a
-        # draft's precision only changes how many of its guesses stand, never the output.
+        # On a CPU the draft's small ops run faster in fp32, its matmuls from oneDNN's packed bf16 weights (half
+        # the bytes to fetch after the target's forward has evicted them). A draft's precision only changes how
+        # many of its guesses stand, never the output.
         dtype = torch.float32
     drafter = load_eagle3_draft(
         config.draft_model_path,
@@ -69,4 +71,5 @@ def load_eagle3_proposer(config, target, dtype: torch.dtype, device: torch.devic
         device=device,
         target_embedding=target.model.embed_tokens.weight,
     )
+    drafter.packed_matmuls = cpu_packing_available(device)
     return Eagle3Proposer(drafter, config.num_steps)
