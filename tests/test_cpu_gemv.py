@@ -97,6 +97,9 @@ def test_gemv_model_decodes_as_the_packed_one(scout_ckpt, monkeypatch: pytest.Mo
     matmul path) and decode steps (the kernel) give logits within bf16 noise of each other."""
     path, _ = scout_ckpt
     monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
+    small = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
+    assert hasattr(small.model.layers[0].feed_forward.experts, "packed_down_all")  # tiny experts: one matmul
+    monkeypatch.setattr(cpu_gemv, "SMALL_EXPERTS_BYTES", 0)
     fast = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
     assert hasattr(fast.model.layers[0].feed_forward.experts, "gate_up_proj_t")
     monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: False)

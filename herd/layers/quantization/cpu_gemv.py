@@ -18,7 +18,11 @@ import torch.nn.functional as F
 
 from herd.kernels.cpu import GEMV_MAX_ROWS, enabled
 from herd.layers.moe import grouped_experts
-from herd.layers.quantization.unquantized import CPUPackedFusedMoEMethod, CPUPackedLinearMethod
+from herd.layers.quantization.unquantized import (
+    SMALL_EXPERTS_BYTES,
+    CPUPackedFusedMoEMethod,
+    CPUPackedLinearMethod,
+)
 
 if TYPE_CHECKING:
     from herd.layers.linear import LinearBase
@@ -50,10 +54,14 @@ class CPUGemvLinearMethod(CPUPackedLinearMethod):
 
 
 class CPUGemvFusedMoEMethod(CPUPackedFusedMoEMethod):
-    """Each expert's projections as linear weights: gate_up [E, 2I, H], down [E, H, I]."""
+    """Each expert's projections as linear weights: gate_up [E, 2I, H], down [E, H, I]. Experts small enough
+    for the packed method's all-experts matmul (the demo model's) keep that method: there a step's cost is
+    calls, not bytes."""
 
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
-        if layer.gate_up_proj.dtype != torch.bfloat16:
+        weights = (layer.gate_up_proj, layer.down_proj)
+        small = sum(w.numel() * w.element_size() for w in weights) <= SMALL_EXPERTS_BYTES
+        if layer.gate_up_proj.dtype != torch.bfloat16 or small:
             super().process_weights_after_loading(layer)
             return
         for name in ("gate_up_proj", "down_proj"):
