@@ -1,4 +1,4 @@
-"""herd's CPU kernels (herd.kernels.cpu: bf16, INT8 and INT4 weight-streaming matmuls) and the linear/expert
+"""herd's CPU kernels (herd.kernels.cpu: bf16 and INT8 weight-streaming matmuls, RMSNorm) and the linear/expert
 methods that use them."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from herd.kernels.cpu import gemv_ops, pack_int4, unpack_int4
+from herd.kernels.cpu import gemv_ops
 from herd.layers.factory import LayerFactory
 from herd.layers.quantization import cpu_gemv
 from herd.layers.quantization.unquantized import UnquantizedConfig
@@ -61,37 +61,6 @@ def test_int8_gemv_matches_the_dequantized_matmul(dtype: torch.dtype, m: int, n:
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * k**0.5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 2, 3, 5])
-@pytest.mark.parametrize(("n", "k", "group"), [(1, 32, 32), (7, 64, 32), (33, 256, 128), (130, 2048, 128)])
-def test_int4_gemv_matches_the_dequantized_matmul(dtype: torch.dtype, m: int, n: int, k: int, group: int) -> None:
-    gen = torch.Generator().manual_seed(m * 1000 + n + k)
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
-    scales = torch.rand(n, k // group, generator=gen) * 0.01
-    got = torch.ops.herd_cpu.gemv_int4(x, pack_int4(q), scales, group)
-    expected = x.float() @ (q.float() * scales.repeat_interleave(group, dim=1)).t()
-    assert got.dtype == dtype and got.shape == (m, n)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * k**0.5)
-
-
-def test_int4_packing_round_trips_and_puts_input_16_in_the_high_nibble() -> None:
-    q = torch.randint(-8, 8, (3, 64), dtype=torch.int8)
-    packed = pack_int4(q)
-    assert packed.shape == (3, 32) and packed.dtype == torch.uint8
-    assert torch.equal(unpack_int4(packed), q)
-    assert packed[0, 0].item() == (q[0, 0].item() + 8) | ((q[0, 16].item() + 8) << 4)
-
-
-def test_int4_gemv_refuses_bad_groups() -> None:
-    packed, x = pack_int4(torch.zeros(4, 64, dtype=torch.int8)), torch.randn(1, 64)
-    with pytest.raises(RuntimeError, match="groups of 48 over 64 inputs"):
-        torch.ops.herd_cpu.gemv_int4(x, packed, torch.ones(4, 1), 48)
-    with pytest.raises(RuntimeError, match=r"scales must be \[N, K / group\]"):
-        torch.ops.herd_cpu.gemv_int4(x, packed, torch.ones(4, 3), 32)
-
-
 def test_gemv_model_decodes_as_the_packed_one(scout_ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same bf16 checkpoint through the GEMV methods and through oneDNN's packed ones: a prefill (the
     matmul path) and decode steps (the kernel) give logits within bf16 noise of each other."""
@@ -99,9 +68,12 @@ def test_gemv_model_decodes_as_the_packed_one(scout_ckpt, monkeypatch: pytest.Mo
     monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
     small = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
     assert hasattr(small.model.layers[0].feed_forward.experts, "packed_down_all")  # tiny experts: one matmul
+    assert hasattr(small.model.layers[0].self_attn.qkv_proj, "packed_weight")  # and tiny linear layers
     monkeypatch.setattr(cpu_gemv, "SMALL_EXPERTS_BYTES", 0)
+    monkeypatch.setattr(cpu_gemv, "SMALL_LINEAR_BYTES", 0)
     fast = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
     assert hasattr(fast.model.layers[0].feed_forward.experts, "gate_up_proj_t")
+    assert "weight" in fast.model.layers[0].self_attn.qkv_proj._parameters
     monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: False)
     packed = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
     assert hasattr(packed.model.layers[0].feed_forward.experts, "packed_gate_up_0")

@@ -61,20 +61,3 @@ def gemv_ops() -> object | None:
 def enabled() -> bool:
     """The kernels are used where they build and the CPU has AVX-512, unless HERD_CPU_GEMV=0 (read once)."""
     return os.environ.get("HERD_CPU_GEMV", "1") != "0" and gemv_ops() is not None
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q int8 [out, in] in [-8, 7] -> gemv_int4's uint8 [out, in / 2]: per run of 32 inputs, byte j holds
-    input j in its low nibble and input 16 + j in its high one, each as q + 8."""
-    out, inp = q.shape
-    if inp % 32:
-        raise ValueError(f"INT4 rows of {inp} inputs: the CPU kernel packs runs of 32")
-    u = (q.to(torch.uint8) + 8).reshape(out, inp // 32, 2, 16)
-    return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(out, inp // 2).contiguous()
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """pack_int4's inverse: q int8 [out, in]."""
-    out = packed.shape[0]
-    runs = packed.reshape(out, -1, 16)
-    return (torch.stack([runs & 0xF, runs >> 4], dim=2).to(torch.int8) - 8).reshape(out, -1)

@@ -1,7 +1,7 @@
 // Weight-streaming matmuls for decoding on a CPU: y[m, n] = sum_k x[m, k] * W[n, k] for a few rows of x.
 //
 // At decode batch sizes the weight is read once from memory and that read is the whole cost, so each kernel
-// keeps the weight in its stored form (bf16, INT8 per output channel, INT4 per group of inputs), widens it to
+// keeps the weight in its stored form (bf16, or INT8 with one scale per output channel), widens it to
 // fp32 in registers and multiplies in fp32 (AVX-512F; no BF16 or VNNI instructions needed). Activations are
 // converted to fp32 once per call. Each thread takes whole strips of kRows weight rows and widens each weight
 // vector once for up to four rows of x; more rows of x pass over the strip again while it is still in L1, so the
@@ -135,99 +135,61 @@ HERD_AVX512 void bf16_block(const uint32_t* w, int64_t h, const float* even, con
 
 // --- INT8, one scale per output row (applied by the caller) ----------------------------------------------------
 
-HERD_AVX512 inline __m512 widen_int8(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+// Each 64 inputs are read as 16 dwords; byte b of dword i is input 4i + b. Shifting byte b to the top of its dword
+// and clearing the rest gives q * 2^24 as an int32, which converts to float exactly: no byte shuffles (the
+// sign-extending loads cost twice as much here), and the 2^24 is taken out of the row's scale. x is laid out to
+// match once per call: for each run of 64 inputs, four runs of 16 floats (inputs 4i, 4i + 1, 4i + 2, 4i + 3).
+constexpr float kInt8Unit = 1.f / 16777216.f;  // 2^-24
+
+void split_quarters(const std::vector<float>& x, int64_t m, int64_t k, std::vector<float>& quarters) {
+  const int64_t k64 = k / 64 * 64;
+  quarters.resize(m * k64);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t blk = 0; blk < k64; blk += 64)
+      for (int b = 0; b < 4; ++b)
+        for (int l = 0; l < 16; ++l) quarters[i * k64 + blk + b * 16 + l] = x[i * k + blk + 4 * l + b];
 }
 
+template <int B>
+HERD_AVX512 inline __m512 int8_byte_times_2_24(__m512i v) {
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFF000000u));
+  if constexpr (B == 0) return _mm512_cvtepi32_ps(_mm512_slli_epi32(v, 24));
+  if constexpr (B == 3) return _mm512_cvtepi32_ps(_mm512_and_si512(v, top));
+  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_slli_epi32(v, 24 - 8 * B), top));
+}
+
+// q: R rows of k; quarters: C rows of k / 64 * 64 floats; x: C rows of k (for the last k % 64 inputs).
 template <int R, int C>
-HERD_AVX512 void int8_block(const int8_t* q, int64_t k, const float* x, float* out) {
-  constexpr int A = kAcc<C>;
-  __m512 acc[R][C][A];
+HERD_AVX512 void int8_block(const int8_t* q, int64_t k, const float* quarters, const float* x, float* out) {
+  const int64_t k64 = k / 64 * 64;
+  __m512 acc[R][C][2], tail[R][C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c)
-      for (int a = 0; a < A; ++a) acc[r][c][a] = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 32 <= k; j += 32) {
-    __m512 x0[C], x1[C];
-    for (int c = 0; c < C; ++c) {
-      x0[c] = _mm512_loadu_ps(x + c * k + j);
-      x1[c] = _mm512_loadu_ps(x + c * k + j + 16);
-    }
+    for (int c = 0; c < C; ++c) acc[r][c][0] = acc[r][c][1] = tail[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < k64; j += 64) {
     for (int r = 0; r < R; ++r) {
-      if (j % 64 == 0) prefetch(q + (r + 2 * R) * k + j);
-      const __m512 w0 = widen_int8(q + r * k + j), w1 = widen_int8(q + r * k + j + 16);
-      for (int c = 0; c < C; ++c) {
-        acc[r][c][0] = _mm512_fmadd_ps(w0, x0[c], acc[r][c][0]);
-        acc[r][c][A - 1] = _mm512_fmadd_ps(w1, x1[c], acc[r][c][A - 1]);
-      }
+      prefetch(q + (r + 2 * R) * k + j);
+      const __m512i v = _mm512_loadu_si512(q + r * k + j);
+      const __m512 w[4] = {int8_byte_times_2_24<0>(v), int8_byte_times_2_24<1>(v), int8_byte_times_2_24<2>(v),
+                           int8_byte_times_2_24<3>(v)};
+      for (int c = 0; c < C; ++c)
+        for (int b = 0; b < 4; ++b) {
+          const __m512 xv = _mm512_loadu_ps(quarters + c * k64 + j + 16 * b);
+          acc[r][c][b & 1] = _mm512_fmadd_ps(w[b], xv, acc[r][c][b & 1]);
+        }
     }
   }
-  for (; j < k; j += 16) {
+  for (int64_t j = k64; j < k; j += 16) {
     const __mmask16 mask = tail_mask(k - j);
-    __m512 xv[C];
-    for (int c = 0; c < C; ++c) xv[c] = _mm512_maskz_loadu_ps(mask, x + c * k + j);
     for (int r = 0; r < R; ++r) {
       const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + r * k + j)));
-      for (int c = 0; c < C; ++c) acc[r][c][0] = _mm512_fmadd_ps(wv, xv[c], acc[r][c][0]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      __m512 sum = acc[r][c][0];
-      if constexpr (A == 2) sum = _mm512_add_ps(sum, acc[r][c][1]);
-      out[c * R + r] = _mm512_reduce_add_ps(sum);
-    }
-}
-
-// --- INT4, one scale per group of inputs --------------------------------------------------------------------
-
-// herd's INT4 layout (herd.kernels.cpu.pack_int4): each run of 32 inputs is 16 bytes; byte j holds input j
-// (low nibble) and input 16 + j (high nibble), each stored as q + 8. vpermps looks a nibble up in a table of
-// q = -8..7 as floats, so the offset and the conversion to float cost one instruction.
-template <int R, int C>
-HERD_AVX512 void int4_block(const uint8_t* p, const float* scales, int64_t k, int64_t group, const float* x,
-                            float* out) {
-  constexpr int A = kAcc<C>;
-  const __m512 table =
-      _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f, 0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
-  const int64_t groups = k / group, bytes = k / 2;
-  __m512 total[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) total[r][c] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[R][C][A];
-    for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c)
-        for (int a = 0; a < A; ++a) acc[r][c][a] = _mm512_setzero_ps();
-    for (int64_t j = g * group; j < (g + 1) * group; j += 32) {
-      __m512 x0[C], x1[C];
-      for (int c = 0; c < C; ++c) {
-        x0[c] = _mm512_loadu_ps(x + c * k + j);
-        x1[c] = _mm512_loadu_ps(x + c * k + j + 16);
-      }
-      for (int r = 0; r < R; ++r) {
-        if (j % 128 == 0) prefetch(p + (r + 2 * R) * bytes + j / 2);
-        const __m512i v =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + r * bytes + j / 2)));
-        const __m512 w0 = _mm512_permutexvar_ps(v, table);
-        const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
-        for (int c = 0; c < C; ++c) {
-          acc[r][c][0] = _mm512_fmadd_ps(w0, x0[c], acc[r][c][0]);
-          acc[r][c][A - 1] = _mm512_fmadd_ps(w1, x1[c], acc[r][c][A - 1]);
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m512 s = _mm512_set1_ps(scales[r * groups + g]);
-      for (int c = 0; c < C; ++c) {
-        __m512 sum = acc[r][c][0];
-        if constexpr (A == 2) sum = _mm512_add_ps(sum, acc[r][c][1]);
-        total[r][c] = _mm512_fmadd_ps(sum, s, total[r][c]);
-      }
+        tail[r][c] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + c * k + j), tail[r][c]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) out[c * R + r] = _mm512_reduce_add_ps(total[r][c]);
+    for (int c = 0; c < C; ++c)
+      out[c * R + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][c][0], acc[r][c][1])) * kInt8Unit +
+                       _mm512_reduce_add_ps(tail[r][c]);
 }
 
 // Calls block<R, C>(out, c0) for a strip of `rows` (1..kRows) weight rows and every run of up to `max_c` rows of
@@ -320,50 +282,23 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const int64_t m = x2.size(0);
   if (m == 0 || n == 0) return y.view(shape);
   const std::vector<float> xf = to_float(x2);
+  std::vector<float> quarters;
+  split_quarters(xf, m, k, quarters);
+  const int64_t k64 = k / 64 * 64;
   const at::Tensor s = scale.to(at::kFloat).contiguous();
   const float* sp = s.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   const Output dst(y);
   for_strips(n, k, [&](int64_t r0, int64_t rows) {
-    over_strip<4>(
-        rows, m,
-        [&](auto r, auto c, int64_t c0, float* out) {
-          int8_block<decltype(r)::value, decltype(c)::value>(qp + r0 * k, k, &xf[c0 * k], out);
-        },
-        [&](int64_t rr, int64_t cc, int64_t c0, const float* out) {
-          for (int64_t c = 0; c < cc; ++c)
-            for (int64_t r = 0; r < rr; ++r) dst.store((c0 + c) * n + r0 + r, out[c * rr + r] * sp[r0 + r]);
-        });
-  });
-  return y.view(shape);
-}
-
-at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t group) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
-              "gemv_int4: the weight must be a contiguous uint8 [N, K / 2] from pack_int4");
-  const int64_t n = packed.size(0), k = packed.size(1) * 2;
-  TORCH_CHECK(group % 32 == 0 && k % group == 0, "gemv_int4: groups of ", group, " over ", k,
-              " inputs (groups must be a multiple of 32 that divides K)");
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == k / group,
-              "gemv_int4: scales must be [N, K / group] = [", n, ", ", k / group, "], got ", scales.sizes());
-  auto [x2, y, shape] = prepare(x, k, n, "gemv_int4");
-  const int64_t m = x2.size(0), groups = k / group;
-  if (m == 0 || n == 0) return y.view(shape);
-  const std::vector<float> xf = to_float(x2);
-  const at::Tensor s = scales.to(at::kFloat).contiguous();
-  const float* sp = s.data_ptr<float>();
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const Output dst(y);
-  for_strips(n, k / 2, [&](int64_t r0, int64_t rows) {
     over_strip<2>(
         rows, m,
         [&](auto r, auto c, int64_t c0, float* out) {
-          int4_block<decltype(r)::value, decltype(c)::value>(pp + r0 * (k / 2), sp + r0 * groups, k, group,
+          int8_block<decltype(r)::value, decltype(c)::value>(qp + r0 * k, k, quarters.data() + c0 * k64,
                                                               &xf[c0 * k], out);
         },
         [&](int64_t rr, int64_t cc, int64_t c0, const float* out) {
           for (int64_t c = 0; c < cc; ++c)
-            for (int64_t r = 0; r < rr; ++r) dst.store((c0 + c) * n + r0 + r, out[c * rr + r]);
+            for (int64_t r = 0; r < rr; ++r) dst.store((c0 + c) * n + r0 + r, out[c * rr + r] * sp[r0 + r]);
         });
   });
   return y.view(shape);
@@ -422,13 +357,11 @@ TORCH_LIBRARY(herd_cpu, m) {
   m.def("supported() -> bool", &supported);  // a catch-all: it takes no tensor to dispatch on
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
-  m.def("gemv_int4(Tensor x, Tensor packed, Tensor scales, int group) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(herd_cpu, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
   m.impl("gemv_int8", &gemv_int8);
-  m.impl("gemv_int4", &gemv_int4);
   m.impl("rms_norm", &rms_norm);
 }

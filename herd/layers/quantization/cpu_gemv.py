@@ -1,12 +1,11 @@
 """bf16 weights on the CPU through herd's own GEMV kernel (herd.kernels.cpu) at decode batch sizes.
 
-At batch 1 a decode step is a chain of GEMVs that read every active weight once; oneDNN's bf16 GEMV reads
-at about half this machine's memory bandwidth, herd's AVX-512 kernel close to all of it
-(benchmarks/gemv_cpu.py).
-The weights stay as loaded, [out, in] row-major (experts transposed once to that orientation), so loading
-needs no repacking copy. Batches above `GEMV_MAX_ROWS` rows, where the matmul is no longer bound by the
-weight's bytes, go to PyTorch's matmul. Weights that are not bf16, or a CPU where the kernel cannot be
-built or lacks AVX-512, fall back to the oneDNN-packed methods; so does HERD_CPU_GEMV=0.
+At batch 1 a decode step is a chain of GEMVs that read every active weight once. herd's kernel streams the
+weight as loaded, [out, in] row-major (experts transposed once to that orientation), as fast as oneDNN's packed
+GEMV (benchmarks/gemv_cpu.py), without the packed copy: scout-mini decodes ~9% faster in ~1 GiB less memory
+(benchmarks/RESULTS.md). Batches above `GEMV_MAX_ROWS` rows go to PyTorch's matmul on the same weight. Small
+weights (the demo model's), weights that are not bf16, a CPU where the kernel cannot be built or lacks AVX-512,
+and HERD_CPU_GEMV=0 keep the oneDNN-packed methods.
 """
 
 from __future__ import annotations
@@ -41,9 +40,15 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+# Below this a weight is read in microseconds and a call's cost is its overhead: oneDNN's packed matmul is as fast
+# at one row and up to 2x faster at 4-16 (a speculative verify step, a few sequences), so small layers stay packed.
+SMALL_LINEAR_BYTES = 4 * 2**20
+
+
 class CPUGemvLinearMethod(CPUPackedLinearMethod):
     def process_weights_after_loading(self, layer: LinearBase) -> None:
-        if layer.weight.dtype != torch.bfloat16:
+        weight = layer.weight
+        if weight.dtype != torch.bfloat16 or weight.numel() * weight.element_size() < SMALL_LINEAR_BYTES:
             super().process_weights_after_loading(layer)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

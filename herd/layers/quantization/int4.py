@@ -7,10 +7,8 @@ w = q * s, q in [-8, 7], s per (output row, group of inputs); symmetric (no zero
 - `--quantization w4a16` on a bf16/fp16/fp32 checkpoint: s = max|w_group| / 7.5, q = clamp(round(w / s), -8, 7),
   the rule of compressed-tensors' symmetric min-max observer, with groups of 128.
 
-Kernels: on the CPU herd's AVX-512 kernel (herd.kernels.cpu.gemv_int4, its layout made at load by `pack_int4`)
-for a decode step's few rows, the weight dequantized per call for larger batches; on a CPU without AVX-512
-PyTorch's `_weight_int4pack_mm_for_cpu` (its own packed layout, made at load; it computes (q_u - 8) * s + z
-with q_u = q + 8 and zero z = 0). On a GPU the Triton W4A16 GEMM
+Kernels: on the CPU PyTorch's `_weight_int4pack_mm_for_cpu` (its own packed layout, made at load; it computes
+(q_u - 8) * s + z with q_u = q + 8 and zero z = 0). On a GPU the Triton W4A16 GEMM
 (`herd.layers.triton_ops.weight_only`) reads two values per byte. Each reads a quarter of bf16's weight bytes.
 """
 
@@ -22,7 +20,6 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from herd.kernels.cpu import GEMV_MAX_ROWS, enabled, pack_int4, unpack_int4
 from herd.layers.moe import grouped_experts
 from herd.layers.parameters import WeightShapeError, new_parameter
 from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase
@@ -68,13 +65,10 @@ def pack_for_kernel(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [out, in], scales [out, groups]) -> the kernel's (weight, scales) on q's device.
 
-    CPU with herd's kernels: `pack_int4`'s uint8 [out, in / 2] and float32 scales [out, groups]. Other CPUs (or
-    cpu_layout): `_convert_weight_to_int4pack_for_cpu`'s layout and scales-and-zeros [groups, out, 2] in
-    `dtype`. Elsewhere (the Triton kernels'): uint8 [out, in / 2], input 2j in the low nibble and 2j + 1 in
+    CPU (or cpu_layout): `_convert_weight_to_int4pack_for_cpu`'s layout and scales-and-zeros [groups, out, 2]
+    in `dtype`. Elsewhere (the Triton kernels'): uint8 [out, in / 2], input 2j in the low nibble and 2j + 1 in
     the high one (each q + 8), and scales [out, groups] in `dtype`.
     """
-    if cpu_layout is None and q.device.type == "cpu" and enabled():
-        return pack_int4(q), scales.float().contiguous()
     unsigned = q.to(torch.int32) + 8
     if q.device.type == "cpu" if cpu_layout is None else cpu_layout:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.contiguous(), 1)
@@ -87,13 +81,7 @@ def pack_for_kernel(
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     """x [..., in] @ W.T -> [..., out] for W in `pack_for_kernel`'s layout."""
     rows = x.reshape(-1, x.shape[-1])
-    if x.device.type == "cpu" and scales.dim() == 2:  # pack_int4's layout
-        if rows.shape[0] <= GEMV_MAX_ROWS:
-            out = torch.ops.herd_cpu.gemv_int4(rows, packed, scales, group)
-        else:
-            q = unpack_int4(packed).reshape(packed.shape[0], -1, group)
-            out = F.linear(rows, (q * scales[..., None]).reshape(packed.shape[0], -1).to(x.dtype))
-    elif x.device.type == "cpu":
+    if x.device.type == "cpu":
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group, scales)
     elif x.is_cuda:
         from herd.layers.triton_ops.weight_only import w4a16_matmul  # triton only on GPUs
@@ -112,10 +100,7 @@ def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, group: int) ->
 
 
 def _check_cpu_group(device: torch.device, group: int, inp: int) -> None:
-    if device.type == "cpu" and enabled():
-        if group % 32 or inp % group:
-            raise ValueError(f"INT4 groups of {group} over {inp} inputs: the CPU kernel takes multiples of 32")
-    elif device.type == "cpu" and (group not in CPU_GROUPS or inp % group):
+    if device.type == "cpu" and (group not in CPU_GROUPS or inp % group):
         raise ValueError(f"INT4 groups of {group} over {inp} inputs: the CPU kernel takes groups of {CPU_GROUPS}")
 
 
