@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf", "structural_tag"]
 _CACHE_SIZE = 256  # deserialized grammars kept by the engine
-_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)  # unpacks an int32 bitmask word into its 32 tokens
+# For each byte value, its 8 bits as "forbidden" flags (1 where the bit is 0), packed into one int64.
+_FORBIDDEN = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).eq(0).to(torch.uint8).view(torch.int64).view(256)
 
 
 @dataclass(frozen=True)
@@ -107,28 +108,58 @@ def load_compiled(blob: GrammarBlob) -> xgr.CompiledGrammar:
 
 
 class GrammarState:
-    """One sequence's place in its grammar: advanced with each token the engine accepts."""
+    """One sequence's place in its grammar: advanced with each token the engine accepts.
+
+    The sampler may move a matcher on to the token it drew before the engine appends it (`try_accept`, the
+    draw-first path); `accept` then only confirms it. A token moved ahead but never appended (a sampler
+    called twice for one step, as tests do) is rolled back before the matcher is read again.
+    """
 
     def __init__(self, blob: GrammarBlob) -> None:
         compiled = load_compiled(blob)
         self.matcher = xgr.GrammarMatcher(compiled)
         self.failed = False
+        self._ahead: int | None = None  # a token the matcher took in `try_accept`, not yet appended
 
     def accept(self, token_id: int) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead == token_id:
+            return
+        if ahead is not None:
+            self.matcher.rollback(1)
         # The sampler only draws allowed tokens, so a refusal means a bug (or an all -inf row); the
         # sequence then goes on unconstrained rather than failing the whole batch.
         if not self.failed and not self.matcher.is_terminated() and not self.matcher.accept_token(token_id):
             logger.warning("grammar refused token %d; the rest of this sequence is unconstrained", token_id)
             self.failed = True
 
+    def try_accept(self, token_id: int) -> bool:
+        """Whether the grammar allows `token_id` now; if it does, the matcher has moved on to it.
+
+        The same answer as this step's bitmask bit (xgrammar's matcher and mask agree, special and
+        out-of-range ids included; tests/test_structured.py checks it), without filling the bitmask.
+        """
+        self._settle()
+        if self.matcher.accept_token(token_id):
+            self._ahead = token_id
+            return True
+        return False
+
     @property
     def active(self) -> bool:
         """Whether this step's token is constrained."""
+        self._settle()
         return not self.failed and not self.matcher.is_terminated()
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write this step's allowed tokens into `bitmask[row]`."""
+        self._settle()
         self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def _settle(self) -> None:
+        if self._ahead is not None:
+            self._ahead = None
+            self.matcher.rollback(1)
 
 
 class GrammarMasker:
@@ -180,13 +211,17 @@ class StepMask:
         if x.is_cuda:  # xgrammar's GPU kernel
             xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device, non_blocking=True), indices=local)
             return
-        # On the CPU, torch's vectorised unpacking beats xgrammar's one-threaded C++ loop: 16 rows of 202k
-        # logits, 5.2 ms against 13.5 ms on an idle dev-cpu (benchmarks/grammar_mask_cpu.py). Bit j of word w
-        # is token 32 * w + j, as in xgrammar; ids past the logits' width are left alone.
+        # On the CPU, torch's vectorised unpacking beats xgrammar's one-threaded C++ loop (16 rows of 202k logits:
+        # 13.5 ms on an idle dev-cpu, benchmarks/grammar_mask_cpu.py). Each byte of the bitmask is looked up in
+        # a table of 8 "forbidden" flags packed in one int64, so the unpacking is one gather of 8-byte words
+        # into a bool tensor as wide as the logits (shifting every bit out of the int32 words took four
+        # passes over a 4-byte-per-token tensor). Bit j of byte k of word w is token 32 * w + 8 * k + j, as in
+        # xgrammar (little-endian); ids past the logits' width are left alone.
         words = bitmask[local] if len(local) < len(rows) else bitmask
-        allowed = ((words.unsqueeze(-1) >> _BIT_SHIFTS) & 1).bool().view(len(local), -1)[:, : x.shape[1]]
+        forbidden = _FORBIDDEN.index_select(0, words.view(torch.uint8).view(-1).int())
+        forbidden = forbidden.view(torch.bool).view(len(local), -1)[:, : x.shape[1]]
         if len(local) == x.shape[0]:
-            x.masked_fill_(~allowed, float("-inf"))
+            x.masked_fill_(forbidden, float("-inf"))
         else:
             index = torch.tensor(local)
-            x[index] = x[index].masked_fill(~allowed, float("-inf"))
+            x[index] = x[index].masked_fill(forbidden, float("-inf"))
