@@ -66,6 +66,7 @@ class GrammarClock:
         self.seconds = 0.0
         for owner, name in (
             (grammar.GrammarState, "accept"),
+            (grammar.GrammarState, "try_accept"),
             (grammar.GrammarMasker, "fill"),
             (grammar.StepMask, "apply"),
         ):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from herd.sampling.grammar import GrammarMasker, StepMask
 from herd.sampling.params import SamplingParams
-from herd.sampling.penalties import adjusted_logits, as_floats, as_index, take_rows
+from herd.sampling.penalties import adjusted_logits, adjusts, as_floats, as_index, take_rows
 from herd.sampling.state import SamplingState
 
 # Top-p first looks for the nucleus among this many most likely tokens, then among the second width,
@@ -85,7 +85,7 @@ class Sampler:
             refused = [i for (i, g), t in zip(first.items(), chosen, strict=True) if not g.try_accept(t)]
             if refused:
                 again = [first[i] if i in refused else None for i in range(len(states))]
-                _sample(logits, tokens, refused, states, self.masker.fill(again, vocab))
+                _sample_allowed(logits, tokens, refused, states, self.masker.fill(again, vocab))
         return _results(logits, tokens, states)
 
     @torch.inference_mode()
@@ -129,6 +129,60 @@ def _sample(
         # The only per-row loop: each row's uniform number comes from its own generator.
         u = torch.tensor([states[i].uniform() for i in drawn], dtype=torch.float64).to(logits.device)
         tokens[as_index(drawn, logits.device)] = _inverse_cdf(probs, u)
+
+
+def _sample_allowed(
+    logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], states: Sequence[SamplingState], mask: StepMask | None
+) -> None:
+    """Sample the greedy or plain-temperature rows `rows` among the tokens `mask` allows them, into `tokens`.
+
+    The same distribution as masking the whole row and sampling it, but the work follows the number of
+    allowed tokens (a JSON number allows ~1k of Llama 4's 202k), not the vocabulary: each row's allowed
+    logits are laid out in a row of their own, padded with -inf to the next power of two. That width
+    depends only on the row, and the rows of one width go through the same per-row kernels as a whole row
+    does (softmax, a float64 prefix sum, the draw), so a row's token still does not depend on the batch.
+    """
+    assert mask is not None
+    device, vocab = logits.device, logits.shape[1]
+    j, ids = mask.allowed(rows, vocab)  # on the CPU, like the bitmask
+    counts = torch.bincount(j, minlength=len(rows))
+    at = torch.arange(len(ids)) - (counts.cumsum(0) - counts)[j]  # each id's place in its row
+    widths = [1 << max(c - 1, 0).bit_length() for c in counts.tolist()]
+    j, at, ids = j.to(device), at.to(device), ids.to(device)
+    if any(adjusts(states[i]) for i in rows):
+        x = adjusted_logits(logits, rows, states)[j, ids]
+    else:
+        x = logits[as_index(rows, device)[j], ids]
+    temperature = as_floats([1.0 if states[i].params.greedy else states[i].params.temperature for i in rows], device)
+    x = x / temperature[j]
+    for width in sorted(set(widths)):
+        group = [r for r, w in enumerate(widths) if w == width]
+        local = torch.full((len(rows),), -1, dtype=torch.long, device=device)  # row -> its place in the group
+        local[group] = torch.arange(len(group), device=device)
+        keep = local[j] >= 0
+        where = (local[j][keep], at[keep])
+        values = torch.full((len(group), width), float("-inf"), device=device)  # [G, width]
+        values[where] = x[keep]
+        place = torch.zeros((len(group), width), dtype=torch.long, device=device)
+        place[where] = ids[keep]
+        batch_rows = [rows[r] for r in group]
+        tokens[as_index(batch_rows, device)] = place.gather(1, _pick(values, batch_rows, states)).squeeze(1)
+
+
+def _pick(values: torch.Tensor, rows: list[int], states: Sequence[SamplingState]) -> torch.Tensor:
+    """[G, 1]: per row of `values`, the argmax (greedy rows) or an inverse-CDF draw from its softmax."""
+    pick = torch.empty((len(rows), 1), dtype=torch.long, device=values.device)
+    greedy = [g for g, i in enumerate(rows) if states[i].params.greedy]
+    drawn = [g for g, i in enumerate(rows) if not states[i].params.greedy]
+    if greedy:  # the first maximal allowed logit: ids ascend within a row, as in an argmax of the masked row
+        pick[greedy] = values[greedy].max(-1, keepdim=True).indices
+    if drawn:
+        probs = torch.softmax(values[drawn], dim=-1)
+        cum = probs.double().cumsum(-1)
+        u = torch.tensor([states[rows[g]].uniform() for g in drawn], dtype=torch.float64).to(values.device)
+        chosen = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)
+        pick[drawn] = torch.minimum(chosen, _last_nonzero(probs))
+    return pick
 
 
 def _draws_first(params: SamplingParams, vocab: int) -> bool:
