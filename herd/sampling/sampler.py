@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from herd.sampling.allowed import last_nonzero, sample_allowed
 from herd.sampling.grammar import GrammarMasker, StepMask
 from herd.sampling.params import SamplingParams
-from herd.sampling.penalties import adjusted_logits, adjusts, as_floats, as_index, take_rows
+from herd.sampling.penalties import adjusted_logits, as_floats, as_index, take_rows
 from herd.sampling.state import SamplingState
 
 # Top-p first looks for the nucleus among this many most likely tokens, then among the second width,
@@ -79,13 +80,16 @@ class Sampler:
         grammars = [s.grammar if s.grammar is not None and s.grammar.active else None for s in states]
         first = {i: g for i, g in enumerate(grammars) if g is not None and _draws_first(states[i].params, vocab)}
         masked_now = [None if i in first else g for i, g in enumerate(grammars)]
-        _sample(logits, tokens, list(range(len(states))), states, self.masker.fill(masked_now, vocab))
+        drawn, probs = _sample(logits, tokens, list(range(len(states))), states, self.masker.fill(masked_now, vocab))
         if first:
             chosen = tokens[as_index(list(first), logits.device)].tolist()
             refused = [i for (i, g), t in zip(first.items(), chosen, strict=True) if not g.try_accept(t)]
             if refused:
-                again = [first[i] if i in refused else None for i in range(len(states))]
-                _sample_allowed(logits, tokens, refused, states, self.masker.fill(again, vocab))
+                mask = self.masker.fill([first[i] if i in refused else None for i in range(len(states))], vocab)
+                at = {i: r for r, i in enumerate(drawn)}
+                whole = sample_allowed(logits, tokens, refused, states, mask, probs, at)
+                if whole:
+                    _sample(logits, tokens, whole, states, mask)
         return _results(logits, tokens, states)
 
     @torch.inference_mode()
@@ -117,8 +121,11 @@ def _checked(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Ten
 
 def _sample(
     logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], states: Sequence[SamplingState], mask: StepMask | None
-) -> None:
-    """Sample the batch rows `rows` into `tokens`, masked by `mask` where it has a row."""
+) -> tuple[list[int], torch.Tensor | None]:
+    """Sample the batch rows `rows` into `tokens`, masked by `mask` where it has a row.
+
+    Returns the rows that drew and the distributions they drew from ([len(drawn), V], or None).
+    """
     greedy = [i for i in rows if states[i].params.greedy]
     drawn = [i for i in rows if not states[i].params.greedy]
     if greedy:
@@ -129,60 +136,8 @@ def _sample(
         # The only per-row loop: each row's uniform number comes from its own generator.
         u = torch.tensor([states[i].uniform() for i in drawn], dtype=torch.float64).to(logits.device)
         tokens[as_index(drawn, logits.device)] = _inverse_cdf(probs, u)
-
-
-def _sample_allowed(
-    logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], states: Sequence[SamplingState], mask: StepMask | None
-) -> None:
-    """Sample the greedy or plain-temperature rows `rows` among the tokens `mask` allows them, into `tokens`.
-
-    The same distribution as masking the whole row and sampling it, but the work follows the number of
-    allowed tokens (a JSON number allows ~1k of Llama 4's 202k), not the vocabulary: each row's allowed
-    logits are laid out in a row of their own, padded with -inf to the next power of two. That width
-    depends only on the row, and the rows of one width go through the same per-row kernels as a whole row
-    does (softmax, a float64 prefix sum, the draw), so a row's token still does not depend on the batch.
-    """
-    assert mask is not None
-    device, vocab = logits.device, logits.shape[1]
-    j, ids = mask.allowed(rows, vocab)  # on the CPU, like the bitmask
-    counts = torch.bincount(j, minlength=len(rows))
-    at = torch.arange(len(ids)) - (counts.cumsum(0) - counts)[j]  # each id's place in its row
-    widths = [1 << max(c - 1, 0).bit_length() for c in counts.tolist()]
-    j, at, ids = j.to(device), at.to(device), ids.to(device)
-    if any(adjusts(states[i]) for i in rows):
-        x = adjusted_logits(logits, rows, states)[j, ids]
-    else:
-        x = logits[as_index(rows, device)[j], ids]
-    temperature = as_floats([1.0 if states[i].params.greedy else states[i].params.temperature for i in rows], device)
-    x = x / temperature[j]
-    for width in sorted(set(widths)):
-        group = [r for r, w in enumerate(widths) if w == width]
-        local = torch.full((len(rows),), -1, dtype=torch.long, device=device)  # row -> its place in the group
-        local[group] = torch.arange(len(group), device=device)
-        keep = local[j] >= 0
-        where = (local[j][keep], at[keep])
-        values = torch.full((len(group), width), float("-inf"), device=device)  # [G, width]
-        values[where] = x[keep]
-        place = torch.zeros((len(group), width), dtype=torch.long, device=device)
-        place[where] = ids[keep]
-        batch_rows = [rows[r] for r in group]
-        tokens[as_index(batch_rows, device)] = place.gather(1, _pick(values, batch_rows, states)).squeeze(1)
-
-
-def _pick(values: torch.Tensor, rows: list[int], states: Sequence[SamplingState]) -> torch.Tensor:
-    """[G, 1]: per row of `values`, the argmax (greedy rows) or an inverse-CDF draw from its softmax."""
-    pick = torch.empty((len(rows), 1), dtype=torch.long, device=values.device)
-    greedy = [g for g, i in enumerate(rows) if states[i].params.greedy]
-    drawn = [g for g, i in enumerate(rows) if not states[i].params.greedy]
-    if greedy:  # the first maximal allowed logit: ids ascend within a row, as in an argmax of the masked row
-        pick[greedy] = values[greedy].max(-1, keepdim=True).indices
-    if drawn:
-        probs = torch.softmax(values[drawn], dim=-1)
-        cum = probs.double().cumsum(-1)
-        u = torch.tensor([states[rows[g]].uniform() for g in drawn], dtype=torch.float64).to(values.device)
-        chosen = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)
-        pick[drawn] = torch.minimum(chosen, _last_nonzero(probs))
-    return pick
+        return drawn, probs
+    return drawn, None
 
 
 def _draws_first(params: SamplingParams, vocab: int) -> bool:
@@ -279,13 +234,13 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     mass = _block_mass(probs)
     cum = mass.double().cumsum(-1)
     target = (u * cum[:, -1])[:, None]
-    b = torch.minimum(torch.searchsorted(cum, target, right=True), _last_nonzero(mass))
+    b = torch.minimum(torch.searchsorted(cum, target, right=True), last_nonzero(mass))
     before = torch.where(b > 0, cum.gather(1, (b - 1).clamp_min(0)), 0.0)
     cols = b * block + torch.arange(block, device=probs.device)
     inside = cols < vocab
     chunk = torch.where(inside, probs.gather(1, cols.clamp_max(vocab - 1)), 0.0).double()
     j = torch.searchsorted(chunk.cumsum(-1), (target - before).clamp_min(0.0), right=True)
-    j = torch.minimum(j, _last_nonzero(chunk))
+    j = torch.minimum(j, last_nonzero(chunk))
     return (b * block + j).squeeze(1)
 
 
@@ -303,12 +258,6 @@ def _block_mass(probs: torch.Tensor) -> torch.Tensor:
     if full < vocab:
         mass = torch.cat([mass, probs[:, full:].sum(-1, keepdim=True)], dim=1)
     return mass
-
-
-def _last_nonzero(x: torch.Tensor) -> torch.Tensor:
-    """[n, 1]: index of the last non-zero entry of each row (0 if none)."""
-    width = x.shape[1]
-    return (width - 1 - (x.flip(-1) > 0).to(torch.uint8).argmax(-1, keepdim=True)).clamp_min(0)
 
 
 # -- results -------------------------------------------------------------------------------------------

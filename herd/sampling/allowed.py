@@ -1,0 +1,122 @@
+"""Sampling a constrained row again among the tokens its grammar allows, after it refused the unmasked draw.
+
+The sampler draws a constrained row (greedy or plain temperature) from its unmasked distribution first; when
+the grammar refuses the token, the row is sampled again from the masked distribution (herd.sampling.sampler
+explains why that is exact). Masking the whole row means a pass over the vocabulary for every refused row;
+here the work follows the allowed tokens instead: a JSON number allows ~1k of Llama 4's 202k, a key or a
+bracket a handful. The drawn rows reuse the probabilities of their first draw: the masked distribution is
+those of the allowed tokens, renormalised, so no softmax runs again.
+
+Row independence (see herd.sampling.sampler) holds: the rows' allowed values go into one [R, A] layout, A
+the most any of them allows, padded with zeros (or -inf for logits); a row's prefix sums, its max and its
+last non-zero entry do not depend on how wide the layout is, so its token does not depend on the other rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from herd.sampling.grammar import StepMask
+from herd.sampling.penalties import adjusted_logits, adjusts, as_index
+from herd.sampling.state import SamplingState
+
+# Rows whose bitmask has more bytes that allow something than this (more than ~16k tokens allowed; inside a
+# JSON string nearly all 202k are) are left to be masked whole: gathering them would cost as much.
+SPARSE_BYTES = 2048
+# A drawn row whose allowed tokens all had a first-draw probability below this (their logits far below the
+# row's best) is masked whole: in float32 their probabilities would have lost precision, or be 0.
+SMALLEST_MAX = 2.0**-60
+
+
+def sample_allowed(
+    logits: torch.Tensor,  # [B, V]
+    tokens: torch.Tensor,  # [B], where the tokens go
+    rows: list[int],  # greedy or plain-temperature rows whose first token the grammar refused
+    states: Sequence[SamplingState],
+    mask: StepMask,  # holds those rows' bitmasks
+    probs: torch.Tensor | None,  # [D, V]: the unmasked distributions of the first draw's drawn rows
+    probs_row: dict[int, int],  # batch row -> its row in probs
+) -> list[int]:
+    """Sample `rows` again among their allowed tokens, into `tokens`; return the rows left to mask whole.
+
+    Each drawn row takes one more number from its generator, the rows returned none (their caller draws it).
+    """
+    busy = mask.busy_bytes(rows)
+    whole = [i for i, n in zip(rows, busy, strict=True) if n > SPARSE_BYTES]
+    greedy = [i for i, n in zip(rows, busy, strict=True) if n <= SPARSE_BYTES and states[i].params.greedy]
+    drawn = [i for i, n in zip(rows, busy, strict=True) if n <= SPARSE_BYTES and not states[i].params.greedy]
+    if greedy:
+        _argmax_allowed(logits, tokens, greedy, states, mask)
+    if drawn:
+        assert probs is not None
+        whole += _draw_allowed(probs, tokens, drawn, states, mask, [probs_row[i] for i in drawn])
+    return whole
+
+
+def _argmax_allowed(
+    logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], states: Sequence[SamplingState], mask: StepMask
+) -> None:
+    """The first maximal allowed logit of each row: ids ascend within a row, as in an argmax of the masked row."""
+    device, vocab = logits.device, logits.shape[1]
+    j, ids, slots, place = _layout(mask, rows, vocab)
+    if any(adjusts(states[i]) for i in rows):
+        source, at = adjusted_logits(logits, rows, states), j * vocab + ids  # [R, V]: a copy of the rows
+    else:
+        source, at = logits, np.asarray(rows)[j] * vocab + ids
+    values = torch.full((place.size,), float("-inf"), device=device)
+    values[torch.from_numpy(slots).to(device)] = source.reshape(-1)[torch.from_numpy(at).to(device)]
+    best = values.view(place.shape).max(-1).indices.cpu().numpy()
+    _put(tokens, rows, place[np.arange(len(rows)), best])
+
+
+def _draw_allowed(
+    probs: torch.Tensor,
+    tokens: torch.Tensor,
+    rows: list[int],
+    states: Sequence[SamplingState],
+    mask: StepMask,
+    probs_rows: list[int],
+) -> list[int]:
+    """An inverse-CDF draw from each row's first-draw probabilities of its allowed tokens; the rows whose
+    largest such probability is below SMALLEST_MAX are returned undrawn."""
+    device, vocab = probs.device, probs.shape[1]
+    j, ids, slots, place = _layout(mask, rows, vocab)
+    p = torch.zeros(place.size, dtype=torch.float64, device=device)
+    at = np.asarray(probs_rows)[j] * vocab + ids
+    p[torch.from_numpy(slots).to(device)] = probs.reshape(-1)[torch.from_numpy(at).to(device)].double()
+    p = p.view(place.shape)
+    ok = (p.amax(-1) >= SMALLEST_MAX).tolist()
+    u = torch.tensor([states[i].uniform() if good else 0.0 for i, good in zip(rows, ok, strict=True)])
+    cum = p.cumsum(-1)
+    target = (u.to(device, torch.float64) * cum[:, -1])[:, None]
+    k = torch.minimum(torch.searchsorted(cum, target, right=True), last_nonzero(p)).squeeze(1).cpu().numpy()
+    chosen = place[np.arange(len(rows)), k]
+    drawn = [r for r, good in enumerate(ok) if good]
+    _put(tokens, [rows[r] for r in drawn], chosen[drawn])
+    return [i for i, good in zip(rows, ok, strict=True) if not good]
+
+
+def _layout(mask: StepMask, rows: list[int], vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The rows' allowed tokens laid out in an [R, A] grid: per token its row j (in `rows`), its id and its slot
+    in the flattened grid; and the grid of ids itself (`place`, 0 in the padding)."""
+    j, ids = mask.allowed(rows, vocab)
+    counts = np.bincount(j, minlength=len(rows))
+    width = max(int(counts.max()), 1)
+    slots = j * width + (np.arange(len(ids)) - (np.cumsum(counts) - counts)[j])
+    place = np.zeros((len(rows), width), dtype=np.int64)
+    place.reshape(-1)[slots] = ids
+    return j, ids, slots, place
+
+
+def _put(tokens: torch.Tensor, rows: list[int], values: np.ndarray) -> None:
+    if rows:
+        tokens[as_index(rows, tokens.device)] = torch.from_numpy(np.ascontiguousarray(values)).to(tokens.device)
+
+
+def last_nonzero(x: torch.Tensor) -> torch.Tensor:
+    """[n, 1]: index of the last non-zero entry of each row (0 if none)."""
+    width = x.shape[1]
+    return (width - 1 - (x.flip(-1) > 0).to(torch.uint8).argmax(-1, keepdim=True)).clamp_min(0)
