@@ -23,9 +23,10 @@ from herd.sampling.grammar import StepMask
 from herd.sampling.penalties import adjusted_logits, adjusts, as_index
 from herd.sampling.state import SamplingState
 
-# Rows whose bitmask has more bytes that allow something than this (more than ~16k tokens allowed; inside a
-# JSON string nearly all 202k are) are left to be masked whole: gathering them would cost as much.
-SPARSE_BYTES = 2048
+# Rows whose bitmask has more words that allow something than this are left to be masked whole: inside a
+# JSON string nearly all of Llama 4's 202k tokens are allowed (6.2k of its 6.3k words), and gathering them
+# would cost as much. A JSON number's digits take ~800 words, a key's first token a few hundred.
+SPARSE_WORDS = 2048
 # A drawn row whose allowed tokens all had a first-draw probability below this (their logits far below the
 # row's best) is masked whole: in float32 their probabilities would have lost precision, or be 0.
 SMALLEST_MAX = 2.0**-60
@@ -44,10 +45,10 @@ def sample_allowed(
 
     Each drawn row takes one more number from its generator, the rows returned none (their caller draws it).
     """
-    busy = mask.busy_bytes(rows)
-    whole = [i for i, n in zip(rows, busy, strict=True) if n > SPARSE_BYTES]
-    greedy = [i for i, n in zip(rows, busy, strict=True) if n <= SPARSE_BYTES and states[i].params.greedy]
-    drawn = [i for i, n in zip(rows, busy, strict=True) if n <= SPARSE_BYTES and not states[i].params.greedy]
+    busy = mask.busy_words(rows)
+    whole = [i for i, n in zip(rows, busy, strict=True) if n > SPARSE_WORDS]
+    greedy = [i for i, n in zip(rows, busy, strict=True) if n <= SPARSE_WORDS and states[i].params.greedy]
+    drawn = [i for i, n in zip(rows, busy, strict=True) if n <= SPARSE_WORDS and not states[i].params.greedy]
     if greedy:
         _argmax_allowed(logits, tokens, greedy, states, mask)
     if drawn:
@@ -102,10 +103,12 @@ def _draw_allowed(
 def _layout(mask: StepMask, rows: list[int], vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The rows' allowed tokens laid out in an [R, A] grid: per token its row j (in `rows`), its id and its slot
     in the flattened grid; and the grid of ids itself (`place`, 0 in the padding)."""
-    j, ids = mask.allowed(rows, vocab)
-    counts = np.bincount(j, minlength=len(rows))
+    per_row = mask.allowed(rows, vocab)
+    counts = np.array([len(ids) for ids in per_row])
     width = max(int(counts.max()), 1)
-    slots = j * width + (np.arange(len(ids)) - (np.cumsum(counts) - counts)[j])
+    j = np.repeat(np.arange(len(rows)), counts)
+    ids = np.concatenate(per_row)
+    slots = j * width + (np.arange(len(ids)) - np.repeat(np.cumsum(counts) - counts, counts))
     place = np.zeros((len(rows), width), dtype=np.int64)
     place.reshape(-1)[slots] = ids
     return j, ids, slots, place

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf", "structural_tag"]
 _CACHE_SIZE = 256  # deserialized grammars kept by the engine
+_ALLOWED_CACHE_SIZE = 256  # bitmask rows whose allowed ids a masker keeps (at most ~16k ids each: sparse rows)
 # For each byte value, its 8 bits as "forbidden" flags (1 where the bit is 0), packed into one int64.
 _FORBIDDEN = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).eq(0).to(torch.uint8).view(torch.int64).view(256)
 
@@ -172,6 +173,7 @@ class GrammarMasker:
 
     def __init__(self) -> None:
         self._buffer = torch.empty(0, dtype=torch.int32)
+        self._allowed: dict[bytes, np.ndarray] = {}  # see StepMask.allowed
 
     def fill(self, grammars: Sequence[GrammarState | None], vocab: int) -> StepMask | None:
         """This step's masks for `grammars` (one per batch row), or None when no row is constrained."""
@@ -186,7 +188,7 @@ class GrammarMasker:
             grammar = grammars[i]
             assert grammar is not None
             grammar.fill(bitmask, i)
-        return StepMask(bitmask, rows)
+        return StepMask(bitmask, rows, self._allowed)
 
 
 @dataclass(frozen=True)
@@ -195,27 +197,31 @@ class StepMask:
 
     bitmask: torch.Tensor  # [B, ceil(V / 32)] int32 on the CPU
     rows: list[int]
+    cache: dict[bytes, np.ndarray] | None = None  # GrammarMasker's: a bitmask row -> its allowed ids
 
-    def allowed(self, batch_rows: Sequence[int], vocab: int) -> tuple[np.ndarray, np.ndarray]:
-        """The allowed tokens of `batch_rows` (each in `self.rows`) below `vocab`, as two int64 arrays [N]: the
-        position j in `batch_rows` and the token id, in order of j and then of id.
+    def allowed(self, batch_rows: Sequence[int], vocab: int) -> list[np.ndarray]:
+        """Per row of `batch_rows` (each in `self.rows`), its allowed token ids below `vocab`, ascending (int64).
 
-        The work follows the bytes of the bitmask that allow something: a row that allows a thousand tokens
-        of 202k is unpacked in ~1k bytes, not into 202k flags. numpy: these are small arrays, where a torch
-        op's own cost would dominate.
+        A row's ids are kept in `cache` under the row's bitmask itself, the whole of it: a grammar returns to
+        the same few masks (the next digit of a number, the next key), so most steps only look them up.
         """
-        words = self.bitmask.numpy()[list(batch_rows)]  # [R, ceil(V / 32)] int32
-        j, w = np.nonzero(words)  # the words, then their bytes, then the bytes' bits that allow a token
-        data = words[j, w].view(np.uint8).reshape(-1, 4)  # little-endian: byte b of a word holds bits 8b ..
-        m, b = np.nonzero(data)
-        n, bit = np.nonzero(np.unpackbits(data[m, b][:, None], axis=1, bitorder="little"))
-        ids = w[m[n]] * 32 + b[n] * 8 + bit  # in order of row, then id
-        keep = ids < vocab
-        return j[m[n]][keep], ids[keep]
+        words = self.bitmask.numpy()
+        out = []
+        for i in batch_rows:
+            key = words[i].tobytes()
+            ids = None if self.cache is None else self.cache.get(key)
+            if ids is None:
+                ids = _allowed_ids(words[i])
+                if self.cache is not None:
+                    if len(self.cache) >= _ALLOWED_CACHE_SIZE:
+                        del self.cache[next(iter(self.cache))]  # the oldest
+                    self.cache[key] = ids
+            out.append(ids[: np.searchsorted(ids, vocab)])
+        return out
 
-    def busy_bytes(self, batch_rows: Sequence[int]) -> list[int]:
-        """Per row of `batch_rows`, how many bytes of its bitmask allow something (a bound on its tokens / 8)."""
-        return np.count_nonzero(self.bitmask.numpy()[list(batch_rows)].view(np.uint8), axis=1).tolist()
+    def busy_words(self, batch_rows: Sequence[int]) -> list[int]:
+        """Per row of `batch_rows`, how many words of its bitmask allow something (a bound on its tokens / 32)."""
+        return np.count_nonzero(self.bitmask.numpy()[list(batch_rows)], axis=1).tolist()
 
     def apply(self, x: torch.Tensor, batch_rows: Sequence[int]) -> None:
         """Set to -inf, in place, what the grammar forbids in x, whose row j is batch row `batch_rows[j]`.
@@ -247,3 +253,13 @@ class StepMask:
         else:
             index = torch.tensor(local)
             x[index] = x[index].masked_fill(forbidden, float("-inf"))
+
+
+def _allowed_ids(words: np.ndarray) -> np.ndarray:
+    """The ids whose bits are set in one bitmask row (int32 words), ascending: the work follows the words, then
+    the bytes, that allow something, not the vocabulary."""
+    w = np.flatnonzero(words)
+    data = words[w].view(np.uint8).reshape(-1, 4)  # little-endian: byte b of a word holds its bits 8b .. 8b + 7
+    m, b = np.nonzero(data)
+    n, bit = np.nonzero(np.unpackbits(data[m, b][:, None], axis=1, bitorder="little"))
+    return w[m[n]] * 32 + b[n] * 8 + bit
