@@ -109,6 +109,19 @@ def load_compiled(blob: GrammarBlob) -> xgr.CompiledGrammar:
     return compiled
 
 
+_never: dict[str, frozenset[int]] = {}  # per vocabulary: the special tokens, which no grammar allows
+
+
+def _never_allowed(vocabulary_key: str, compiled: xgr.CompiledGrammar) -> frozenset[int]:
+    with _lock:
+        never = _never.get(vocabulary_key)
+    if never is None:
+        never = frozenset(compiled.tokenizer_info.special_token_ids)
+        with _lock:
+            _never[vocabulary_key] = never
+    return never
+
+
 class GrammarState:
     """One sequence's place in its grammar: advanced with each token the engine accepts.
 
@@ -122,6 +135,8 @@ class GrammarState:
         self.matcher = xgr.GrammarMatcher(compiled)
         self.failed = False
         self._ahead: int | None = None  # a token the matcher took in `try_accept`, not yet appended
+        self._never = _never_allowed(blob.vocabulary_key, compiled)
+        self._vocab_size = compiled.tokenizer_info.vocab_size
 
     def accept(self, token_id: int) -> None:
         ahead, self._ahead = self._ahead, None
@@ -142,6 +157,9 @@ class GrammarState:
         out-of-range ids included; tests/test_structured.py checks it), without filling the bitmask.
         """
         self._settle()
+        # xgrammar refuses these too, but with a warning on stderr each time: a draw may well be one of them.
+        if token_id in self._never or token_id >= self._vocab_size:
+            return False
         if self.matcher.accept_token(token_id):
             self._ahead = token_id
             return True
