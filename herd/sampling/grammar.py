@@ -10,9 +10,11 @@ with every request. Here a blob is only deserialized, once per grammar (`_compil
 key), and each sequence gets its own `GrammarState`.
 
 Masking: xgrammar fills a packed int32 bitmask per constrained row on the CPU (the matcher is a CPU
-automaton), the bitmask moves to the logits' device, and xgrammar's kernel (C++ on the CPU, a GPU kernel on
-CUDA) sets the disallowed logits to -inf. It works row by row, so a row's tokens still do not depend on the
-rest of the batch.
+automaton). To mask a whole row, the bitmask moves to the logits' device and xgrammar's kernel (on CUDA) or
+a table lookup of its bytes (on the CPU) sets the disallowed logits to -inf. A row may instead need only its
+allowed ids (`StepMask.allowed`, herd.sampling.allowed), or no bitmask at all: greedy and plain-temperature
+rows draw first and ask the matcher (`GrammarState.try_accept`), see herd.sampling.sampler. All of it works
+row by row, so a row's tokens still do not depend on the rest of the batch.
 """
 
 from __future__ import annotations

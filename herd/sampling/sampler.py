@@ -5,7 +5,8 @@ tokens); presence and frequency penalties (output tokens); the grammar's mask (c
 herd.sampling.grammar); then either argmax (greedy) or temperature, top-k, top-p, min-p and a draw. vLLM
 masks first; the result is the same, since the mask only writes -inf, which every later adjustment keeps.
 Masking after the temperature lets a drawn row be masked in the copy the division makes, not in a copy of
-its own (a 16 x 202k batch: 13 MB less to copy each step).
+its own (a 16 x 202k batch: 13 MB less to copy each step). Greedy and plain-temperature rows are not masked
+first at all: they draw, and only a refused draw is sampled again (see `Sampler`, herd.sampling.allowed).
 
 Row independence: a sequence's token depends only on its own logits row and its own generator, never
 on the other rows of the batch or on its position, bit for bit. So everything here is elementwise
