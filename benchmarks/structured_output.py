@@ -131,6 +131,7 @@ def main() -> None:
             cpu_ms[name] = min(cpu_ms[name], 1e3 * cpu / tokens)
             loads.append(os.getloadavg()[0])
     grammar_ms = 1e3 * clock.seconds / (args.repeats * args.requests * args.output_len)
+    draws = dict(clock.draws)
     sample = llm.generate(batch[:1], constrained, use_tqdm=False)[0].outputs[0].text
     print(json.dumps({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}))
     print(f"output tok/s, {args.requests} at once: free {best['free']:.1f}, constrained {best['constrained']:.1f}")
@@ -139,8 +140,8 @@ def main() -> None:
     print(f"process CPU ms per output token: free {cpu_ms['free']:.2f}, constrained {cpu_ms['constrained']:.2f}")
     print(f"cost of the grammar in CPU time: {100 * (cpu_ms['constrained'] / cpu_ms['free'] - 1):.1f}%")
     print(f"grammar CPU time: {grammar_ms:.3f} ms per constrained output token")
-    refused = clock.draws[False] / max(1, sum(clock.draws.values()))
-    print(f"first draws refused by the grammar: {100 * refused:.0f}% of {sum(clock.draws.values())}")
+    n_draws = sum(draws.values())
+    print(f"first draws refused by the grammar: {100 * draws[False] / max(1, n_draws):.0f}% of {n_draws}")
     print(f"load average (1 min) during the runs: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs")
     print(f"a constrained output begins: {sample[:80]!r}")
 
