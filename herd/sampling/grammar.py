@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 
 GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf", "structural_tag"]
 _CACHE_SIZE = 256  # deserialized grammars kept by the engine
-_ALLOWED_CACHE_SIZE = 256  # bitmask rows whose allowed ids a masker keeps (at most ~16k ids each: sparse rows)
+# Bitmask rows whose allowed ids a masker keeps: only rows gathered sparsely (herd.sampling.allowed), so at
+# most 64k int32 ids each, and a JSON number's digits ~1k.
+_ALLOWED_CACHE_SIZE = 64
 # For each byte value, its 8 bits as "forbidden" flags (1 where the bit is 0), packed into one int64.
 _FORBIDDEN = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).eq(0).to(torch.uint8).view(torch.int64).view(256)
 
@@ -156,7 +158,7 @@ class GrammarState:
         """Whether the grammar allows `token_id` now; if it does, the matcher has moved on to it.
 
         The same answer as this step's bitmask bit (xgrammar's matcher and mask agree, special and
-        out-of-range ids included; tests/test_structured.py checks it), without filling the bitmask.
+        out-of-range ids included; tests/test_structured_sampling.py checks it), without filling the bitmask.
         """
         self._settle()
         # xgrammar refuses these too, but with a warning on stderr each time: a draw may well be one of them.
@@ -220,7 +222,7 @@ class StepMask:
     cache: dict[bytes, np.ndarray] | None = None  # GrammarMasker's: a bitmask row -> its allowed ids
 
     def allowed(self, batch_rows: Sequence[int], vocab: int) -> list[np.ndarray]:
-        """Per row of `batch_rows` (each in `self.rows`), its allowed token ids below `vocab`, ascending (int64).
+        """Per row of `batch_rows` (each in `self.rows`), its allowed token ids below `vocab`, ascending (int32).
 
         A row's ids are kept in `cache` under the row's bitmask itself, the whole of it: a grammar returns to
         the same few masks (the next digit of a number, the next key), so most steps only look them up.
@@ -282,4 +284,4 @@ def _allowed_ids(words: np.ndarray) -> np.ndarray:
     data = words[w].view(np.uint8).reshape(-1, 4)  # little-endian: byte b of a word holds its bits 8b .. 8b + 7
     m, b = np.nonzero(data)
     n, bit = np.nonzero(np.unpackbits(data[m, b][:, None], axis=1, bitorder="little"))
-    return w[m[n]] * 32 + b[n] * 8 + bit
+    return (w[m[n]] * 32 + b[n] * 8 + bit).astype(np.int32)
