@@ -7,9 +7,11 @@ here the work follows the allowed tokens instead: a JSON number allows ~1k of Ll
 bracket a handful. The drawn rows reuse the probabilities of their first draw: the masked distribution is
 those of the allowed tokens, renormalised, so no softmax runs again.
 
-Row independence (see herd.sampling.sampler) holds: the rows' allowed values go into one [R, A] layout, A
-the most any of them allows, padded with zeros (or -inf for logits); a row's prefix sums, its max and its
-last non-zero entry do not depend on how wide the layout is, so its token does not depend on the other rows.
+Only the allowed values cross to the CPU (a few thousand at most, from a GPU too); the rest is numpy on small
+arrays, where a torch op's own cost would be most of the work. Row independence (see herd.sampling.sampler)
+holds: the rows' allowed values go into one [R, A] layout, A the most any of them allows, padded with zeros
+(or -inf for logits); a row's prefix sums (sequential), its max and its last non-zero entry do not depend on
+how wide the layout is, so its token does not depend on the other rows.
 """
 
 from __future__ import annotations
@@ -61,16 +63,15 @@ def _argmax_allowed(
     logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], states: Sequence[SamplingState], mask: StepMask
 ) -> None:
     """The first maximal allowed logit of each row: ids ascend within a row, as in an argmax of the masked row."""
-    device, vocab = logits.device, logits.shape[1]
+    vocab = logits.shape[1]
     j, ids, slots, place = _layout(mask, rows, vocab)
     if any(adjusts(states[i]) for i in rows):
         source, at = adjusted_logits(logits, rows, states), j * vocab + ids  # [R, V]: a copy of the rows
     else:
         source, at = logits, np.asarray(rows)[j] * vocab + ids
-    values = torch.full((place.size,), float("-inf"), device=device)
-    values[torch.from_numpy(slots).to(device)] = source.reshape(-1)[torch.from_numpy(at).to(device)]
-    best = values.view(place.shape).max(-1).indices.cpu().numpy()
-    _put(tokens, rows, place[np.arange(len(rows)), best])
+    values = np.full(place.shape, -np.inf, dtype=np.float32)
+    values.reshape(-1)[slots] = _gather(source, at)
+    _put(tokens, rows, place[np.arange(len(rows)), values.argmax(1)])
 
 
 def _draw_allowed(
@@ -83,21 +84,18 @@ def _draw_allowed(
 ) -> list[int]:
     """An inverse-CDF draw from each row's first-draw probabilities of its allowed tokens; the rows whose
     largest such probability is below SMALLEST_MAX are returned undrawn."""
-    device, vocab = probs.device, probs.shape[1]
+    vocab = probs.shape[1]
     j, ids, slots, place = _layout(mask, rows, vocab)
-    p = torch.zeros(place.size, dtype=torch.float64, device=device)
-    at = np.asarray(probs_rows)[j] * vocab + ids
-    p[torch.from_numpy(slots).to(device)] = probs.reshape(-1)[torch.from_numpy(at).to(device)].double()
-    p = p.view(place.shape)
-    ok = (p.amax(-1) >= SMALLEST_MAX).tolist()
-    u = torch.tensor([states[i].uniform() if good else 0.0 for i, good in zip(rows, ok, strict=True)])
-    cum = p.cumsum(-1)
-    target = (u.to(device, torch.float64) * cum[:, -1])[:, None]
-    k = torch.minimum(torch.searchsorted(cum, target, right=True), last_nonzero(p)).squeeze(1).cpu().numpy()
-    chosen = place[np.arange(len(rows)), k]
-    drawn = [r for r, good in enumerate(ok) if good]
-    _put(tokens, [rows[r] for r in drawn], chosen[drawn])
-    return [i for i, good in zip(rows, ok, strict=True) if not good]
+    p = np.zeros(place.shape)  # float64
+    p.reshape(-1)[slots] = _gather(probs, np.asarray(probs_rows)[j] * vocab + ids)
+    ok = p.max(1) >= SMALLEST_MAX
+    u = np.array([states[i].uniform() if good else 0.0 for i, good in zip(rows, ok.tolist(), strict=True)])
+    cum = np.cumsum(p, axis=1)  # sequential along a row: its entries do not depend on the padding after it
+    k = (cum <= (u * cum[:, -1])[:, None]).sum(1)  # the first place where the prefix sum passes the target
+    last = p.shape[1] - 1 - np.argmax(p[:, ::-1] > 0, axis=1)  # never a token of probability 0
+    chosen = place[np.arange(len(rows)), np.minimum(k, last)]
+    _put(tokens, [i for i, good in zip(rows, ok.tolist(), strict=True) if good], chosen[ok])
+    return [i for i, good in zip(rows, ok.tolist(), strict=True) if not good]
 
 
 def _layout(mask: StepMask, rows: list[int], vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -114,12 +112,11 @@ def _layout(mask: StepMask, rows: list[int], vocab: int) -> tuple[np.ndarray, np
     return j, ids, slots, place
 
 
+def _gather(source: torch.Tensor, at: np.ndarray) -> np.ndarray:
+    """source.flatten()[at], on the CPU: on a GPU only these few values cross, not the rows."""
+    return source.reshape(-1)[torch.from_numpy(at).to(source.device)].cpu().numpy()
+
+
 def _put(tokens: torch.Tensor, rows: list[int], values: np.ndarray) -> None:
     if rows:
         tokens[as_index(rows, tokens.device)] = torch.from_numpy(np.ascontiguousarray(values)).to(tokens.device)
-
-
-def last_nonzero(x: torch.Tensor) -> torch.Tensor:
-    """[n, 1]: index of the last non-zero entry of each row (0 if none)."""
-    width = x.shape[1]
-    return (width - 1 - (x.flip(-1) > 0).to(torch.uint8).argmax(-1, keepdim=True)).clamp_min(0)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from herd.sampling.allowed import last_nonzero, sample_allowed
+from herd.sampling.allowed import sample_allowed
 from herd.sampling.grammar import GrammarMasker, StepMask
 from herd.sampling.params import SamplingParams
 from herd.sampling.penalties import adjusted_logits, as_floats, as_index, take_rows
@@ -235,13 +235,13 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     mass = _block_mass(probs)
     cum = mass.double().cumsum(-1)
     target = (u * cum[:, -1])[:, None]
-    b = torch.minimum(torch.searchsorted(cum, target, right=True), last_nonzero(mass))
+    b = torch.minimum(torch.searchsorted(cum, target, right=True), _last_nonzero(mass))
     before = torch.where(b > 0, cum.gather(1, (b - 1).clamp_min(0)), 0.0)
     cols = b * block + torch.arange(block, device=probs.device)
     inside = cols < vocab
     chunk = torch.where(inside, probs.gather(1, cols.clamp_max(vocab - 1)), 0.0).double()
     j = torch.searchsorted(chunk.cumsum(-1), (target - before).clamp_min(0.0), right=True)
-    j = torch.minimum(j, last_nonzero(chunk))
+    j = torch.minimum(j, _last_nonzero(chunk))
     return (b * block + j).squeeze(1)
 
 
@@ -259,6 +259,12 @@ def _block_mass(probs: torch.Tensor) -> torch.Tensor:
     if full < vocab:
         mass = torch.cat([mass, probs[:, full:].sum(-1, keepdim=True)], dim=1)
     return mass
+
+
+def _last_nonzero(x: torch.Tensor) -> torch.Tensor:
+    """[n, 1]: index of the last non-zero entry of each row (0 if none)."""
+    width = x.shape[1]
+    return (width - 1 - (x.flip(-1) > 0).to(torch.uint8).argmax(-1, keepdim=True)).clamp_min(0)
 
 
 # -- results -------------------------------------------------------------------------------------------
