@@ -114,6 +114,8 @@ def _layout(mask: StepMask, rows: list[int], vocab: int) -> tuple[np.ndarray, np
 
 def _gather(source: torch.Tensor, at: np.ndarray) -> np.ndarray:
     """source.flatten()[at], on the CPU: on a GPU only these few values cross, not the rows."""
+    if source.device.type == "cpu":  # numpy's gather of a few thousand values: a tenth of torch's time
+        return source.reshape(-1).numpy()[at]
     return source.reshape(-1)[torch.from_numpy(at).to(source.device)].cpu().numpy()
 
 
