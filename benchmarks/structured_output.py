@@ -5,10 +5,13 @@ Meta's tokenizer.model from the llama-models package), so the grammar's per-step
 bitmask over the whole vocabulary, unpacking it, masking the logits) is what a Llama 4 checkpoint pays.
 16 requests run at once, temperature 1, EOS ignored, the same prompts and seeds both ways. The schema
 (an array of at least 100 {name, n} objects) cannot close within --output-len tokens, so every step of
-every constrained sequence is masked. Each side is the best of --repeats runs, interleaved, so a burst of
+every constrained sequence is constrained. The sampler draws such a row (plain temperature) from the unmasked
+distribution first and masks only when the grammar refuses the draw; the random model's draws are refused
+often (inside a JSON number only ~1k of the 202k tokens are allowed), so the share refused is printed too.
+Each side is the best of --repeats runs, interleaved, so a burst of
 other work on a shared machine does not decide the ratio. Also timed: the CPU time of the grammar's own work
-(filling bitmasks, masking logits, advancing matchers) per constrained output token, which load inflates
-far less than the ratio of two throughputs.
+(advancing matchers, filling bitmasks, masking logits, sampling refused rows again) per constrained output
+token, which load inflates far less than the ratio of two throughputs.
 
     python benchmarks/structured_output.py --repeats 3
 """
@@ -30,7 +33,7 @@ from offline_throughput import CONFIGS, prompts
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 from herd.llm import LLM
-from herd.sampling import SamplingParams, grammar
+from herd.sampling import SamplingParams, grammar, sampler
 from herd.sampling.grammar import StructuredOutput
 
 SCHEMA = {
@@ -60,16 +63,29 @@ def real_vocab_tiny(workdir: Path) -> Path:
 
 
 class GrammarClock:
-    """Thread CPU time spent inside the grammar's per-step calls (the engine runs in this process's thread)."""
+    """Thread CPU time spent inside the grammar's per-step calls (the engine runs in this process's thread): the
+    matchers' accepting (`try_accept` is the draw-first check), filling bitmasks, masking whole rows, and
+    sampling refused rows again among their allowed tokens."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.draws = {True: 0, False: 0}  # first draws the grammar allowed / refused
         for owner, name in (
             (grammar.GrammarState, "accept"),
+            (grammar.GrammarState, "try_accept"),
             (grammar.GrammarMasker, "fill"),
             (grammar.StepMask, "apply"),
+            (sampler, "sample_allowed"),  # a refused draw sampled again among the allowed tokens
         ):
             setattr(owner, name, self._timed(getattr(owner, name)))
+        counted = grammar.GrammarState.try_accept
+
+        def try_accept(state, token_id):  # type: ignore[no-untyped-def]
+            allowed = counted(state, token_id)
+            self.draws[allowed] += 1
+            return allowed
+
+        grammar.GrammarState.try_accept = try_accept  # type: ignore[method-assign]
 
     def _timed(self, method):  # type: ignore[no-untyped-def]
         def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -102,7 +118,7 @@ def main() -> None:
         llm.generate(batch[:2], replace(params, max_tokens=4), use_tqdm=False)
     best = {"free": 0.0, "constrained": 0.0}
     cpu_ms = {"free": float("inf"), "constrained": float("inf")}  # process CPU time per output token, least
-    clock.seconds = 0.0
+    clock.seconds, clock.draws = 0.0, {True: 0, False: 0}
     loads = [os.getloadavg()[0]]
     tokens = args.requests * args.output_len
     for _ in range(args.repeats):
@@ -115,6 +131,7 @@ def main() -> None:
             cpu_ms[name] = min(cpu_ms[name], 1e3 * cpu / tokens)
             loads.append(os.getloadavg()[0])
     grammar_ms = 1e3 * clock.seconds / (args.repeats * args.requests * args.output_len)
+    draws = dict(clock.draws)
     sample = llm.generate(batch[:1], constrained, use_tqdm=False)[0].outputs[0].text
     print(json.dumps({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}))
     print(f"output tok/s, {args.requests} at once: free {best['free']:.1f}, constrained {best['constrained']:.1f}")
@@ -123,6 +140,8 @@ def main() -> None:
     print(f"process CPU ms per output token: free {cpu_ms['free']:.2f}, constrained {cpu_ms['constrained']:.2f}")
     print(f"cost of the grammar in CPU time: {100 * (cpu_ms['constrained'] / cpu_ms['free'] - 1):.1f}%")
     print(f"grammar CPU time: {grammar_ms:.3f} ms per constrained output token")
+    n_draws = sum(draws.values())
+    print(f"first draws refused by the grammar: {100 * draws[False] / max(1, n_draws):.0f}% of {n_draws}")
     print(f"load average (1 min) during the runs: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs")
     print(f"a constrained output begins: {sample[:80]!r}")
 

@@ -25,7 +25,7 @@ def adjusted_logits(
     """
     sub_states = [states[i] for i in rows]
     masked = mask is not None and not set(mask.rows).isdisjoint(rows)
-    if not masked and not any(map(_adjusts, sub_states)):
+    if not masked and not any(map(adjusts, sub_states)):
         return take_rows(logits, rows, copy=False)
     x = take_rows(logits, rows, copy=True)
     _adjust(x, sub_states)
@@ -34,7 +34,7 @@ def adjusted_logits(
     return x
 
 
-def _adjusts(state: SamplingState) -> bool:
+def adjusts(state: SamplingState) -> bool:
     p = state.params
     return bool(p.logit_bias) or bool(state.banned_token_ids()) or _penalised(state)
 

@@ -5,7 +5,8 @@ tokens); presence and frequency penalties (output tokens); the grammar's mask (c
 herd.sampling.grammar); then either argmax (greedy) or temperature, top-k, top-p, min-p and a draw. vLLM
 masks first; the result is the same, since the mask only writes -inf, which every later adjustment keeps.
 Masking after the temperature lets a drawn row be masked in the copy the division makes, not in a copy of
-its own (a 16 x 202k batch: 13 MB less to copy each step).
+its own (a 16 x 202k batch: 13 MB less to copy each step). Greedy and plain-temperature rows are not masked
+first at all: they draw, and only a refused draw is sampled again (see `Sampler`, herd.sampling.allowed).
 
 Row independence: a sequence's token depends only on its own logits row and its own generator, never
 on the other rows of the batch or on its position, bit for bit. So everything here is elementwise
@@ -26,7 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from herd.sampling.allowed import sample_allowed
 from herd.sampling.grammar import GrammarMasker, StepMask
+from herd.sampling.params import SamplingParams
 from herd.sampling.penalties import adjusted_logits, as_floats, as_index, take_rows
 from herd.sampling.state import SamplingState
 
@@ -53,9 +56,18 @@ class SampleResult:
 class Sampler:
     """Samples one token for each row of `logits` ([B, V] float32) given the B rows' states.
 
-    Returns one `SampleResult` per row, in row order. Does not modify `logits`; of the states it only
-    advances the generators of rows that draw. The engine appends the tokens it accepts with
-    `SamplingState.append_token`.
+    Returns one `SampleResult` per row, in row order. Does not modify `logits`. Of the states it advances
+    the generators of rows that draw, and may move a row's grammar on to the token it returns (the engine's
+    `SamplingState.append_token` then confirms it; see `GrammarState.try_accept`). The engine appends the
+    tokens it accepts with `SamplingState.append_token`.
+
+    Draw first, mask if refused: a constrained row without top-k, top-p or min-p (greedy or plain
+    temperature) takes its token from the unmasked distribution, and only if the grammar refuses that token
+    is the row masked and sampled again. That is exactly the masked distribution: greedy, the argmax is
+    the masked argmax whenever it is allowed; drawn, token x in the allowed set A comes with probability
+    p(x) + (1 - p(A)) p(x) / p(A) = p(x) / p(A). The refused row's second draw takes the next number of its
+    generator. (With top-k / top-p / min-p the kept set depends on the mask, so those rows mask first.)
+    Most tokens of a model that follows its format are allowed, and then no bitmask is filled at all.
     """
 
     def __init__(self) -> None:
@@ -64,17 +76,21 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> list[SampleResult]:
         logits = _checked(logits, states)
+        vocab = logits.shape[1]
         tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
-        greedy, drawn = _split(states)
-        mask = self.masker.fill([s.grammar for s in states], logits.shape[1])
-        if greedy:
-            # max(dim) returns the first maximal index like argmax, and is ~2x faster on the CPU.
-            tokens[as_index(greedy, logits.device)] = adjusted_logits(logits, greedy, states, mask).max(-1).indices
-        if drawn:
-            probs = _filtered_probs(adjusted_logits(logits, drawn, states), drawn, states, mask)
-            # The only per-row loop: each row's uniform number comes from its own generator.
-            u = torch.tensor([states[i].uniform() for i in drawn], dtype=torch.float64).to(logits.device)
-            tokens[as_index(drawn, logits.device)] = _inverse_cdf(probs, u)
+        grammars = [s.grammar if s.grammar is not None and s.grammar.active else None for s in states]
+        first = {i: g for i, g in enumerate(grammars) if g is not None and _draws_first(states[i].params, vocab)}
+        masked_now = [None if i in first else g for i, g in enumerate(grammars)]
+        drawn, probs = _sample(logits, tokens, list(range(len(states))), states, self.masker.fill(masked_now, vocab))
+        if first:
+            chosen = tokens[as_index(list(first), logits.device)].tolist()
+            refused = [i for (i, g), t in zip(first.items(), chosen, strict=True) if not g.try_accept(t)]
+            if refused:
+                mask = self.masker.fill([first[i] if i in refused else None for i in range(len(states))], vocab)
+                at = {i: r for r, i in enumerate(drawn)}
+                whole = sample_allowed(logits, tokens, refused, states, mask, probs, at)
+                if whole:
+                    _sample(logits, tokens, whole, states, mask)
         return _results(logits, tokens, states)
 
     @torch.inference_mode()
@@ -102,6 +118,34 @@ def _checked(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Ten
     if logits.dim() != 2 or logits.shape[0] != len(states):
         raise ValueError(f"logits must be [len(states)={len(states)}, vocab], got {list(logits.shape)}")
     return logits.float()
+
+
+def _sample(
+    logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], states: Sequence[SamplingState], mask: StepMask | None
+) -> tuple[list[int], torch.Tensor | None]:
+    """Sample the batch rows `rows` into `tokens`, masked by `mask` where it has a row.
+
+    Returns the rows that drew and the distributions they drew from ([len(drawn), V], or None).
+    """
+    greedy = [i for i in rows if states[i].params.greedy]
+    drawn = [i for i in rows if not states[i].params.greedy]
+    if greedy:
+        # max(dim) returns the first maximal index like argmax, and is ~2x faster on the CPU.
+        tokens[as_index(greedy, logits.device)] = adjusted_logits(logits, greedy, states, mask).max(-1).indices
+    if drawn:
+        probs = _filtered_probs(adjusted_logits(logits, drawn, states), drawn, states, mask)
+        # The only per-row loop: each row's uniform number comes from its own generator.
+        u = torch.tensor([states[i].uniform() for i in drawn], dtype=torch.float64).to(logits.device)
+        tokens[as_index(drawn, logits.device)] = _inverse_cdf(probs, u)
+        return drawn, probs
+    return drawn, None
+
+
+def _draws_first(params: SamplingParams, vocab: int) -> bool:
+    """Whether a constrained row may draw from the unmasked distribution first (see `Sampler`)."""
+    if params.greedy:
+        return True
+    return (params.top_k == 0 or params.top_k >= vocab) and params.top_p >= 1.0 and params.min_p == 0.0
 
 
 def _split(states: Sequence[SamplingState]) -> tuple[list[int], list[int]]:

@@ -28,6 +28,7 @@ from herd.models.loader import load_model, resolve_dtype
 from herd.multimodal import RequestImages
 from herd.sampling import Sampler, SampleResult, SamplingState
 from herd.speculative import make_proposer
+from herd.worker.cpu_malloc import keep_freed_memory
 from herd.worker.cuda_graphs import DecodeGraphRunner, build_decode_graphs, graphs_enabled
 from herd.worker.images import release_finished_images, step_image_features
 from herd.worker.inputs import build_step_inputs
@@ -50,6 +51,8 @@ class Worker:
     def __init__(self, config: EngineConfig, rank: int = 0) -> None:
         self.config, self.rank = config, rank
         self.device = config.device.torch_device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a step's temporaries stay in the process instead of faulting in each step
         self.dtype = resolve_dtype(config.load.dtype, config.model)
         compile_decode = config.device.enable_torch_compile
         self.backend = get_attention_backend(config.device.attention_backend)
