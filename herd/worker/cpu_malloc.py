@@ -24,13 +24,15 @@ MMAP_THRESHOLD = 64 << 20  # allocations from this size up are mmapped (and unma
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc malloc's thresholds for this process; False where the C library is not glibc (nothing done)."""
+    """Give back what the process has freed so far (loading's transients: converted and quantized copies of the
+    weights), then set glibc malloc's thresholds; False where the C library is not glibc (nothing done)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError, TypeError):
         return False
+    malloc_trim(0)
     done = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     logger.debug("malloc thresholds for CPU decode: %s", "set" if done else "not set")
     return done

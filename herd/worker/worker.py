@@ -51,8 +51,6 @@ class Worker:
     def __init__(self, config: EngineConfig, rank: int = 0) -> None:
         self.config, self.rank = config, rank
         self.device = config.device.torch_device
-        if self.device.type == "cpu":
-            keep_freed_memory()  # a step's temporaries stay in the process instead of faulting in each step
         self.dtype = resolve_dtype(config.load.dtype, config.model)
         compile_decode = config.device.enable_torch_compile
         self.backend = get_attention_backend(config.device.attention_backend)
@@ -81,6 +79,10 @@ class Worker:
                 quantization=config.load.quantization,
             ),
         )
+        if self.device.type == "cpu":
+            # From here on a step's temporaries stay in the process instead of faulting in each step; set after
+            # loading, whose one-off transients should go back to the system.
+            keep_freed_memory()
         self.multimodal = isinstance(self.model, Llama4ForConditionalGeneration)
         # Rank 0 drafts (the next plan carries its drafts to every rank, like its samples).
         target = text_model(self.model)
