@@ -1,8 +1,8 @@
 """CPU kernels of our own, compiled from C++ the first time they are needed (or by `make venv`).
 
-Each is a torch op (`torch.ops.herd_cpu.*`), so eager code and torch.compile call it alike. The build needs
-a C++ compiler and the kernels AVX-512F/BW/VL; without either, `gemv_ops()` answers None and callers keep
-PyTorch's kernels.
+Each is a torch op (`torch.ops.herd_cpu.*`), called from eager code (they have no fake kernels for
+torch.compile yet). The build needs a C++ compiler and the kernels AVX-512F/BW/VL; without either, `gemv_ops()`
+answers None and callers keep PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ def gemv_ops() -> object | None:
         cpp_extension.load(
             name="herd_cpu_kernels",
             sources=[str(p) for p in SOURCES],
+            # -fopenmp without -lgomp: ATen's parallel_for (a header) becomes OpenMP code whose runtime calls
+            # resolve to the libgomp torch has already loaded, so the kernels share torch's threads; linking a
+            # second OpenMP runtime would give the process two thread pools.
             extra_cflags=["-O3", "-fopenmp"],
             build_directory=str(directory),
             is_python_module=False,
