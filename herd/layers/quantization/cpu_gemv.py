@@ -2,8 +2,8 @@
 
 At batch 1 a decode step is a chain of GEMVs that read every active weight once. herd's kernel streams the
 weight as loaded, [out, in] row-major (experts transposed once to that orientation), as fast as oneDNN's packed
-GEMV (benchmarks/gemv_cpu.py), without the packed copy: scout-mini decodes ~9% faster in ~1 GiB less memory
-(benchmarks/RESULTS.md). Batches above `GEMV_MAX_ROWS` rows go to PyTorch's matmul on the same weight. Small
+GEMV (benchmarks/gemv_cpu.py), without the packed copy: scout-mini decoded 3-11% faster in three pairs of
+four (benchmarks/RESULTS.md). Batches above `GEMV_MAX_ROWS` rows go to PyTorch's matmul on the same weight. Small
 weights (the demo model's), weights that are not bf16, a CPU where the kernel cannot be built or lacks AVX-512,
 and HERD_CPU_GEMV=0 keep the oneDNN-packed methods.
 """
