@@ -29,16 +29,12 @@ constexpr int64_t kRows = 4;  // weight rows per strip
 
 // --- activations -------------------------------------------------------------------------------------------
 
-// x [m, k] (bf16, fp16 or fp32) as fp32, row-major.
-std::vector<float> to_float(const at::Tensor& x2) {
-  at::Tensor f = x2.to(at::kFloat).contiguous();
-  const float* p = f.data_ptr<float>();
-  return std::vector<float>(p, p + f.numel());
-}
+// x [m, k] (bf16, fp16 or fp32) as contiguous fp32 (x itself when it already is).
+at::Tensor to_float(const at::Tensor& x2) { return x2.to(at::kFloat).contiguous(); }
 
 // bf16 weights are read as 32-bit words, each holding inputs 2i (low half) and 2i + 1 (high half); x is split
 // the same way so that both halves multiply a contiguous run of x: even[m][k/2], odd[m][k/2].
-void split_even_odd(const std::vector<float>& x, int64_t m, int64_t k, std::vector<float>& even,
+void split_even_odd(const float* x, int64_t m, int64_t k, std::vector<float>& even,
                     std::vector<float>& odd) {
   const int64_t h = k / 2;
   even.resize(m * h);
@@ -70,6 +66,14 @@ struct Output {
       static_cast<at::BFloat16*>(data)[index] = at::BFloat16(v);
     else
       static_cast<at::Half*>(data)[index] = at::Half(v);
+  }
+  // A strip's results (x rows c0 .. c0 + cc - 1 against weight rows r0 .. r0 + rr - 1, out[c * rr + r]) into
+  // the [m, n] output, times the rows' scales where there are.
+  void store_strip(const float* out, int64_t rr, int64_t cc, int64_t c0, int64_t r0, int64_t n,
+                   const float* scale = nullptr) const {
+    for (int64_t c = 0; c < cc; ++c)
+      for (int64_t r = 0; r < rr; ++r)
+        store((c0 + c) * n + r0 + r, scale == nullptr ? out[c * rr + r] : out[c * rr + r] * scale[r0 + r]);
   }
   at::ScalarType dtype;
   void* data;
@@ -141,7 +145,7 @@ HERD_AVX512 void bf16_block(const uint32_t* w, int64_t h, const float* even, con
 // match once per call: for each run of 64 inputs, four runs of 16 floats (inputs 4i, 4i + 1, 4i + 2, 4i + 3).
 constexpr float kInt8Unit = 1.f / 16777216.f;  // 2^-24
 
-void split_quarters(const std::vector<float>& x, int64_t m, int64_t k, std::vector<float>& quarters) {
+void split_quarters(const float* x, int64_t m, int64_t k, std::vector<float>& quarters) {
   const int64_t k64 = k / 64 * 64;
   quarters.resize(m * k64);
   for (int64_t i = 0; i < m; ++i)
@@ -192,7 +196,7 @@ HERD_AVX512 void int8_block(const int8_t* q, int64_t k, const float* quarters, c
                        _mm512_reduce_add_ps(tail[r][c]);
 }
 
-// Calls block<R, C>(out, c0) for a strip of `rows` (1..kRows) weight rows and every run of up to `max_c` rows of
+// Calls block<R, C>(out, c0) for a strip of `rows` (1..kRows) weight rows and every run of up to MaxC rows of
 // x, C known at compile time; `out` holds C * R results, x row c0 + c and weight row r at out[c * R + r].
 template <int MaxC, typename Block, typename Emit>
 void over_strip(int64_t rows, int64_t m, const Block& block, const Emit& emit) {
@@ -256,7 +260,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   const int64_t m = x2.size(0), h = k / 2;
   if (m == 0 || n == 0) return y.view(shape);
   std::vector<float> even, odd;
-  split_even_odd(to_float(x2), m, k, even, odd);
+  split_even_odd(to_float(x2).data_ptr<float>(), m, k, even, odd);
   const auto* words = reinterpret_cast<const uint32_t*>(w.data_ptr<at::BFloat16>());
   const Output dst(y);
   for_strips(n, 2 * k, [&](int64_t r0, int64_t rows) {
@@ -265,10 +269,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
         [&](auto r, auto c, int64_t c0, float* out) {
           bf16_block<decltype(r)::value, decltype(c)::value>(words + r0 * h, h, &even[c0 * h], &odd[c0 * h], out);
         },
-        [&](int64_t rr, int64_t cc, int64_t c0, const float* out) {
-          for (int64_t c = 0; c < cc; ++c)
-            for (int64_t r = 0; r < rr; ++r) dst.store((c0 + c) * n + r0 + r, out[c * rr + r]);
-        });
+        [&](int64_t rr, int64_t cc, int64_t c0, const float* out) { dst.store_strip(out, rr, cc, c0, r0, n); });
   });
   return y.view(shape);
 }
@@ -281,9 +282,10 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   auto [x2, y, shape] = prepare(x, k, n, "gemv_int8");
   const int64_t m = x2.size(0);
   if (m == 0 || n == 0) return y.view(shape);
-  const std::vector<float> xf = to_float(x2);
+  const at::Tensor xf = to_float(x2);
+  const float* xp = xf.data_ptr<float>();
   std::vector<float> quarters;
-  split_quarters(xf, m, k, quarters);
+  split_quarters(xp, m, k, quarters);
   const int64_t k64 = k / 64 * 64;
   const at::Tensor s = scale.to(at::kFloat).contiguous();
   const float* sp = s.data_ptr<float>();
@@ -294,11 +296,10 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
         rows, m,
         [&](auto r, auto c, int64_t c0, float* out) {
           int8_block<decltype(r)::value, decltype(c)::value>(qp + r0 * k, k, quarters.data() + c0 * k64,
-                                                              &xf[c0 * k], out);
+                                                              xp + c0 * k, out);
         },
         [&](int64_t rr, int64_t cc, int64_t c0, const float* out) {
-          for (int64_t c = 0; c < cc; ++c)
-            for (int64_t r = 0; r < rr; ++r) dst.store((c0 + c) * n + r0 + r, out[c * rr + r] * sp[r0 + r]);
+          dst.store_strip(out, rr, cc, c0, r0, n, sp);
         });
   });
   return y.view(shape);
@@ -308,8 +309,8 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
 
 // One row: y = dtype(x * rsqrt(mean(x^2) + eps)), then y = dtype(y * weight), as the reference computes it
 // (normalised in float32, rounded to the input's dtype, then scaled by the weight in that dtype).
-template <typename T, typename W>
-void rms_norm_row(const T* x, const W* weight, T* y, int64_t h, float eps) {
+template <typename T>
+void rms_norm_row(const T* x, const T* weight, T* y, int64_t h, float eps) {
   constexpr int kLanes = 16;  // independent partial sums: the compiler vectorises them
   float partial[kLanes] = {};
   int64_t j = 0;
