@@ -12,6 +12,7 @@ from herd.layers.quantization import cpu_gemv
 from herd.layers.quantization.unquantized import UnquantizedConfig
 from herd.models.loader import load_model
 
+from checkpoints import reference_logits
 from paged import PagedRunner
 
 pytestmark = pytest.mark.skipif(gemv_ops() is None, reason="herd's CPU kernels did not build here (or no AVX-512)")
@@ -83,3 +84,21 @@ def test_gemv_model_decodes_as_the_packed_one(scout_ckpt, monkeypatch: pytest.Mo
         got, expected = (runner.step(step).float() for runner in runners)
         torch.testing.assert_close(got, expected, rtol=0.05, atol=0.1)
         assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
+
+
+def test_gemv_model_follows_transformers(scout_ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every bf16 linear layer and expert through the kernel (size thresholds off): the prefill and each decode
+    step agree with transformers' float32 logits as bf16 does (test_llama4_text's bar)."""
+    path, ref = scout_ckpt
+    monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
+    monkeypatch.setattr(cpu_gemv, "SMALL_EXPERTS_BYTES", 0)
+    monkeypatch.setattr(cpu_gemv, "SMALL_LINEAR_BYTES", 0)
+    model = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
+    assert hasattr(model.model.layers[0].feed_forward.experts, "gate_up_proj_t")
+    ids, decoded = list(range(3, 23)), [5, 9, 11, 7, 13, 17]
+    runner = PagedRunner(model, max_seqs=1, max_len=len(ids) + len(decoded))
+    got = [runner.step([(0, ids)]).float()] + [runner.step([(0, [t])]).float() for t in decoded]
+    expected = reference_logits(ref, ids + decoded)
+    assert torch.cat(got).shape == expected.shape
+    agree = (torch.cat(got).argmax(-1) == expected.argmax(-1)).float().mean()
+    assert agree >= 0.75
