@@ -12,7 +12,6 @@ above a step's temporaries keep those pages in the process: no faults either way
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 logger = logging.getLogger(__name__)
@@ -26,9 +25,9 @@ MMAP_THRESHOLD = 64 << 20  # allocations from this size up are mmapped (and unma
 def keep_freed_memory() -> bool:
     """Give back what the process has freed so far (loading's transients: converted and quantized copies of the
     weights), then set glibc malloc's thresholds; False where the C library is not glibc (nothing done)."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
+        # The process's own symbols, libc's among them: find_library("c") would run ldconfig in a subprocess.
+        libc = ctypes.CDLL(None)
         mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError, TypeError):
         return False
