@@ -136,6 +136,9 @@ class ProcessCoreClient:
         commands_out.close()
         messages_in.close()
         self._send_lock = threading.Lock()
+        # Process objects are not thread-safe: when the reader and close() join at once, the waitpid that loses
+        # the race gets ECHILD and the process counts as alive ever after.
+        self._process_lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._vocabularies_sent: set[str] = set()  # grammar vocabularies the engine process has (sent in order)
         try:
@@ -166,8 +169,9 @@ class ProcessCoreClient:
                 return
 
     def _exit_cause(self) -> str:
-        self._process.join(timeout=5)  # the pipe closes a moment before the exit status is known
-        code = self._process.exitcode
+        with self._process_lock:
+            self._process.join(timeout=5)  # the pipe closes a moment before the exit status is known
+            code = self._process.exitcode
         if code is not None and code < 0:
             # SIGKILL is also what the kernel's out-of-memory killer sends.
             return f"the engine process was killed by {signal.Signals(-code).name} (out of memory, or killed)"
@@ -200,20 +204,23 @@ class ProcessCoreClient:
 
     @property
     def alive(self) -> bool:
-        return self._process.is_alive()
+        with self._process_lock:
+            return self._process.is_alive()
 
     @property
     def exitcode(self) -> int | None:
         """The engine process's exit status once it has exited (negative: killed by that signal)."""
-        return self._process.exitcode
+        with self._process_lock:
+            return self._process.exitcode
 
     def close(self, timeout: float = 10.0) -> None:
-        if self._process.is_alive():
-            self._send(("stop",))
-            self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(timeout)
+        with self._process_lock:
+            if self._process.is_alive():
+                self._send(("stop",))
+                self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(timeout)
 
 
 def _child_main(config: EngineConfig, log_level: str, commands: Connection, messages: Connection) -> None:
