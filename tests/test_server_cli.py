@@ -91,10 +91,10 @@ def test_image_flags(tmp_path: Path) -> None:
                 "EAGLE3",
                 "--speculative-draft-model-path",
                 "d",
-                "--speculative-eagle-topk",
-                "4",
+                *("--speculative-eagle-topk", "2", "--speculative-num-steps", "2"),
+                *("--speculative-num-draft-tokens", "8"),
             ],
-            ["--speculative-eagle-topk 4", "not supported yet"],
+            ["--speculative-num-draft-tokens 8", "--speculative-num-steps 2", "--speculative-eagle-topk 2", "7"],
         ),
         (
             ["--speculative-algorithm", "NGRAM", "--speculative-draft-model-path", "d"],

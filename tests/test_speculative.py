@@ -83,13 +83,13 @@ def eagle3_draft(scout_ckpt, maverick_ckpt, tmp_path_factory: pytest.TempPathFac
     }
 
 
-def eagle3(path: Path, steps: int = 3) -> dict:
+def eagle3(path: Path, steps: int = 3, topk: int = 1, num_draft_tokens: int | None = None) -> dict:
     return {
         "speculative_algorithm": "EAGLE3",
         "speculative_draft_model_path": str(path),
         "speculative_num_steps": steps,
-        "speculative_eagle_topk": 1,
-        "speculative_num_draft_tokens": steps + 1,
+        "speculative_eagle_topk": topk,
+        "speculative_num_draft_tokens": num_draft_tokens or steps + 1,
     }
 
 
@@ -100,6 +100,26 @@ def test_eagle3_random_draft_greedy_matches_transformers(request, eagle3_draft, 
     tokens, llm = generate(ckpt[0], batch, **eagle3(eagle3_draft[name]), chunked_prefill_size=6, page_size=4)
     assert tokens == [reference(ckpt, p) for p in batch]
     assert llm.engine.core.spec_stats.verify_steps > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "steps", "topk", "num_draft_tokens"),
+    [("scout", 3, 2, 6), ("maverick", 4, 3, 8), ("scout", 2, 4, 10)],
+    ids=["scout-S3K2N6", "maverick-S4K3N8", "scout-S2K4N10"],
+)
+def test_eagle3_tree_greedy_matches_transformers(
+    request, eagle3_draft, name: str, steps: int, topk: int, num_draft_tokens: int
+) -> None:
+    """Draft trees (topk > 1), verified with the tree mask at positions = depth, across chunk boundaries (chunk
+    8, trees up to 4 deep) with chunked prefill and prefix hits: greedy tokens are transformers'."""
+    ckpt = request.getfixturevalue(f"{name}_ckpt")
+    batch = repeating_prompts(seed=2)
+    batch = [*batch, batch[3][:17] + batch[0]]  # a prefix-cache hit on the 17 tokens before
+    spec = eagle3(eagle3_draft[name], steps, topk, num_draft_tokens)
+    tokens, llm = generate(ckpt[0], batch, **spec, chunked_prefill_size=6, page_size=4)
+    assert tokens == [reference(ckpt, p) for p in batch]
+    stats = llm.engine.core.spec_stats
+    assert stats.tokens > stats.verify_steps > 0  # some drafts stood: accepted paths moved into place
 
 
 def test_eagle3_with_prefix_hits_and_preemption(scout_ckpt, eagle3_draft) -> None:

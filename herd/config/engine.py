@@ -85,9 +85,9 @@ class SpeculativeConfig:
 
     algorithm: str | None = None  # "EAGLE3" | "NGRAM"
     draft_model_path: str | None = None  # EAGLE3's draft checkpoint
-    num_steps: int = 0  # draft tokens proposed per sequence per step (a chain)
-    eagle_topk: int = 1
-    num_draft_tokens: int = 1  # tokens verified per sequence per step: num_steps + 1
+    num_steps: int = 0  # draft steps per sequence per step (a chain: its length; a tree: its depth)
+    eagle_topk: int = 1  # > 1: a tree, each draft step expanding the topk best nodes by their topk children
+    num_draft_tokens: int = 1  # tokens verified per sequence per step: num_steps + 1 for a chain
     ngram_min_match: int = 1  # NGRAM: shortest and longest suffix looked up in the earlier context
     ngram_max_match: int = 12
 

@@ -60,18 +60,32 @@ def _eagle(path: str | None, num_steps: int | None, topk: int | None, num_draft:
     if path is None:
         raise ArgumentError("--speculative-algorithm EAGLE3 needs --speculative-draft-model-path")
     topk = topk or 1
-    if topk > 1:
-        raise ArgumentError(f"--speculative-eagle-topk {topk}: not supported yet (tree drafting; use 1)")
     if num_steps is None:
-        num_steps = num_draft - 1 if num_draft is not None and num_draft > 1 else EAGLE_DEFAULT_STEPS
-    num_draft = num_steps + 1 if num_draft is None else num_draft
-    if num_draft != num_steps + 1:
-        raise ArgumentError(
-            f"--speculative-num-draft-tokens {num_draft} conflicts with --speculative-num-steps {num_steps}: "
-            f"with --speculative-eagle-topk 1 a chain of {num_steps} drafts verifies {num_steps + 1} tokens"
-        )
+        num_steps = num_draft - 1 if num_draft is not None and num_draft > 1 and topk == 1 else EAGLE_DEFAULT_STEPS
+    if topk == 1:
+        num_draft = num_steps + 1 if num_draft is None else num_draft
+        if num_draft != num_steps + 1:
+            raise ArgumentError(
+                f"--speculative-num-draft-tokens {num_draft} conflicts with --speculative-num-steps {num_steps}: "
+                f"with --speculative-eagle-topk 1 a chain of {num_steps} drafts verifies {num_steps + 1} tokens"
+            )
+    else:
+        # A tree: step 1 draws topk children of the root, each later step topk children of each of the topk best
+        # frontier nodes; the num_draft - 1 best nodes drawn (plus the root) are verified.
+        drawn = topk + (num_steps - 1) * topk * topk
+        if num_draft is None:
+            num_draft = min(drawn, 2 * topk * num_steps) + 1
+        if num_draft < 2:
+            raise ArgumentError(
+                f"--speculative-num-draft-tokens {num_draft} leaves no draft token (it counts the verified one)"
+            )
+        if num_draft - 1 > drawn:
+            raise ArgumentError(
+                f"--speculative-num-draft-tokens {num_draft} is more than --speculative-num-steps {num_steps} with "
+                f"--speculative-eagle-topk {topk} can draw: at most {drawn} drafts + 1 = {drawn + 1} tokens"
+            )
     return SpeculativeConfig(
-        algorithm="EAGLE3", draft_model_path=path, num_steps=num_steps, eagle_topk=1, num_draft_tokens=num_draft
+        algorithm="EAGLE3", draft_model_path=path, num_steps=num_steps, eagle_topk=topk, num_draft_tokens=num_draft
     )
 
 

@@ -131,12 +131,13 @@ class EngineCore:
             if self.speculative and item.start + 1 == item.seq.num_tokens:  # a decode step (with or without drafts)
                 self.spec_stats.record(len(accepted))
             outputs.append(self._append(self.requests[item.seq.seq_id], accepted))
-        self._take_drafts(self.workers[0].last_drafts)
+        self._take_drafts(self.workers[0].last_drafts, self.workers[0].last_draft_parents)
         return outputs
 
-    def _take_drafts(self, drafts: dict[str, list[int]]) -> None:
+    def _take_drafts(self, drafts: dict[str, list[int]], parents: dict[str, list[int]]) -> None:
         """Keep each live sequence's drafts for its next step, cut so that the tokens one step can add stay within
-        max_tokens and the context length (a verify step adds up to len(drafts) + 1 tokens)."""
+        max_tokens and the context length (a verify step adds up to len(drafts) + 1 tokens). A tree is cut to its
+        first drafts too: parents come first, so they are a tree, no deeper than their number."""
         for seq_id, draft in drafts.items():
             live = self.requests.get(seq_id)
             if live is None:
@@ -144,6 +145,8 @@ class EngineCore:
             seq = live.seq
             room = min(seq.max_tokens - len(seq.output_token_ids), self.context_length - seq.num_tokens) - 1
             seq.draft_token_ids = draft[: max(0, room)]
+            tree = parents.get(seq_id)
+            seq.draft_parents = None if tree is None else tree[: len(seq.draft_token_ids)]
 
     def _admit_loaded_grammars(self) -> None:
         """Hand the scheduler the requests whose grammars are ready (errors resurface in the worker)."""
@@ -180,6 +183,9 @@ class EngineCore:
                     local_blocks=seq.blocks.local,
                     samples=item.samples,
                     num_draft=item.num_draft,
+                    draft_parents=None
+                    if seq.draft_parents is None or not item.num_draft
+                    else seq.draft_parents[: item.num_draft],
                 )
             )
         plan.fresh_full_blocks, plan.fresh_local_blocks = self.kv.full.take_fresh(), self.kv.local.take_fresh()

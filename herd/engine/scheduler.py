@@ -42,6 +42,8 @@ class Sequence:
     skip_prefix_cache: bool = False
     # Speculative decoding: tokens a drafter guessed to follow; the next decode step verifies them.
     draft_token_ids: list[int] = field(default_factory=list)
+    # A tree of drafts (EAGLE topk > 1): each draft's parent among them (-1: the last token); None: a chain.
+    draft_parents: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -66,3 +66,55 @@ def _draw(probs: torch.Tensor, u: float) -> int:
     """One token from unnormalised probabilities [V] with the uniform number u."""
     u_t = torch.tensor([u], dtype=torch.float64, device=probs.device)
     return int(_inverse_cdf(probs[None], u_t)[0])
+
+
+def children_of(parents: Sequence[int]) -> list[list[int]]:
+    """Per node (the root first, then each draft), its children's draft indices in order. parents[j]: draft j's
+    parent among the drafts, -1 for the root."""
+    kids: list[list[int]] = [[] for _ in range(len(parents) + 1)]
+    for j, p in enumerate(parents):
+        kids[p + 1].append(j)
+    return kids
+
+
+def verify_tree(
+    probs: torch.Tensor,  # [n + 1, V]: the target's distribution after the root (row 0) and after each draft
+    draft: Sequence[int],  # n draft tokens
+    parents: Sequence[int],  # parent of each draft (-1: the root), every parent before its children
+    uniform: Callable[[], float] | None,
+) -> tuple[list[int], list[int]]:
+    """(the tokens the step adds, the draft indices of the accepted path).
+
+    Walk from the root: at each node offer its children in order, each as a point-mass draft (Leviathan et al.
+    with q = 1[c]): accept c with probability p'(c), else zero c in p' (the correction step) and renormalise.
+    The children are distinct tokens, so each refusal leaves exactly the residual the next offer needs, and the
+    token chosen at the node (accepted child, or a draw from what is left) is distributed as p. Accepting moves
+    to that child and repeats with its row; the first node where nothing stands ends the path with its draw.
+    Greedy: the target's argmax, followed while some child carries it.
+    """
+    assert probs.shape[0] == len(draft) + 1 == len(parents) + 1, f"{probs.shape[0]} rows for {len(draft)} drafts"
+    kids = children_of(parents)
+    path: list[int] = []
+    node = 0  # row of the current node: 0 the root, j + 1 draft j
+    if uniform is None:
+        target = probs.argmax(-1).tolist()
+        while True:
+            t = target[node]
+            nxt = next((c for c in kids[node] if draft[c] == t), None)
+            if nxt is None:
+                return [*(draft[j] for j in path), t], path
+            path.append(nxt)
+            node = nxt + 1
+    while True:
+        residual = probs[node].clone()
+        mass = float(residual.sum())  # of what is left: the row's 1, less each refused child's share
+        for c in kids[node]:
+            p_c = float(residual[draft[c]])
+            if uniform() * mass < p_c:  # accept with probability p_c / mass: the renormalised residual's
+                break
+            residual[draft[c]] = 0.0  # the correction step: offered and refused
+            mass -= p_c
+        else:
+            return [*(draft[j] for j in path), _draw(residual, uniform())], path
+        path.append(c)
+        node = c + 1

@@ -20,7 +20,9 @@ class StepSeq:
     seq_id: str
     start: int  # first position the target computed this step
     num_valid: int  # positions [start, start + num_valid) hold valid KV now (accepted drafts included)
-    rows: slice  # their rows on the step's token axis (the first num_valid rows of the sequence's chunk)
+    # Their rows on the step's token axis: the first num_valid rows of the sequence's chunk, or for a draft tree
+    # the root's rows and then the accepted path's (an index tensor).
+    rows: slice | torch.Tensor
     tokens: Sequence[int]  # the sequence's whole history: prompt + output, the accepted tokens included
     wants_draft: bool  # it sampled this step and may speculate: propose its next drafts
 
@@ -31,6 +33,9 @@ class Proposer(ABC):
 
     def __init__(self, num_draft: int) -> None:
         self.num_draft = num_draft  # tokens to propose per sequence per step
+        # Tree proposers: per sequence of the last `propose`, each draft's parent among its drafts (-1: the
+        # sequence's last token). Sequences missing here drafted a chain.
+        self.last_parents: dict[str, list[int]] = {}
 
     @abstractmethod
     def propose(self, seqs: list[StepSeq], aux_hidden: torch.Tensor | None) -> dict[str, list[int]]:

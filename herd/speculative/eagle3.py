@@ -17,8 +17,11 @@ from herd.speculative.base import Proposer, StepSeq
 
 
 class Eagle3Proposer(Proposer):
-    def __init__(self, drafter, num_draft: int) -> None:  # drafter: herd.models.llama4_eagle3.Eagle3Drafter
+    def __init__(self, drafter, num_draft: int, topk: int = 1, num_draft_tokens: int = 0) -> None:
+        # drafter: herd.models.eagle3_drafter.Eagle3Drafter; topk > 1: a tree of num_draft_tokens - 1 drafts,
+        # num_draft deep (SGLang's num_steps)
         super().__init__(num_draft)
+        self.topk, self.num_draft_tokens = topk, num_draft_tokens
         self.drafter = drafter
         self.aux_layer_ids = tuple(drafter.target_layer_ids)
         self._offsets: dict[str, int] = {}  # target position of each sequence's draft position 0
@@ -26,6 +29,7 @@ class Eagle3Proposer(Proposer):
     def propose(self, seqs: list[StepSeq], aux_hidden: torch.Tensor | None) -> dict[str, list[int]]:
         assert aux_hidden is not None, "EAGLE-3 needs the target's auxiliary hidden states"
         drafts: dict[str, list[int]] = {}
+        self.last_parents = {}
         for s in seqs:
             if s.num_valid == 0:
                 continue
@@ -36,7 +40,11 @@ class Eagle3Proposer(Proposer):
             ids = torch.tensor(following, dtype=torch.long, device=aux_hidden.device)
             self.drafter.truncate(s.seq_id, start)
             self.drafter.extend(s.seq_id, ids, aux_hidden[s.rows][: s.num_valid], start)
-            if s.wants_draft:
+            if s.wants_draft and self.topk > 1:
+                drafts[s.seq_id], self.last_parents[s.seq_id] = self.drafter.draft_tree(
+                    s.seq_id, self.num_draft, self.topk, self.num_draft_tokens
+                )
+            elif s.wants_draft:
                 drafts[s.seq_id] = self.drafter.draft(s.seq_id, self.num_draft)
         return drafts
 
@@ -72,4 +80,4 @@ def load_eagle3_proposer(config, target, dtype: torch.dtype, device: torch.devic
         target_embedding=target.model.embed_tokens.weight,
     )
     drafter.packed_matmuls = cpu_packing_available(device)
-    return Eagle3Proposer(drafter, config.num_steps)
+    return Eagle3Proposer(drafter, config.num_steps, config.eagle_topk, config.num_draft_tokens)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from herd.layers.attention import AttentionBatch, PoolTables
+from herd.layers.attention import AttentionBatch, DraftTree, PoolTables
 from herd.worker.plan import ScheduledChunk
 
 
@@ -26,9 +26,17 @@ def build_step_inputs(
     positions: list[int] = []
     starts = [0]
     context_lens, sample_rows = [], []
+    trees: list[DraftTree | None] = []
     for chunk in chunks:
         ids += chunk.token_ids
-        positions += range(chunk.start, chunk.end)
+        tree = DraftTree(chunk.draft_parents) if chunk.num_draft and chunk.draft_parents is not None else None
+        trees.append(tree)
+        if tree is None:
+            positions += range(chunk.start, chunk.end)
+        else:  # a draft's position is the root's plus its depth (its slot is still the next one in line)
+            root = chunk.end - chunk.num_draft - 1
+            positions += range(chunk.start, root + 1)
+            positions += [root + d for d in tree.depths()]
         starts.append(starts[-1] + len(chunk.token_ids))
         context_lens.append(chunk.end)
         if chunk.samples:
@@ -43,6 +51,7 @@ def build_step_inputs(
         full=PoolTables(full, _slots(full, chunks, block_size, device)),
         local=PoolTables(local, _slots(local, chunks, block_size, device)),
         device=device,
+        trees=trees if any(t is not None for t in trees) else None,
     )
     return StepInputs(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),

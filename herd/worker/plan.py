@@ -34,6 +34,9 @@ class ScheduledChunk:
     # Speculative decoding: the last num_draft token_ids are drafts after the sequence's last token, each
     # sampled row verifying one (see herd.worker.spec_step).
     num_draft: int = 0
+    # A tree of drafts (EAGLE topk > 1): each draft's parent among the drafts, -1 for the sequence's last token;
+    # None: a chain.
+    draft_parents: list[int] | None = None
 
     @property
     def end(self) -> int:

@@ -88,6 +88,13 @@ class Worker:
         target = text_model(self.model)
         self.proposer = make_proposer(config.speculative, target, self.dtype, self.device) if rank == 0 else None
         self.last_drafts: dict[str, list[int]] = {}  # of the last step, for the engine core to collect
+        self.last_draft_parents: dict[str, list[int]] = {}  # their trees (topk > 1), likewise
+        if config.speculative.eagle_topk > 1 and config.parallel.tp_size > 1:
+            # The accepted path's KV moves right after rank 0 verifies; the other ranks would need it in the plan.
+            raise ValueError(
+                f"--speculative-eagle-topk {config.speculative.eagle_topk} with --tp-size "
+                f"{config.parallel.tp_size}: tree drafting runs on one rank only yet (use topk 1 or tp 1)"
+            )
         if self.proposer is not None and self.proposer.aux_layer_ids:
             target.aux_layer_ids = self.proposer.aux_layer_ids
             compile_decode = False  # the compiled and graphed steps do not leave the auxiliary hidden states
@@ -161,7 +168,7 @@ class Worker:
         self._update_sequences(plan)
         self.prompt_logprobs.update(plan)
         self.last_prompt_logprobs = {}
-        self.last_drafts = {}
+        self.last_drafts, self.last_draft_parents = {}, {}
         self.kv_storage.zero_blocks(plan.fresh_full_blocks, plan.fresh_local_blocks)
         if not plan.chunks:
             return []
@@ -185,17 +192,42 @@ class Worker:
             starts = inputs.query_starts
             self.last_prompt_logprobs = self.prompt_logprobs.compute(self.model, hidden, plan.chunks, starts)
         states = {c.seq_id: self.sequences[c.seq_id].sampling for c in plan.chunks}
+        paths: dict[str, list[int]] = {}  # per draft tree verified, the draft indices of its accepted path
         if not any(c.samples for c in plan.chunks):
             results: list[list[SampleResult]] = []
         else:
             logits = self.model.compute_logits(hidden[inputs.sample_rows]).float()  # every rank: it gathers the vocab
             if self.rank != 0:  # rank 0 samples; the next plan brings every rank the tokens it chose
                 return []
-            results = sample_chunks(self.sampler, logits, plan.chunks, states)
+            results = sample_chunks(self.sampler, logits, plan.chunks, states, paths)
+            if paths:
+                self._move_accepted_paths(plan, paths)
         if self.proposer is not None:
             aux = text_model(self.model).aux_hidden if self.aux_layers else None
-            self.last_drafts = propose(self.proposer, plan.chunks, results, states, inputs.query_starts, aux)
+            self.last_drafts = propose(self.proposer, plan.chunks, results, states, inputs.query_starts, aux, paths)
+            self.last_draft_parents = self.proposer.last_parents
         return results
+
+    def _move_accepted_paths(self, plan: StepPlan, paths: dict[str, list[int]]) -> None:
+        """Each draft tree's accepted drafts were computed in the slots of their place in the tree, at the
+        positions of their depth: copy their KV to the slots of those positions, where the sequence continues."""
+        assert self.kv_storage is not None
+        bs = self.block_size
+        moves: dict[str, tuple[list[int], list[int]]] = {"full": ([], []), "local": ([], [])}
+        for chunk in plan.chunks:
+            path = paths.get(chunk.seq_id)
+            if not path:
+                continue
+            first_draft = chunk.end - chunk.num_draft
+            for depth, j in enumerate(path):
+                if j == depth:  # already in place (a chain-shaped path so far)
+                    continue
+                src, dst = first_draft + j, first_draft + depth
+                for name, table in (("full", chunk.full_blocks), ("local", chunk.local_blocks)):
+                    if table:
+                        moves[name][0].append(table[src // bs] * bs + src % bs)
+                        moves[name][1].append(table[dst // bs] * bs + dst % bs)
+        self.kv_storage.move_slots(moves["full"], moves["local"])
 
     def _update_sequences(self, plan: StepPlan) -> None:
         for seq_id in plan.finished_seq_ids:

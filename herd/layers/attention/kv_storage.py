@@ -44,6 +44,15 @@ class PagedKVStorage:
         if local:
             self.local[:, :, local] = 0
 
+    def move_slots(self, full: tuple[list[int], list[int]], local: tuple[list[int], list[int]]) -> None:
+        """Copy every layer's K/V from slots src to slots dst ((src, dst) per pool; slot = block * block_size +
+        offset): an accepted draft-tree path's entries into the consecutive positions they now stand for."""
+        for pool, (src, dst) in ((self.full, full), (self.local, local)):
+            if src:
+                flat = pool.view(pool.shape[0], 2, -1, *pool.shape[4:])
+                index = torch.tensor(src, dtype=torch.long, device=pool.device)
+                flat[:, :, torch.tensor(dst, dtype=torch.long, device=pool.device)] = flat[:, :, index]
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V cache of layer `index`: each [num_blocks, block_size, kv_heads, head_dim]."""
         pool, i = self._where[index]

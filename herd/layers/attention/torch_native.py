@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from herd.layers.attention.base import AttentionBackend, register_backend
-from herd.layers.attention.batch import AttentionBatch, PoolTables
+from herd.layers.attention.batch import AttentionBatch, PoolTables, span_mask
 from herd.layers.attention.layer import PagedAttention
 
 
@@ -144,11 +144,7 @@ def _prefill_span(batch: AttentionBatch, table: list[int], i: int, chunk: int | 
     slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()
     offset = kv_start - first_block * bs
     kv_slots = slots[offset : offset + ctx - kv_start]
-    q_pos = torch.arange(first_q, ctx)[:, None]
-    k_pos = torch.arange(kv_start, ctx)[None, :]
-    mask = k_pos <= q_pos
-    if chunk is not None:
-        mask &= k_pos >= (q_pos // chunk) * chunk
+    mask = span_mask(first_q, ctx, kv_start, chunk, batch.tree(i))
     return PrefillSpan(start, end, kv_slots.to(device), mask.to(device))
 
 
