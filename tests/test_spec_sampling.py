@@ -7,7 +7,7 @@ import torch
 
 from herd.sampling import Sampler, SamplingParams, SamplingState
 from herd.sampling import speculative as spec
-from herd.sampling.speculative import can_speculate, verify_chain
+from herd.sampling.speculative import can_speculate, verify_chain, verify_tree
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -85,3 +85,74 @@ def test_params_that_depend_on_earlier_tokens_do_not_speculate() -> None:
         {"logprobs": 2},
     ):
         assert not can_speculate(SamplingParams(**bad)), bad
+
+
+# A draft tree over the 6-token vocabulary: the root's children are drafts 0, 1 and 2; draft 3 hangs from draft 1
+# (so it is reached only after a refused first child), draft 4 from draft 3.
+TREE_PARENTS = [-1, -1, -1, 1, 3]
+
+
+def tree_draft(probs: torch.Tensor) -> list[int]:
+    """Unlikely tokens first: most draws refuse a child or two, so the residual's correction is exercised."""
+    rank = probs.argsort(dim=-1, descending=True)
+    return [int(rank[0, 3]), int(rank[0, 1]), int(rank[0, 0]), int(rank[2, 2]), int(rank[4, 0])]
+
+
+def test_greedy_tree_follows_the_argmax_through_any_child() -> None:
+    probs = target_probs(SamplingParams(temperature=0.0), rows=6, seed=3)
+    argmax = probs.argmax(-1).tolist()
+    draft = [(argmax[0] + 1) % VOCAB, argmax[0], (argmax[0] + 2) % VOCAB, argmax[2], (argmax[4] + 1) % VOCAB]
+    # Root -> draft 1 (the target's argmax, second child) -> draft 3 (argmax after draft 1) -> draft 4 is wrong.
+    tokens, path = verify_tree(probs, draft, TREE_PARENTS, None)
+    assert path == [1, 3]
+    assert tokens == [argmax[0], argmax[2], argmax[4]]
+    assert verify_tree(probs[:4], draft[:3], [-1, -1, -1], None) == ([argmax[0], argmax[2]], [1])
+
+
+def tree_counts(
+    probs: torch.Tensor, draft: list[int], seed: int, walk=verify_tree
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts of the first token, and of the second token when the first is draft 1 (the second child)."""
+    gen = torch.Generator().manual_seed(seed)
+    first, second = torch.zeros(VOCAB), torch.zeros(VOCAB)
+    for _ in range(DRAWS):
+        tokens, _ = walk(probs, draft, TREE_PARENTS, lambda: float(torch.rand((), generator=gen, dtype=torch.float64)))
+        first[tokens[0]] += 1
+        if tokens[0] == draft[1] and len(tokens) > 1:
+            second[tokens[1]] += 1
+    return first, second
+
+
+def test_tree_sampling_follows_the_target_distribution() -> None:
+    """The first token is distributed as the root's row, and after an accepted second child as that child's row
+    (row 2), whatever the tree offered."""
+    params = SamplingParams(temperature=1.0)
+    probs = target_probs(params, rows=6, seed=4)
+    draft = tree_draft(probs)
+    first, second = tree_counts(probs, draft, seed=5)
+    assert chi_square_p(first, probs[0]) > 1e-3, (first, probs[0] * DRAWS)
+    assert second.sum() > 500
+    assert chi_square_p(second, probs[2]) > 1e-3, (second, probs[2] * second.sum())
+
+
+def test_the_chi_square_test_sees_a_tree_walk_without_correction() -> None:
+    """Offering each child with its plain probability and drawing from the whole row at the end (no refused
+    child removed, no renormalisation) over-produces the drafts: the test sees it."""
+    params = SamplingParams(temperature=1.0)
+    probs = target_probs(params, rows=6, seed=4)
+    draft = tree_draft(probs)
+
+    def uncorrected(p: torch.Tensor, d, parents, uniform):
+        kids = spec.children_of(parents)
+        node, path = 0, []
+        while True:
+            for c in kids[node]:
+                if uniform() < float(p[node, d[c]]):
+                    break
+            else:
+                return [*(d[j] for j in path), spec._draw(p[node], uniform())], path
+            path.append(c)
+            node = c + 1
+
+    first, _ = tree_counts(probs, draft, seed=5, walk=uncorrected)
+    assert chi_square_p(first, probs[0]) < 1e-6
