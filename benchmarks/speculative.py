@@ -12,6 +12,10 @@ tokens / total decode seconds over the prompts, best of --repeats; the mean acce
 (tokens per verify step).
 
     python benchmarks/speculative.py --mode eagle3 --repeats 3
+    python benchmarks/speculative.py --mode eagle3 --eagle-shapes 3,1,4 3,4,8 4,2,8  # chain vs trees, interleaved
+
+--eagle-shapes takes SGLang's num_steps,eagle_topk,num_draft_tokens per EAGLE-3 server; each prompt runs on the
+plain server, then on each of them in turn.
 """
 
 from __future__ import annotations
@@ -73,55 +77,77 @@ def decode_run(llm: LLM, ids: list[int], max_tokens: int, name: str) -> tuple[li
 
 
 def bench(
-    mode: str, repeats: int, max_tokens: int, dtype: str, num_draft: int, ngram_min_match: int
-) -> dict[str, object]:
+    mode: str, repeats: int, max_tokens: int, dtype: str, shapes: list[tuple[int, int, int]], ngram: tuple[int, int]
+) -> list[dict[str, object]]:
+    """One row per speculative server (each EAGLE-3 shape, or NGRAM), all timed against one plain server."""
     if mode == "eagle3":
-        spec = {
-            "speculative_algorithm": "EAGLE3",
-            "speculative_draft_model_path": str(DRAFT_PATH),
-            "speculative_num_steps": num_draft - 1,
-            "speculative_num_draft_tokens": num_draft,
+        specs = {
+            f"S{s}K{k}N{n}": {
+                "speculative_algorithm": "EAGLE3",
+                "speculative_draft_model_path": str(DRAFT_PATH),
+                "speculative_num_steps": s,
+                "speculative_eagle_topk": k,
+                "speculative_num_draft_tokens": n,
+            }
+            for s, k, n in shapes
         }
     else:
-        spec = {
-            "speculative_algorithm": "NGRAM",
-            "speculative_num_draft_tokens": num_draft,
-            "speculative_ngram_min_match_window_size": ngram_min_match,
+        specs = {
+            f"N{ngram[0]}": {
+                "speculative_algorithm": "NGRAM",
+                "speculative_num_draft_tokens": ngram[0],
+                "speculative_ngram_min_match_window_size": ngram[1],
+            }
         }
     common = {"dtype": dtype, "disable_radix_cache": True}  # every prompt prefilled afresh, on both sides
-    plain, fast = LLM(str(MODEL_PATH), **common), LLM(str(MODEL_PATH), **common, **spec)
-    prompts = encode(plain, CHAT_PROMPTS if mode == "eagle3" else COPY_PROMPTS)
-    decode_run(plain, prompts[0], 8, "warm-plain")
-    decode_run(fast, prompts[0], 8, "warm-spec")
-    core = fast.engine.core
-    best = {"plain": 0.0, "spec": 0.0}
+    llms = {"plain": LLM(str(MODEL_PATH), **common)}
+    llms.update({name: LLM(str(MODEL_PATH), **common, **spec) for name, spec in specs.items()})
+    prompts = encode(llms["plain"], CHAT_PROMPTS if mode == "eagle3" else COPY_PROMPTS)
+    for name, llm in llms.items():
+        decode_run(llm, prompts[0], 8, f"warm-{name}")
+    best = dict.fromkeys(llms, 0.0)
+    accept = dict.fromkeys(specs, 0.0)
+    differ = dict.fromkeys(specs, 0)
     for repeat in range(repeats):
-        steps0, tokens0 = core.spec_stats.verify_steps, core.spec_stats.tokens
-        totals = {"plain": [0, 0.0], "spec": [0, 0.0]}
-        differ = 0
+        before = {name: (llms[name].engine.core.spec_stats.verify_steps, llms[name].engine.core.spec_stats.tokens)
+                  for name in specs}  # fmt: skip
+        totals = {name: [0, 0.0] for name in llms}
         for i, ids in enumerate(prompts):
-            a, t_a = decode_run(plain, ids, max_tokens, f"plain-{repeat}-{i}")
-            b, t_b = decode_run(fast, ids, max_tokens, f"spec-{repeat}-{i}")
-            differ += a != b
-            totals["plain"][0] += len(a) - 1
-            totals["plain"][1] += t_a
-            totals["spec"][0] += len(b) - 1
-            totals["spec"][1] += t_b
-        for side, (n, secs) in totals.items():
-            best[side] = max(best[side], n / secs)
-        accept = (core.spec_stats.tokens - tokens0) / max(1, core.spec_stats.verify_steps - steps0)
-        logger.info("repeat %d: %s, accept length %.2f", repeat, totals, accept)
-    return {
-        "mode": mode,
-        "dtype": dtype,
-        "num_draft_tokens": num_draft,
-        "prompts": len(prompts),
-        "prompts_with_other_tokens": differ,
-        "accept_length": round(accept, 3),
-        "decode_tok_s_plain": round(best["plain"], 1),
-        "decode_tok_s_spec": round(best["spec"], 1),
-        "speedup": round(best["spec"] / best["plain"], 2),
-    }
+            want = None
+            for name, llm in llms.items():  # interleaved: a busy spell on a shared machine hits every side
+                out, secs = decode_run(llm, ids, max_tokens, f"{name}-{repeat}-{i}")
+                if want is None:
+                    want = out
+                elif repeat == 0:
+                    differ[name] += out != want
+                totals[name][0] += len(out) - 1
+                totals[name][1] += secs
+        for name, (n, secs) in totals.items():
+            best[name] = max(best[name], n / secs)
+        for name in specs:
+            stats = llms[name].engine.core.spec_stats
+            steps0, tokens0 = before[name]
+            accept[name] = (stats.tokens - tokens0) / max(1, stats.verify_steps - steps0)
+        logger.info("repeat %d: %s, accept lengths %s", repeat, totals, accept)
+    return [
+        {
+            "mode": mode,
+            "shape": name,
+            "dtype": dtype,
+            "prompts": len(prompts),
+            "prompts_with_other_tokens": differ[name],
+            "accept_length": round(accept[name], 3),
+            "decode_tok_s_plain": round(best["plain"], 1),
+            "decode_tok_s_spec": round(best[name], 1),
+            "speedup": round(best[name] / best["plain"], 2),
+        }
+        for name in specs
+    ]
+
+
+def shape(text: str) -> tuple[int, int, int]:
+    s, k, n = (int(x) for x in text.split(","))
+    return s, k, n
 
 
 def main() -> None:
@@ -131,7 +157,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
-    parser.add_argument("--eagle-draft-tokens", type=int, default=4, help="SGLang's --speculative-num-draft-tokens")
+    parser.add_argument(
+        "--eagle-shapes",
+        type=shape,
+        nargs="+",
+        default=[(3, 1, 4)],
+        help="num_steps,eagle_topk,num_draft_tokens per EAGLE-3 server (SGLang's flags)",
+    )
     parser.add_argument("--ngram-draft-tokens", type=int, default=8)
     parser.add_argument("--ngram-min-match", type=int, default=2)
     args = parser.parse_args()
@@ -139,8 +171,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     for mode in ("eagle3", "ngram") if args.mode == "both" else (args.mode,):
-        num_draft = args.eagle_draft_tokens if mode == "eagle3" else args.ngram_draft_tokens
-        print(json.dumps(bench(mode, args.repeats, args.max_tokens, args.dtype, num_draft, args.ngram_min_match)))
+        ngram = (args.ngram_draft_tokens, args.ngram_min_match)
+        for row in bench(mode, args.repeats, args.max_tokens, args.dtype, args.eagle_shapes, ngram):
+            print(json.dumps(row))
 
 
 if __name__ == "__main__":

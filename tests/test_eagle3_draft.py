@@ -240,6 +240,18 @@ def test_tree_with_topk_1_is_the_chain(tmp_path: Path) -> None:
     assert drafter.draft_tree(3, 4, 1, 5) == (drafter.draft(3, 4), [-1, 0, 1, 2])
 
 
+@pytest.mark.parametrize(("steps", "topk", "num_draft_tokens"), [(3, 2, 8), (4, 3, 10), (2, 4, 12), (3, 4, 5)])
+def test_batched_tree_is_the_node_by_node_tree(tmp_path: Path, steps: int, topk: int, num_draft_tokens: int) -> None:
+    """Each depth's frontier in one batch through the lean step (scratch slots, tree mask) draws the same tree."""
+    drafter, _ = setup_pair(tmp_path, 100)
+    tokens, aux = inputs(15)
+    drafter.extend(3, torch.tensor(tokens), aux, 0)
+    got = drafter.draft_tree(3, steps, topk, num_draft_tokens)
+    assert got == drafter.draft_tree_reference(3, steps, topk, num_draft_tokens)
+    assert len(got[0]) == num_draft_tokens - 1
+    assert drafter.length(3) == 15  # scratch only
+
+
 def test_tree_nodes_are_the_best_children_of_their_parents(tmp_path: Path) -> None:
     drafter, ref = setup_pair(tmp_path, 100)
     tokens, aux = inputs(15)

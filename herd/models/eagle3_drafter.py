@@ -160,7 +160,65 @@ class Eagle3Drafter:
         frontier nodes by their topk children, scored by cumulative log-probability; the tree returned is the
         num_draft_tokens - 1 best nodes drawn (num_draft_tokens counts the root, the token the target chose),
         in an order where every parent comes before its children.
+
+        Each depth's frontier runs as one batch through the lean draft step: its nodes take scratch slots past
+        the verified length (depth by depth), all at the position of their depth, each seeing the context, its
+        ancestors' slots and its own (`draft_tree_reference` computes the same node by node).
         """
+        state, root_out = self._last(seq_id)
+        want = num_draft_tokens - 1
+        if num_steps < 1 or topk < 1 or want < 1:
+            raise ValueError("draft_tree needs num_steps >= 1, topk >= 1 and num_draft_tokens >= 2")
+        step, base = self.step, state.length
+        topk = min(topk, len(step.to_target))
+        state.reserve(base + topk * max(1, num_steps - 1))
+        top = step.logprobs(root_out[None]).topk(topk)
+        # The pool of every node drawn, in order: draft-vocabulary token, parent (pool index, -1 the root), score.
+        tokens, scores = [top.indices[0]], [top.values[0]]
+        parents: list[int] = [-1] * topk
+        frontier = list(range(topk))  # pool indices
+        frontier_scores = top.values[0]
+        frontier_hidden = root_out[None].expand(topk, -1)
+        ancestry: dict[int, list[int]] = {node: [] for node in frontier}  # node -> its ancestors' scratch slots
+        to_target = self.model.draft_to_target
+        for depth in range(1, num_steps):
+            n, slot = len(frontier), base + (depth - 1) * topk
+            flat = torch.cat(tokens)
+            visible = torch.zeros((n, slot + n), dtype=torch.bool, device=self.device)
+            visible[:, :base] = True
+            for row, node in enumerate(frontier):
+                visible[row, ancestry[node]] = True
+                visible[row, slot + row] = True
+            ids = to_target[flat[frontier]]
+            out = step.tree(ids, frontier_hidden, base + depth - 1, slot, state.k, state.v, visible)
+            top = step.logprobs(out).topk(topk)  # [n, topk]
+            cand = (frontier_scores[:, None] + top.values).flatten()
+            first = len(parents)
+            tokens.append(top.indices.flatten())
+            scores.append(cand)
+            parents += [node for node in frontier for _ in range(topk)]
+            if depth == num_steps - 1:
+                break
+            best = torch.sort(-cand, stable=True).indices[:topk].tolist()
+            frontier_hidden = out[[b // topk for b in best]]
+            frontier_scores = cand[best]
+            new = [first + b for b in best]
+            for b, node in zip(best, new, strict=True):
+                parent = frontier[b // topk]
+                ancestry[node] = [*ancestry[parent], slot + b // topk]
+            frontier = new
+        # Children score no higher than their parent, and ties go to the earlier (parent) index: the pick is a tree.
+        order = torch.sort(-torch.cat(scores), stable=True).indices[:want]
+        chosen = sorted(order.tolist())
+        index = {node: j for j, node in enumerate(chosen)}
+        picked = to_target[torch.cat(tokens)[chosen]].tolist()
+        return picked, [index[parents[i]] if parents[i] >= 0 else -1 for i in chosen]
+
+    @torch.inference_mode()
+    def draft_tree_reference(
+        self, seq_id: int, num_steps: int, topk: int, num_draft_tokens: int
+    ) -> tuple[list[int], list[int]]:
+        """`draft_tree` computed node by node through the draft model's modules: the reference it is tested against."""
         state, root_hidden = self._last(seq_id)
         want = num_draft_tokens - 1
         if num_steps < 1 or topk < 1 or want < 1:

@@ -91,15 +91,49 @@ class DraftStep:
         end = start + n
         k_cache[:, start:end] = qk[:, h:].transpose(0, 1)
         v_cache[:, start:end] = v.transpose(0, 1)
+        mask = None if n == 1 else self._future(n)  # the new rows see every earlier position and, causally, each other
+        return self._attend(hidden, qk[:, :h], k_cache, v_cache, end, mask, start)
+
+    def tree(
+        self,
+        token_ids: torch.Tensor,  # [n] one tree node's token per row
+        hidden: torch.Tensor,  # [n, H] each node's parent's output
+        position: int,  # every row's position (the nodes of one depth)
+        slot: int,  # their K/V go to cache slots slot .. slot + n - 1
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        visible: torch.Tensor,  # bool [n, slot + n]: the slots each row sees (context, ancestors, itself)
+    ) -> torch.Tensor:  # [n, H] the pre-norm outputs
+        """One depth of a draft tree, its frontier as a batch: same function as `__call__` on each root-to-node path."""
+        n, d, kv, h = token_ids.shape[0], self.head_dim, self.num_kv, self.num_heads
+        norm = F.rms_norm(hidden, (self.hidden,), None, self.eps)
+        qkv = self.linear(norm, self.w_qkv_hidden).add_(self._qkv_of(token_ids))
+        qk, v = qkv.view(n, h + 2 * kv, d).split([h + kv, kv], dim=1)
+        cos, sin = self.rope(position, 1)
+        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
+        end = slot + n
+        k_cache[:, slot:end] = qk[:, h:].transpose(0, 1)
+        v_cache[:, slot:end] = v.transpose(0, 1)
+        hidden_mask = ~visible.repeat_interleave(h // kv, dim=0)  # [n * group, end]: True where hidden
+        return self._attend(hidden, qk[:, :h], k_cache, v_cache, end, hidden_mask, 0)
+
+    def _attend(
+        self,
+        hidden: torch.Tensor,  # [n, H] the rows' inputs (the residual)
+        q: torch.Tensor,  # [n, n_heads, D] rotated and scaled
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        end: int,  # the rows attend over cache slots < end
+        mask: torch.Tensor | None,  # bool [n * group, end - mask_from]: True where a row must not look
+        mask_from: int,
+    ) -> torch.Tensor:
+        n, d, kv, h = q.shape[0], self.head_dim, self.num_kv, self.num_heads
         # Grouped-query attention as one batched matmul per KV head: q [n_kv, n * group, D].
         group = h // kv
-        if n == 1:
-            q = qk[0, :h].view(kv, group, d)
-        else:
-            q = qk[:, :h].reshape(n, kv, group, d).transpose(0, 1).reshape(kv, n * group, d)
-        scores = torch.bmm(q, k_cache[:, :end].transpose(1, 2))  # [n_kv, n * group, end]
-        if n > 1:  # the new rows see every earlier position and, among themselves, causally
-            scores[:, :, start:].masked_fill_(self._future(n), float("-inf"))
+        grouped = q[0].view(kv, group, d) if n == 1 else q.reshape(n, kv, group, d).transpose(0, 1).flatten(1, 2)
+        scores = torch.bmm(grouped, k_cache[:, :end].transpose(1, 2))  # [n_kv, n * group, end]
+        if mask is not None:
+            scores[:, :, mask_from:].masked_fill_(mask, float("-inf"))
         out = torch.bmm(scores.softmax(-1), v_cache[:, :end])  # [n_kv, n * group, D]
         out = out.view(1, h * d) if n == 1 else out.view(kv, n, group * d).transpose(0, 1).reshape(n, h * d)
         mid = hidden + self.linear(out, self.w_o)
@@ -120,6 +154,11 @@ class DraftStep:
             mask = torch.ones(n, n, dtype=torch.bool, device=self.device).triu(1).repeat_interleave(group, dim=0)
             self._masks[n] = mask
         return mask
+
+    def logprobs(self, out: torch.Tensor) -> torch.Tensor:
+        """[n, draft vocab] log-probabilities after pre-norm outputs [n, H]."""
+        logits = self.linear(F.rms_norm(out, (self.hidden,), None, self.eps), self.w_head)
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def head(self, out: torch.Tensor) -> int:
         """The greedy draft token (a target id) after a pre-norm output [H]: the argmax over the draft vocabulary."""
