@@ -104,8 +104,8 @@ def test_eagle3_random_draft_greedy_matches_transformers(request, eagle3_draft, 
 
 @pytest.mark.parametrize(
     ("name", "steps", "topk", "num_draft_tokens"),
-    [("scout", 3, 2, 6), ("maverick", 4, 3, 8), ("scout", 2, 4, 10)],
-    ids=["scout-S3K2N6", "maverick-S4K3N8", "scout-S2K4N10"],
+    [("maverick", 4, 3, 8), ("scout", 2, 4, 10)],
+    ids=["maverick-S4K3N8", "scout-S2K4N10"],
 )
 def test_eagle3_tree_greedy_matches_transformers(
     request, eagle3_draft, name: str, steps: int, topk: int, num_draft_tokens: int
@@ -176,6 +176,33 @@ def test_ngram_on_the_triton_backend_across_chunk_boundaries(scout_ckpt) -> None
     assert [o.outputs[0].token_ids for o in outputs] == [reference(scout_ckpt, p)[:12] for p in batch]
     stats = llm.engine.core.spec_stats
     assert stats.tokens > stats.verify_steps
+
+
+def test_eagle3_tree_on_the_triton_backend_across_a_chunk_boundary() -> None:
+    """Tree verify steps on the triton backend (TRITON_INTERPRET=1 on the CPU) with the demo model and its trained
+    draft (whose guesses stand, so accepted paths are moved): the answer crosses the 128-token attention chunk
+    mid-tree, and greedy tokens are the demo model's alone (fp32, torch_native)."""
+    pytest.importorskip("triton")
+    from herd.demo import DRAFT_PATH, MODEL_PATH
+
+    if not (DRAFT_PATH / "config.json").is_file():
+        pytest.skip("no trained demo draft in this checkout")
+    conv = [
+        [{"role": "user", "content": "Repeat after me: " + " ".join(["the quarterly report is due on friday"] * 4)}]
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    plain = LLM(str(MODEL_PATH), dtype="float32").chat(conv, params, use_tqdm=False)[0]
+    assert len(plain.prompt_token_ids) < 128 < len(plain.prompt_token_ids) + len(plain.outputs[0].token_ids)
+    spec = {
+        "speculative_algorithm": "EAGLE3",
+        "speculative_draft_model_path": str(DRAFT_PATH),
+        "speculative_num_steps": 3,
+        "speculative_eagle_topk": 4,
+        "speculative_num_draft_tokens": 8,
+    }
+    llm = LLM(str(MODEL_PATH), dtype="float32", attention_backend="triton", **spec)
+    assert llm.chat(conv, params, use_tqdm=False)[0].outputs[0].token_ids == plain.outputs[0].token_ids
+    assert llm.engine.core.spec_stats.accept_length > 1.5
 
 
 def test_demo_model_with_its_trained_draft() -> None:

@@ -73,19 +73,26 @@ class TorchNativeBackend(AttentionBackend):
             return _decode(q, k_cache, v_cache, pool.decode, layer.scale)  # a pure decode step
         out = torch.empty_like(q)
         for span in pool.prefills:
-            o = F.scaled_dot_product_attention(
-                q[span.start : span.end].transpose(0, 1),
-                k_flat[span.kv_slots].transpose(0, 1),
-                v_flat[span.kv_slots].transpose(0, 1),
-                attn_mask=span.mask,
-                scale=layer.scale,
-                enable_gqa=True,
-            )
-            out[span.start : span.end] = o.transpose(0, 1)
+            out[span.start : span.end] = attend_span(q, k_flat, v_flat, span, layer.scale)
         if pool.decode is not None:
             rows = pool.decode.rows
             out[rows] = _decode(q[rows], k_cache, v_cache, pool.decode, layer.scale)
         return out
+
+
+def attend_span(
+    q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, span: PrefillSpan, scale: float
+) -> torch.Tensor:  # [end - start, n_heads, head_dim]
+    """One sequence's queries over its visible slots (k_flat, v_flat: [slots, kv_heads, head_dim])."""
+    o = F.scaled_dot_product_attention(
+        q[span.start : span.end].transpose(0, 1),
+        k_flat[span.kv_slots].transpose(0, 1),
+        v_flat[span.kv_slots].transpose(0, 1),
+        attn_mask=span.mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o.transpose(0, 1)
 
 
 def _decode(
@@ -123,7 +130,7 @@ def _pool_metadata(batch: AttentionBatch, tables: PoolTables, chunk: int | None)
         if starts[i + 1] - starts[i] == 1:
             decode.append(i)
         else:
-            prefills.append(_prefill_span(batch, tables.block_tables[i], i, chunk))
+            prefills.append(prefill_span(batch, tables.block_tables[i], i, chunk))
     layout = _decode_layout(batch, tables, decode, chunk) if decode else None
     return PoolMetadata(slot_mapping=tables.slot_mapping, decode=layout, prefills=prefills)
 
@@ -133,7 +140,7 @@ def _visible_start(first_query: int, chunk: int | None) -> int:
     return (first_query // chunk) * chunk if chunk else 0
 
 
-def _prefill_span(batch: AttentionBatch, table: list[int], i: int, chunk: int | None) -> PrefillSpan:
+def prefill_span(batch: AttentionBatch, table: list[int], i: int, chunk: int | None) -> PrefillSpan:
     start, end = batch.query_start_loc[i], batch.query_start_loc[i + 1]
     ctx, bs, device = batch.context_lens[i], batch.block_size, batch.device
     first_q = ctx - (end - start)

@@ -5,6 +5,11 @@ block table per pool) with one host-to-device copy each; `forward` scatters the 
 and launches one kernel (or two, split-K decode and its merge) per layer. A pure decode step uses the
 split-K kernel; any step with a prefill uses the extend kernel for every sequence, decoding ones included.
 
+Speculative draft trees (`AttentionBatch.trees`) need a mask the kernels do not take yet: their sequences run
+through the kernels like any other (their rows come out wrong), then are recomputed with torch_native's
+gather + SDPA over the mask `span_mask` builds, which is exact. Such steps are never graphed (EAGLE-3 steps keep
+the auxiliary hidden states, so they run eagerly anyway).
+
 On CPU tensors the kernels run only under Triton's interpreter (`TRITON_INTERPRET=1`, set before herd
 imports the kernels): that is how the CPU tests check them against `torch_native`.
 """
@@ -13,13 +18,14 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from herd.layers.attention.base import AttentionBackend, register_backend
 from herd.layers.attention.batch import AttentionBatch, PoolTables
 from herd.layers.attention.layer import PagedAttention
+from herd.layers.attention.torch_native import PrefillSpan, prefill_span, attend_span
 
 
 @dataclass
@@ -38,6 +44,8 @@ class TritonMetadata:
     is_decode: bool
     num_splits: int  # of a decode step's keys (split-K)
     chunk: int  # the chunked layers' window (NO_CHUNK when the model has none)
+    tree_spans: list[PrefillSpan] = field(default_factory=list)  # full pool: the draft-tree sequences' rows
+    local_tree_spans: list[PrefillSpan] = field(default_factory=list)  # the same in the local pool
 
 
 def triton_available() -> bool:
@@ -66,7 +74,12 @@ class TritonBackend(AttentionBackend):
         chunk = batch.chunk_size or self.kernels.NO_CHUNK
         starts = batch.query_start_loc
         local = None if batch.chunk_size is None else _pool(batch.local, device)
+        trees = [i for i in range(batch.num_seqs) if batch.tree(i) is not None]
         return TritonMetadata(
+            tree_spans=[prefill_span(batch, batch.full.block_tables[i], i, None) for i in trees],
+            local_tree_spans=[]
+            if batch.chunk_size is None
+            else [prefill_span(batch, batch.local.block_tables[i], i, batch.chunk_size) for i in trees],
             full=_pool(batch.full, device),
             local=local,
             query_start_loc=torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True),
@@ -95,7 +108,7 @@ class TritonBackend(AttentionBackend):
             return self.kernels.decode_attention(
                 q, k_cache, v_cache, pool.block_table, metadata.context_lens, layer.scale, chunk, metadata.num_splits
             )
-        return self.kernels.extend_attention(
+        out = self.kernels.extend_attention(
             q,
             k_cache,
             v_cache,
@@ -106,6 +119,10 @@ class TritonBackend(AttentionBackend):
             layer.scale,
             chunk,
         )
+        for span in metadata.local_tree_spans if chunked else metadata.tree_spans:
+            k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+            out[span.start : span.end] = attend_span(q, k_flat, v_flat, span, layer.scale)
+        return out
 
 
 def _pool(tables: PoolTables, device: torch.device) -> TritonPoolMetadata:
