@@ -114,10 +114,16 @@ def test_eagle3_tree_greedy_matches_transformers(
     8, trees up to 4 deep) with chunked prefill and prefix hits: greedy tokens are transformers'."""
     ckpt = request.getfixturevalue(f"{name}_ckpt")
     batch = repeating_prompts(seed=2)
-    batch = [*batch, batch[3][:17] + batch[0]]  # a prefix-cache hit on the 17 tokens before
     spec = eagle3(eagle3_draft[name], steps, topk, num_draft_tokens)
     tokens, llm = generate(ckpt[0], batch, **spec, chunked_prefill_size=6, page_size=4)
     assert tokens == [reference(ckpt, p) for p in batch]
+    hit = batch[3][:17] + batch[0]  # a prefix-cache hit on 16 tokens: the draft never saw them
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": batch[3]}], params, use_tqdm=False)  # cached again (generate() cleared it)
+    out = llm.generate([{"prompt_token_ids": hit}], params, use_tqdm=False)[0]
+    assert out.num_cached_tokens > 0
+    assert out.outputs[0].token_ids == reference(ckpt, hit)
+    assert_no_leaked_blocks(llm.engine)
     stats = llm.engine.core.spec_stats
     assert stats.tokens > stats.verify_steps > 0  # some drafts stood: accepted paths moved into place
 
@@ -147,10 +153,11 @@ def test_draft_that_does_not_fit_fails_at_start(scout_ckpt, tmp_path: Path, chan
         assert word in str(error.value)
 
 
-def test_stop_tokens_sampling_and_n_with_drafts(scout_ckpt, eagle3_draft) -> None:
+@pytest.mark.parametrize("shape", [(3, 1, 4), (3, 3, 7)], ids=["chain", "tree"])
+def test_stop_tokens_sampling_and_n_with_drafts(scout_ckpt, eagle3_draft, shape: tuple[int, int, int]) -> None:
     batch = repeating_prompts(seed=0)[:3]
     plain = LLM(str(scout_ckpt[0]), dtype="float32")
-    spec = LLM(str(scout_ckpt[0]), dtype="float32", **eagle3(eagle3_draft["scout"]))
+    spec = LLM(str(scout_ckpt[0]), dtype="float32", **eagle3(eagle3_draft["scout"], *shape))
     full = [reference(scout_ckpt, p) for p in batch]
     # A stop token in the middle of each greedy answer: the output ends there, however many drafts stood.
     for ids, want in zip(batch, full, strict=True):

@@ -25,7 +25,7 @@ import torch
 from herd.layers.attention.base import AttentionBackend, register_backend
 from herd.layers.attention.batch import AttentionBatch, PoolTables
 from herd.layers.attention.layer import PagedAttention
-from herd.layers.attention.torch_native import PrefillSpan, prefill_span, attend_span
+from herd.layers.attention.torch_native import PrefillSpan, attend_span, prefill_span
 
 
 @dataclass
