@@ -2,7 +2,10 @@
 
 SGLang counts `--speculative-num-draft-tokens` with the token the target verifies anyway: a chain of
 `--speculative-num-steps` drafts verifies `num_steps + 1` tokens. herd keeps that meaning, so an SGLang
-launch line means the same here. Flags that contradict each other fail at start, naming both values.
+launch line means the same here. With `--speculative-eagle-topk` K > 1 the drafts are a tree: step 1 draws the K
+best children of the root, each later step the K best children of each of the K best frontier nodes, so S steps
+draw K + (S - 1) K^2 nodes, and the N - 1 best of them (N = num-draft-tokens) are verified with the root; N - 1
+cannot exceed what S and K draw. Flags that contradict each other fail at start, naming both values.
 """
 
 from __future__ import annotations

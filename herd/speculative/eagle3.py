@@ -1,4 +1,5 @@
-"""EAGLE-3 drafting: a one-layer draft model reads three of the target's hidden states and guesses a chain.
+"""EAGLE-3 drafting: a one-layer draft model reads three of the target's hidden states and guesses a chain, or
+with topk > 1 a tree (its accepted path comes back as the rows of the tokens that stand, like a chain's).
 
 Each step the draft model is told what the target computed (hidden states of the positions whose KV now
 stands, and the token that follows each), then drafts greedily. Its own cache is cut back first to the
@@ -11,9 +12,13 @@ shift changes nothing but which earlier positions it can attend to (those it hol
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from herd.speculative.base import Proposer, StepSeq
+
+logger = logging.getLogger(__name__)
 
 
 class Eagle3Proposer(Proposer):
@@ -80,4 +85,9 @@ def load_eagle3_proposer(config, target, dtype: torch.dtype, device: torch.devic
         target_embedding=target.model.embed_tokens.weight,
     )
     drafter.packed_matmuls = cpu_packing_available(device)
+    if config.eagle_topk > 1:
+        logger.info(
+            "EAGLE-3 tree drafting: %d steps, top-%d children, %d tokens verified per step (the best %d nodes + root)",
+            config.num_steps, config.eagle_topk, config.num_draft_tokens, config.num_draft_tokens - 1,
+        )  # fmt: skip
     return Eagle3Proposer(drafter, config.num_steps, config.eagle_topk, config.num_draft_tokens)
