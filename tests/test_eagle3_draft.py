@@ -279,6 +279,38 @@ def test_tree_nodes_are_the_best_children_of_their_parents(tmp_path: Path) -> No
         assert tree[i] in top2(path_of(p))
 
 
+def test_tree_keeps_the_best_nodes_by_cumulative_log_probability(tmp_path: Path) -> None:
+    """S3 K2 draws 2 + 2 * 4 = 10 nodes; N 6 keeps the 5 whose root-to-node log-probabilities sum highest, each
+    score recomputed by the reference along the node's path."""
+    drafter, ref = setup_pair(tmp_path, 100)
+    tokens, aux = inputs(15)
+    drafter.extend(3, torch.tensor(tokens), aux, 0)
+    hidden = list(aux @ ref.w["fc.weight"].T)
+    from_target = {int(t): i for i, t in enumerate(ref.to_target)}
+
+    def score(path: list[int]) -> float:
+        seq, hs, total = list(tokens), list(hidden), 0.0
+        for token in path:
+            out = ref.outputs(seq, hs)[-1]
+            total += float(ref.logprobs(out)[from_target[token]].detach())
+            seq.append(token)
+            hs.append(out)
+        return total
+
+    def paths(tree: list[int], parents: list[int]) -> list[tuple[int, ...]]:
+        out: list[tuple[int, ...]] = []
+        for t, p in zip(tree, parents, strict=True):
+            out.append((*(out[p] if p >= 0 else ()), t))
+        return out
+
+    every = paths(*drafter.draft_tree(3, 3, 2, 11))
+    assert len(set(every)) == 10
+    kept = paths(*drafter.draft_tree(3, 3, 2, 6))
+    scores = {path: score(list(path)) for path in every}
+    best = sorted(every, key=lambda path: -scores[path])[:5]
+    assert set(kept) == set(best), (kept, best)
+
+
 def test_checkpoint_layouts_with_model_prefix_and_embedding(tmp_path: Path) -> None:
     """Trainer layouts (`model.layers.0.*`) load like SGLang's `midlayer.*`, and a draft's own embedding wins."""
     from safetensors.torch import save_file
