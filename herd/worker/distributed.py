@@ -146,6 +146,10 @@ class TensorParallelDriver:
     def last_drafts(self) -> dict[str, list[int]]:
         return self.worker.last_drafts  # rank 0 drafts
 
+    @property
+    def last_draft_parents(self) -> dict[str, list[int]]:
+        return self.worker.last_draft_parents
+
     def execute(self, plan: StepPlan) -> list[list[SampleResult]]:
         try:
             dist.broadcast_object_list([_for_followers(plan)], src=0, group=self.control)

@@ -4,10 +4,12 @@ A backend works in two phases per step. `build_metadata(batch)` runs once, on th
 step's `AttentionBatch` into whatever tensors its kernels want (kept in the returned object).
 `forward(q, k, v, layer, metadata)` runs per layer: it writes the layer's new K/V into the paged cache
 (`layer.kv_cache`) and attends each query to its context, causal within each sequence; for a chunked layer
-a query at position p sees only positions [(p // chunk) * chunk, p]. `forward` may not read tensors back
-to the host or loop over sequences in Python on data it has not already built into the metadata: that keeps
-a decode step capturable (CUDA graphs) and compilable (torch.compile with fullgraph=True). A backend that
-captures graphs builds its metadata into persistent buffers it owns, so a replay sees the new step's values.
+a query at position p sees only positions [(p // chunk) * chunk, p]. A sequence with a draft tree
+(`AttentionBatch.trees`) is masked as `batch.span_mask` says instead: each draft sees the context and its
+ancestors, at the position of its depth. `forward` may not read tensors back to the host or loop over
+sequences in Python on data it has not already built into the metadata: that keeps a decode step capturable
+(CUDA graphs) and compilable (torch.compile with fullgraph=True). A backend that captures graphs builds its
+metadata into persistent buffers it owns, so a replay sees the new step's values.
 
 `torch_native` is the reference: every other backend is tested against it.
 """
