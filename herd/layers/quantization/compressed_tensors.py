@@ -83,7 +83,7 @@ class CompressedTensorsConfig(QuantizationConfig):
         if method != "compressed-tensors":
             raise UnsupportedQuantizationError(
                 f"quantization_config.quant_method {method!r} is not supported; herd reads compressed-tensors "
-                "checkpoints (or a bf16 checkpoint with --quantization fp8 | w8a16 | w4a16)"
+                "checkpoints (or a bf16 checkpoint with --quantization fp8 | w8a16 | w8a8_int8 | w4a16)"
             )
         try:
             parsed = CTConfig.model_validate(quant)

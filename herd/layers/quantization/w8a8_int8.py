@@ -1,0 +1,96 @@
+"""W8A8 INT8 (`--quantization w8a8_int8`, SGLang's name): INT8 weights and INT8 activations, int32 sums.
+
+The layers w8a16 quantizes (every decoder linear layer and routed expert; not the router, the embeddings or the
+vision tower) are quantized as the checkpoint loads, by the same rule: symmetric, one scale per output channel,
+q = round(w / s) in [-127, 127], s = max|w| / 127. Each call quantizes its activations per token (symmetric, one
+scale per row), sums the products exactly in int32 and scales the sums by s_x * s_w in fp32 (the arithmetic is
+herd.kernels.cpu.int8_vnni's). On a CPU with AVX-512 VNNI this runs herd's kernel, which reads the INT8 weight
+with one `vpdpbusd` per 64 bytes and row of x; elsewhere `torch._int_mm` gives the same numbers.
+
+Besides the weight, each output row keeps an fp32 scale and the int32 sum of its weights (the kernel biases x by
++128 to use VNNI's unsigned-by-signed product and takes 128 * that sum off again).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from herd.kernels.cpu.int8_vnni import w8a8_linear
+from herd.layers.moe import grouped_experts
+from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase
+from herd.layers.quantization.int8 import Int8Config
+from herd.layers.quantization.unquantized import (
+    UnquantizedFusedMoEMethod,
+    UnquantizedLinearMethod,
+)
+
+if TYPE_CHECKING:
+    from herd.layers.linear import LinearBase
+    from herd.layers.moe import FusedMoE
+
+# Per weight element once quantized (herd.worker.weight_memory); a row's fp32 scale and int32 sum add 64 bits per
+# row, under 0.02 bits per element for rows of 4096 or more, and are left out.
+STORED_BITS = 8.0
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[out, in] -> (INT8 [out, in], fp32 scales [out], int32 row sums [out]), symmetric per output channel."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    return q, scales, q.sum(dim=1, dtype=torch.int32)
+
+
+class W8A8Int8LinearMethod(UnquantizedLinearMethod):
+    """Loads as the unquantized method does (TP slices and fused parts included), then quantizes."""
+
+    stored_bits = STORED_BITS
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        q, scales, sums = quantize_weight(layer.weight)
+        del layer.weight  # a tied embedding keeps its own reference
+        layer.register_buffer("weight_int8", q, persistent=False)
+        layer.register_buffer("weight_scale", scales, persistent=False)
+        layer.register_buffer("weight_sum", sums, persistent=False)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = w8a8_linear(x, layer.weight_int8, layer.weight_scale, layer.weight_sum)
+        return out if bias is None else out + bias
+
+
+class W8A8Int8FusedMoEMethod(UnquantizedFusedMoEMethod):
+    """Each expert's two projections as W8A8 linear weights: gate_up [E, 2I, H], down [E, H, I]."""
+
+    stored_bits = STORED_BITS
+
+    def process_weights_after_loading(self, layer: FusedMoE) -> None:
+        gate_up, down = layer.gate_up_proj.detach(), layer.down_proj.detach()
+        del layer.gate_up_proj, layer.down_proj
+        for name, fused in (("gate_up", gate_up), ("down", down)):
+            # Loaded as [E, in, out]; the kernel reads [out, in] rows.
+            parts = [quantize_weight(fused[e].t()) for e in range(layer.num_experts)]
+            for i, suffix in enumerate(("int8", "scale", "sum")):
+                layer.register_buffer(f"{name}_{suffix}", torch.stack([p[i] for p in parts]), persistent=False)
+
+    def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+            gate_up = w8a8_linear(rows, layer.gate_up_int8[e], layer.gate_up_scale[e], layer.gate_up_sum[e])
+            gate, up = gate_up.chunk(2, dim=-1)
+            return w8a8_linear(F.silu(gate) * up, layer.down_int8[e], layer.down_scale[e], layer.down_sum[e])
+
+        return grouped_experts(x, expert_ids, expert)
+
+
+class W8A8Int8Config(Int8Config):
+    """The layers w8a16 quantizes, as W8A8."""
+
+    name = "w8a8_int8"
+
+    def linear_method(self, prefix: str) -> LinearMethodBase:
+        return W8A8Int8LinearMethod() if self._quantized(prefix) else UnquantizedLinearMethod()
+
+    def moe_method(self, prefix: str) -> FusedMoEMethodBase:
+        return W8A8Int8FusedMoEMethod() if self._quantized(prefix) else UnquantizedFusedMoEMethod()
