@@ -1,12 +1,12 @@
 """Linear layers on the CPU at decode batch sizes, per weight format: herd's kernels vs PyTorch's.
 
 bf16: herd's `gemv_bf16` vs oneDNN (packed and plain `F.linear`); INT8 (one scale per row): `gemv_int8` vs
-`_weight_int8pack_mm`; W8A8 (INT8 weights, activations quantized per token, int32 sums): `w8a8_int8_linear`
-(AVX-512 VNNI) vs the same arithmetic on `torch._int_mm`; INT4 (groups of 128, which herd runs on
-`_weight_int4pack_mm_for_cpu`) for scale. Shapes are scout-mini's (hidden 2048); GB/s counts the weight's
-bytes once per call. Each pass calls a kernel once on each of several copies of the weight (256 MB of bf16 in all: beyond the last-level cache, so the bytes come
-from memory as in a decode step); the best of --passes passes counts, and the kernels take turns pass by
-pass, so that a busy spell on a shared machine hits all of them.
+`_weight_int8pack_mm`; W8A8 (INT8 weights, activations quantized per token, int32 sums): `w8a8_int8_linear` (AVX-512
+VNNI) vs the same arithmetic on `torch._int_mm`; INT4 (groups of 128, which herd runs on
+`_weight_int4pack_mm_for_cpu`) for scale. Shapes are scout-mini's (hidden 2048); GB/s counts the weight's bytes once
+per call. Each pass calls a kernel once on each of several copies of the weight (256 MB of bf16 in all: beyond the
+last-level cache, so the bytes come from memory as in a decode step); the best of --passes passes counts, and the
+kernels take turns pass by pass, so that a busy spell on a shared machine hits all of them.
 
     python benchmarks/gemv_cpu.py --threads 2 --batches 1 4 8
 """
