@@ -65,6 +65,8 @@ def kernels(ops: object) -> dict[str, dict[str, Kernel]]:
         "w8a8": {
             "herd VNNI": (w8a8, lambda x, w: ops.w8a8_int8_linear(x, *w)),
             "torch._int_mm": (w8a8, lambda x, w: w8a8_reference(x, w[0], w[1])),
+            # w8a16's kernel on the same weight, interleaved with the others (its diff: x's rounding to INT8).
+            "herd gemv_int8 (w8a16)": (w8a8, lambda x, w: ops.gemv_int8(x, w[0], w[1])),
         },
         "int4": {
             "_weight_int4pack_mm_for_cpu": (

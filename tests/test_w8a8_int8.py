@@ -6,6 +6,8 @@ scaled output against a float64 computation written here from the definition; th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -20,7 +22,8 @@ from herd.llm import LLM
 from herd.models.loader import load_model
 from herd.sampling import SamplingParams
 
-from checkpoints import CHUNK, reference_logits
+from checkpoints import CHUNK, SCOUT_LIKE, reference_logits
+from ct_fixtures import SHORT_IGNORE, make_ct_checkpoint
 from paged import PagedRunner
 from test_engine import hf_greedy
 from test_quantization_int8 import dequantized_reference
@@ -133,14 +136,13 @@ def fake_quantize_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x / scale.clamp(min=1e-30)).clamp(-127, 127) * scale
 
 
-def w8a8_reference_model(model: torch.nn.Module) -> torch.nn.Module:
-    """transformers' model with W8A8 arithmetic, in plain PyTorch: the weights herd quantizes replaced by their
-    dequantized INT8 values, and the input of each of those layers rounded per token to 255 levels."""
-    ref = dequantized_reference(model)
+def round_activations(ref: torch.nn.Module, quantized: Callable[[str], bool]) -> torch.nn.Module:
+    """Rounds the input of each Linear and each block of experts whose weight `quantized(name)` names per token to
+    255 levels, as W8A8 does (transformers' modules, changed in place)."""
     for name, module in ref.named_modules():
-        if isinstance(module, torch.nn.Linear) and not name.endswith("router"):
+        if isinstance(module, torch.nn.Linear) and quantized(f"{name}.weight"):
             module.register_forward_pre_hook(lambda _, args: (fake_quantize_rows(args[0]),))
-        if type(module).__name__ == "Llama4TextExperts":
+        if type(module).__name__ == "Llama4TextExperts" and quantized(f"{name}.gate_up_proj"):
 
             def forward(hidden: torch.Tensor, experts: torch.nn.Module = module) -> torch.Tensor:
                 hidden = hidden.view(experts.num_experts, -1, experts.hidden_size)
@@ -150,6 +152,12 @@ def w8a8_reference_model(model: torch.nn.Module) -> torch.nn.Module:
 
             module.forward = forward
     return ref
+
+
+def w8a8_reference_model(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers' model with W8A8 arithmetic, in plain PyTorch: the weights herd quantizes replaced by their
+    dequantized INT8 values, and the input of each of those layers rounded per token."""
+    return round_activations(dequantized_reference(model), lambda name: "router" not in name)
 
 
 def test_w8a8_greedy_tokens_match_a_pytorch_w8a8_reference(scout_ckpt) -> None:
@@ -194,6 +202,46 @@ def test_w8a8_stores_int8_weights_and_plans_their_bytes(scout_ckpt) -> None:
     assert int8 == quantized  # attention, experts, shared expert, LM head
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     assert worker.weight_bytes() < 0.5 * full
+
+
+def test_compressed_tensors_w8a8_checkpoint(tmp_path) -> None:
+    """llm-compressor's W8A8 layout (`int-quantized`: int8 `weight`, `weight_scale [out, 1]`, activations dynamic
+    per token), written by compressed-tensors' own compressor: transformers' greedy tokens on the dequantized
+    weights with the quantized layers' inputs rounded per token."""
+    ref = make_ct_checkpoint(tmp_path, SCOUT_LIKE, "W8A8", SHORT_IGNORE, seed=4)
+    ref = round_activations(ref, lambda name: name in ref.quantized_params)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in (2 * CHUNK + 3, 5)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    llm = LLM(str(tmp_path), dtype="float32", chunked_prefill_size=7)
+    layer = llm.engine.core.workers[0].model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight_int8.dtype == torch.int8
+    assert layer.feed_forward.experts.gate_up_int8.dtype == torch.int8
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [hf_greedy(ref, p, 32) for p in prompts]
+
+
+def test_compressed_tensors_asymmetric_int8_activations_are_refused() -> None:
+    quant = {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+                "input_activations": {
+                    "num_bits": 8,
+                    "type": "int",
+                    "symmetric": False,
+                    "strategy": "token",
+                    "dynamic": True,
+                },
+            }
+        },
+    }
+    with pytest.raises(UnsupportedQuantizationError, match=r"group_0 .*activations int 8-bit token dynamic.*W8A8"):
+        select_quantization(quant, "", None, UnquantizedConfig())
 
 
 def test_bad_quantization_flag_names_the_value_and_w8a8_int8() -> None:

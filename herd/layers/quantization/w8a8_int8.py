@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from herd.kernels.cpu.int8_vnni import w8a8_linear
 from herd.layers.moe import grouped_experts
+from herd.layers.parameters import new_parameter
 from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase
 from herd.layers.quantization.int8 import Int8Config
 from herd.layers.quantization.unquantized import (
@@ -50,11 +51,9 @@ class W8A8Int8LinearMethod(UnquantizedLinearMethod):
     stored_bits = STORED_BITS
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
-        q, scales, sums = quantize_weight(layer.weight)
+        q, scales, _ = quantize_weight(layer.weight)
         del layer.weight  # a tied embedding keeps its own reference
-        layer.register_buffer("weight_int8", q, persistent=False)
-        layer.register_buffer("weight_scale", scales, persistent=False)
-        layer.register_buffer("weight_sum", sums, persistent=False)
+        _register(layer, "weight_", q, scales)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = w8a8_linear(x, layer.weight_int8, layer.weight_scale, layer.weight_sum)
@@ -72,8 +71,7 @@ class W8A8Int8FusedMoEMethod(UnquantizedFusedMoEMethod):
         for name, fused in (("gate_up", gate_up), ("down", down)):
             # Loaded as [E, in, out]; the kernel reads [out, in] rows.
             parts = [quantize_weight(fused[e].t()) for e in range(layer.num_experts)]
-            for i, suffix in enumerate(("int8", "scale", "sum")):
-                layer.register_buffer(f"{name}_{suffix}", torch.stack([p[i] for p in parts]), persistent=False)
+            _register(layer, f"{name}_", torch.stack([q for q, _, _ in parts]), torch.stack([s for _, s, _ in parts]))
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
@@ -82,6 +80,52 @@ class W8A8Int8FusedMoEMethod(UnquantizedFusedMoEMethod):
             return w8a8_linear(F.silu(gate) * up, layer.down_int8[e], layer.down_scale[e], layer.down_sum[e])
 
         return grouped_experts(x, expert_ids, expert)
+
+
+def _register(layer: torch.nn.Module, prefix: str, q: torch.Tensor, scales: torch.Tensor) -> None:
+    layer.register_buffer(f"{prefix}int8", q.contiguous(), persistent=False)
+    layer.register_buffer(f"{prefix}scale", scales.float().contiguous(), persistent=False)
+    layer.register_buffer(f"{prefix}sum", q.sum(dim=-1, dtype=torch.int32), persistent=False)
+
+
+class W8A8Int8CheckpointLinearMethod(LinearMethodBase):
+    """A compressed-tensors W8A8 layer (llm-compressor's W8A8 preset, format `int-quantized`): `weight` int8
+    [out, in] and `weight_scale` [out, 1], activations quantized per token at run time (no `input_scale`)."""
+
+    def create_weights(self, layer: LinearBase) -> None:
+        out, inp = layer.output_size_per_rank, layer.input_size_per_rank
+        layer.weight = new_parameter((out, inp), layer.weight_loader, dtype=torch.int8)
+        layer.weight_scale = new_parameter((out, 1), layer.weight_loader, dtype=torch.float32)
+        layer.weight_scale.input_pack = None  # type: ignore[attr-defined]  (one scale covers the whole row)
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        q, scales = layer.weight.detach(), layer.weight_scale.detach().view(-1)
+        del layer.weight, layer.weight_scale
+        _register(layer, "weight_", q, scales)
+
+    apply = W8A8Int8LinearMethod.apply
+
+
+class W8A8Int8CheckpointMoEMethod(FusedMoEMethodBase):
+    """Experts stored one by one (`experts.<e>.{gate,up,down}_proj.weight` int8 + `.weight_scale [out, 1]`),
+    kept as gate_up [E, 2I, H] and down [E, H, I] with a scale and a weight sum per row."""
+
+    def create_weights(self, layer: FusedMoE) -> None:
+        experts, hidden, inter = layer.num_local_experts, layer.hidden_size, layer.intermediate_size_per_rank
+        for name, (rows, cols) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
+            setattr(layer, name, new_parameter((experts, rows, cols), layer.load_expert_linear, dtype=torch.int8))
+            scale = new_parameter((experts, rows, 1), layer.load_expert_linear, dtype=torch.float32)
+            scale.input_pack = None  # type: ignore[attr-defined]
+            setattr(layer, f"{name}_scale", scale)
+
+    def process_weights_after_loading(self, layer: FusedMoE) -> None:
+        for name in ("gate_up", "down"):
+            q, scales = getattr(layer, f"{name}_proj").detach(), getattr(layer, f"{name}_proj_scale").detach()
+            delattr(layer, f"{name}_proj")
+            delattr(layer, f"{name}_proj_scale")
+            _register(layer, f"{name}_", q, scales[..., 0])
+
+    apply = W8A8Int8FusedMoEMethod.apply
 
 
 class W8A8Int8Config(Int8Config):
