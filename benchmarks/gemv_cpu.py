@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from herd.kernels.cpu import gemv_ops
-from herd.kernels.cpu.int8_vnni import w8a8_reference
+from herd.kernels.cpu.int8_vnni import pack_for_vnni, w8a8_reference
 from herd.layers.quantization.int4 import quantize_int4_groups
 from herd.layers.quantization.int8 import quantize_rows
 from herd.layers.quantization.unquantized import pack, packed_linear
@@ -43,8 +43,9 @@ def kernels(ops: object) -> dict[str, dict[str, Kernel]]:
     def int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_rows(w)
 
-    def w8a8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return quantize_weight(w)
+    def w8a8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, scales, sums = quantize_weight(w)
+        return q, scales, sums, pack_for_vnni(q)
 
     def int4_torch(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, scales = quantize_int4_groups(w, GROUP)
@@ -63,7 +64,7 @@ def kernels(ops: object) -> dict[str, dict[str, Kernel]]:
             "_weight_int8pack_mm": (int8, lambda x, w: torch.ops.aten._weight_int8pack_mm(x, *w)),
         },
         "w8a8": {
-            "herd VNNI": (w8a8, lambda x, w: ops.w8a8_int8_linear(x, *w)),
+            "herd VNNI": (w8a8, lambda x, w: ops.w8a8_int8_linear(x, w[3], w[1], w[2])),
             "torch._int_mm": (w8a8, lambda x, w: w8a8_reference(x, w[0], w[1])),
             # w8a16's kernel on the same weight, interleaved with the others (its diff: x's rounding to INT8).
             "herd gemv_int8 (w8a16)": (w8a8, lambda x, w: ops.gemv_int8(x, w[0], w[1])),

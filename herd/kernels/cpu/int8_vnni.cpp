@@ -10,9 +10,8 @@
 // sum_k W[n, k] that this adds is taken off again with the row sums the caller computed at load. 4 products of at
 // most 255 * 127 fit an int32 lane easily; over K the sum stays below 2^31 while K <= 65536 (checked).
 //
-// Weight rows are read as loaded ([N, K] row-major, no repacking): each 64-byte step of a row lines up with 64
-// bytes of x, and each dword lane sums 4 adjacent inputs, so no shuffles are needed; the lanes are added once at
-// the end of the row. CPUs without VNNI get `vnni_supported() == false` and herd calls torch._int_mm instead.
+// Each 64-byte step of a weight row lines up with 64 bytes of x, and each dword lane sums 4 adjacent inputs, so no
+// shuffles are needed; the lanes are added once at the end of the row. CPUs without VNNI get `vnni_supported() == false` and herd calls torch._int_mm instead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,10 +27,13 @@ namespace {
 
 #define HERD_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
-constexpr int64_t kRows = 4;    // weight rows per strip: four streams, four independent accumulators per row of x
-constexpr int kMaxC = 4;        // rows of x per pass over a strip (R * C accumulators + R + C loads < 32 zmm)
-constexpr int64_t kMBlock = 64; // rows of x per block: a block of quantized x stays in L2 while a task's strips pass
+constexpr int64_t kRows = 4;     // weight rows per strip, interleaved in memory (see pack_for_vnni)
+constexpr int kMaxC = 4;         // rows of x per pass over a strip (R * C accumulators + R + C loads < 32 zmm)
+constexpr int64_t kMBlock = 64;  // rows of x per block: a block of quantized x stays in L2 while a task's strips pass
 constexpr int64_t kMaxK = 65536;
+// Software prefetch this far ahead in a strip's stream (bytes): the hardware prefetcher follows one stream well,
+// but a few KiB of lead keeps more lines in flight per core.
+constexpr int64_t kPrefetch = 2048;
 
 bool vnni_supported() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -40,95 +42,86 @@ bool vnni_supported() {
 }
 
 inline int64_t padded(int64_t k) { return (k + 63) / 64 * 64; }
+inline int64_t padded_rows(int64_t n) { return (n + kRows - 1) / kRows * kRows; }
 
-// R weight rows (stride k) against C rows of biased x (stride kp, zero past k): out[c * R + r] = sum x_u * w.
-template <int R, int C>
-HERD_VNNI void vnni_block(const int8_t* q, int64_t k, const uint8_t* xu, int64_t kp, int32_t* out) {
-  __m512i acc[R][C];
-  for (int r = 0; r < R; ++r)
+// The weight is packed at load (herd.kernels.cpu.int8_vnni.pack_for_vnni) into strips of kRows rows: for each 64
+// inputs, 64 bytes of row 0, of row 1, ... of row kRows - 1, so a strip is one contiguous stream of kp * kRows
+// bytes (the four rows side by side were four streams, which the hardware prefetcher follows less well). Rows are
+// zero-padded to a multiple of kRows and inputs to a multiple of 64: zero weights add nothing, and x's padding is
+// zero too.
+template <int C>
+HERD_VNNI void vnni_block(const int8_t* strip, int64_t kp, const uint8_t* xu, int32_t* out) {
+  __m512i acc[kRows][C];
+  for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
-  const int64_t k64 = k / 64 * 64;
-  for (int64_t j = 0; j < k64; j += 64) {
+  for (int64_t j = 0; j < kp; j += 64) {
+    const int8_t* w = strip + j * kRows;
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + 128), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + 192), _MM_HINT_T0);
     __m512i xv[C];
     for (int c = 0; c < C; ++c) xv[c] = _mm512_loadu_si512(xu + c * kp + j);
-    for (int r = 0; r < R; ++r) {
-      // A strip reads R rows side by side, which the hardware prefetcher follows poorly: also touch the same
-      // columns two strips ahead, the rows this thread reads next (as gemv.cpp does).
-      _mm_prefetch(reinterpret_cast<const char*>(q + (r + 2 * R) * k + j), _MM_HINT_T0);
-      const __m512i w = _mm512_loadu_si512(q + r * k + j);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xv[c], w);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i wv = _mm512_loadu_si512(w + r * 64);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xv[c], wv);
     }
   }
-  if (k64 < k) {  // the weight's last k % 64 bytes; x is zero there already
-    const __mmask64 mask = (~0ULL) >> (64 - (k - k64));
-    __m512i xv[C];
-    for (int c = 0; c < C; ++c) xv[c] = _mm512_loadu_si512(xu + c * kp + k64);
-    for (int r = 0; r < R; ++r) {
-      const __m512i w = _mm512_maskz_loadu_epi8(mask, q + r * k + k64);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xv[c], w);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) out[c * R + r] = _mm512_reduce_add_epi32(acc[r][c]);
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < C; ++c) out[c * kRows + r] = _mm512_reduce_add_epi32(acc[r][c]);
 }
 
-template <int R>
-void strip_rows(const int8_t* q, int64_t k, const uint8_t* xu, int64_t kp, int64_t m, int32_t* out) {
-  // out: [m, R] for this strip; x rows in runs of kMaxC, the rest with C known at compile time.
+// One strip against m rows of x: out [m, kRows].
+void strip_rows(const int8_t* strip, int64_t kp, const uint8_t* xu, int64_t m, int32_t* out) {
   int64_t c0 = 0;
-  for (; c0 + kMaxC <= m; c0 += kMaxC) vnni_block<R, kMaxC>(q, k, xu + c0 * kp, kp, out + c0 * R);
+  for (; c0 + kMaxC <= m; c0 += kMaxC) vnni_block<kMaxC>(strip, kp, xu + c0 * kp, out + c0 * kRows);
   switch (m - c0) {
-    case 3: vnni_block<R, 3>(q, k, xu + c0 * kp, kp, out + c0 * R); break;
-    case 2: vnni_block<R, 2>(q, k, xu + c0 * kp, kp, out + c0 * R); break;
-    case 1: vnni_block<R, 1>(q, k, xu + c0 * kp, kp, out + c0 * R); break;
+    case 3: vnni_block<3>(strip, kp, xu + c0 * kp, out + c0 * kRows); break;
+    case 2: vnni_block<2>(strip, kp, xu + c0 * kp, out + c0 * kRows); break;
+    case 1: vnni_block<1>(strip, kp, xu + c0 * kp, out + c0 * kRows); break;
     default: break;
   }
 }
 
 // Sums of biased x rows [m, kp] against every weight row, handed strip by strip to
-// emit(r0, rows, c0, cc, sums), sums[c * rows + r] for x row c0 + c and weight row r0 + r.
+// emit(r0, rows, c0, cc, sums), sums[c * kRows + r] for x row c0 + c and weight row r0 + r (r < rows).
 template <typename Emit>
 void vnni_gemm(const int8_t* q, int64_t n, int64_t k, const uint8_t* xu, int64_t m, const Emit& emit) {
   const int64_t kp = padded(k);
-  const int64_t strips = (n + kRows - 1) / kRows;
+  const int64_t strips = padded_rows(n) / kRows;
   // A task is a few hundred KiB of weight: big enough to amortise the task, small enough to balance 2-64 cores.
-  const int64_t grain = std::max<int64_t>(1, 256 * 1024 / std::max<int64_t>(k, 1) / kRows);
+  const int64_t grain = std::max<int64_t>(1, 256 * 1024 / kp / kRows);
   at::parallel_for(0, strips, grain, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> sums(kRows * std::min(m, kMBlock));
     for (int64_t c0 = 0; c0 < m; c0 += kMBlock) {
       const int64_t cc = std::min(kMBlock, m - c0);
       for (int64_t s = begin; s < end; ++s) {
-        const int64_t r0 = s * kRows, rows = std::min(kRows, n - r0);
-        const int8_t* qs = q + r0 * k;
-        const uint8_t* xs = xu + c0 * kp;
-        switch (rows) {
-          case 4: strip_rows<4>(qs, k, xs, kp, cc, sums.data()); break;
-          case 3: strip_rows<3>(qs, k, xs, kp, cc, sums.data()); break;
-          case 2: strip_rows<2>(qs, k, xs, kp, cc, sums.data()); break;
-          default: strip_rows<1>(qs, k, xs, kp, cc, sums.data()); break;
-        }
-        emit(r0, rows, c0, cc, sums.data());
+        strip_rows(q + s * kRows * kp, kp, xu + c0 * kp, cc, sums.data());
+        emit(s * kRows, std::min(kRows, n - s * kRows), c0, cc, sums.data());
       }
     }
   });
 }
 
-void check_weight(const at::Tensor& q, const at::Tensor& q_sum, const char* op) {
+// Checks the packed weight and the row sums; n is the weight's rows (q_sum's length), k its inputs.
+void check_weight(const at::Tensor& q, const at::Tensor& q_sum, int64_t k, const char* op) {
   TORCH_CHECK(vnni_supported(), op, ": this CPU lacks AVX-512 VNNI");
-  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), op,
-              ": the weight must be a contiguous int8 [N, K] CPU tensor");
-  TORCH_CHECK(q.size(1) <= kMaxK, op, ": K = ", q.size(1), " could overflow the int32 sums (at most ", kMaxK, ")");
-  TORCH_CHECK(q_sum.scalar_type() == at::kInt && q_sum.numel() == q.size(0), op,
-              ": weight_sum must be int32 with one entry per weight row (", q.size(0), "), got ", q_sum.scalar_type(),
-              " of ", q_sum.numel());
+  TORCH_CHECK(q_sum.scalar_type() == at::kInt && q_sum.dim() == 1, op,
+              ": weight_sum must be int32 [N], one entry per weight row, got ", q_sum.scalar_type(), " of shape ",
+              q_sum.sizes());
+  const int64_t n = q_sum.size(0);
+  TORCH_CHECK(k <= kMaxK, op, ": K = ", k, " could overflow the int32 sums (at most ", kMaxK, ")");
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kChar && q.is_contiguous() &&
+                  q.numel() == padded_rows(n) * padded(k),
+              op, ": the weight must be a contiguous int8 CPU tensor packed by pack_for_vnni for ", n, " rows of ",
+              k, " (", padded_rows(n) * padded(k), " bytes), got ", q.scalar_type(), " ", q.sizes());
 }
 
-// x_q [m, k] int8 (already quantized) @ q.T -> int32 [m, n], exactly: the kernel's integer part on its own.
+// x_q [m, k] int8 (already quantized) @ W.T -> int32 [m, n], exactly: the kernel's integer part on its own.
 at::Tensor int8_mm_vnni(const at::Tensor& xq, const at::Tensor& q, const at::Tensor& q_sum) {
-  check_weight(q, q_sum, "int8_mm_vnni");
-  TORCH_CHECK(xq.scalar_type() == at::kChar && xq.dim() == 2 && xq.size(1) == q.size(1),
-              "int8_mm_vnni: x must be int8 [M, ", q.size(1), "]");
-  const int64_t m = xq.size(0), k = q.size(1), n = q.size(0), kp = padded(k);
+  TORCH_CHECK(xq.scalar_type() == at::kChar && xq.dim() == 2, "int8_mm_vnni: x must be int8 [M, K]");
+  const int64_t m = xq.size(0), k = xq.size(1), n = q_sum.numel(), kp = padded(k);
+  check_weight(q, q_sum, k, "int8_mm_vnni");
   at::Tensor y = at::empty({m, n}, xq.options().dtype(at::kInt));
   if (m == 0 || n == 0) return y;
   const at::Tensor xc = xq.contiguous();
@@ -141,7 +134,8 @@ at::Tensor int8_mm_vnni(const at::Tensor& xq, const at::Tensor& q, const at::Ten
   vnni_gemm(q.data_ptr<int8_t>(), n, k, xu.data(), m,
             [&](int64_t r0, int64_t rows, int64_t c0, int64_t cc, const int32_t* sums) {
               for (int64_t c = 0; c < cc; ++c)
-                for (int64_t r = 0; r < rows; ++r) yp[(c0 + c) * n + r0 + r] = sums[c * rows + r] - 128 * sp[r0 + r];
+                for (int64_t r = 0; r < rows; ++r)
+                  yp[(c0 + c) * n + r0 + r] = sums[c * kRows + r] - 128 * sp[r0 + r];
             });
   return y;
 }
@@ -173,12 +167,11 @@ HERD_VNNI void quantize_row(const float* x, int64_t k, uint8_t* xu, float* scale
 // x [..., K] (fp32, bf16 or fp16) -> [..., N] in x's dtype: float(x_q @ q.T) * s_x * w_scale.
 at::Tensor w8a8_int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& w_scale,
                             const at::Tensor& q_sum) {
-  check_weight(q, q_sum, "w8a8_int8_linear");
-  const int64_t n = q.size(0), k = q.size(1), kp = padded(k);
   TORCH_CHECK(x.device().is_cpu(), "w8a8_int8_linear: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "w8a8_int8_linear: x must be float32, bfloat16 or float16, not ", x.scalar_type());
-  TORCH_CHECK(x.size(-1) == k, "w8a8_int8_linear: x has ", x.size(-1), " columns, the weight ", k);
+  const int64_t n = q_sum.numel(), k = x.size(-1), kp = padded(k);
+  check_weight(q, q_sum, k, "w8a8_int8_linear");
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.numel() == n,
               "w8a8_int8_linear: w_scale must be float32 with one entry per weight row (", n, ")");
   auto shape = x.sizes().vec();
@@ -202,7 +195,7 @@ at::Tensor w8a8_int8_linear(const at::Tensor& x, const at::Tensor& q, const at::
             [&](int64_t r0, int64_t rows, int64_t c0, int64_t cc, const int32_t* sums) {
               for (int64_t c = 0; c < cc; ++c)
                 for (int64_t r = 0; r < rows; ++r) {
-                  const int32_t acc = sums[c * rows + r] - 128 * sp[r0 + r];
+                  const int32_t acc = sums[c * kRows + r] - 128 * sp[r0 + r];
                   // Left to right, as the reference: (float(acc) * s_x) * s_w.
                   const float v = static_cast<float>(acc) * xs[c0 + c] * wsp[r0 + r];
                   const int64_t idx = (c0 + c) * n + r0 + r;

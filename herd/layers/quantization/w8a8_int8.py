@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from herd.kernels.cpu.int8_vnni import w8a8_linear
+from herd.kernels.cpu.int8_vnni import prepare_weight, w8a8_linear
 from herd.layers.moe import grouped_experts
 from herd.layers.parameters import new_parameter
 from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase
@@ -83,7 +83,9 @@ class W8A8Int8FusedMoEMethod(UnquantizedFusedMoEMethod):
 
 
 def _register(layer: torch.nn.Module, prefix: str, q: torch.Tensor, scales: torch.Tensor) -> None:
-    layer.register_buffer(f"{prefix}int8", q.contiguous(), persistent=False)
+    """q [..., N, K] int8 (one weight, or one per expert) as the kernel takes it, its scales and row sums."""
+    packed = prepare_weight(q) if q.dim() == 2 else torch.stack([prepare_weight(e) for e in q])
+    layer.register_buffer(f"{prefix}int8", packed, persistent=False)
     layer.register_buffer(f"{prefix}scale", scales.float().contiguous(), persistent=False)
     layer.register_buffer(f"{prefix}sum", q.sum(dim=-1, dtype=torch.int32), persistent=False)
 
