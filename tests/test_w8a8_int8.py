@@ -13,6 +13,7 @@ import torch
 
 from herd.kernels.cpu import int8_vnni
 from herd.kernels.cpu.int8_vnni import pack_for_vnni, vnni_ops, w8a8_linear, w8a8_reference
+from herd.launch_server import parse_args
 from herd.layers.factory import LayerFactory
 from herd.layers.quantization.compressed_tensors import UnsupportedQuantizationError
 from herd.layers.quantization.select import select_quantization
@@ -251,7 +252,12 @@ def test_compressed_tensors_asymmetric_int8_activations_are_refused() -> None:
         select_quantization(quant, "", None, UnquantizedConfig())
 
 
-def test_bad_quantization_flag_names_the_value_and_w8a8_int8() -> None:
+def test_bad_quantization_flag_names_the_value_and_w8a8_int8(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--model-path", "m", "--quantization", "w8a8-int8"])
+    assert "--quantization 'w8a8-int8': not supported yet; supported: fp8, w8a16, w8a8_int8, w4a16" in (
+        capsys.readouterr().err
+    )
     with pytest.raises(UnsupportedQuantizationError, match=r"'w8a8'.*w8a8_int8"):
         select_quantization(None, "", "w8a8", UnquantizedConfig())
     assert isinstance(select_quantization(None, "", "w8a8_int8", UnquantizedConfig()), W8A8Int8Config)
