@@ -13,6 +13,7 @@ Besides the weight, each output row keeps an fp32 scale and the int32 sum of its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,9 +40,12 @@ STORED_BITS = 8.0
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[out, in] -> (INT8 [out, in], fp32 scales [out], int32 row sums [out]), symmetric per output channel."""
-    w = weight.detach().float()
-    scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    # One float32 copy, worked on in place (never the weight itself: a tied embedding may share it); the same
+    # values as round(w / s).clamp(-127, 127).
+    w = weight.detach().to(torch.float32, copy=True)
+    lo, hi = torch.aminmax(w, dim=1)
+    scales = torch.maximum(hi, -lo).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    q = w.div_(scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scales, q.sum(dim=1, dtype=torch.int32)
 
 
@@ -70,8 +74,7 @@ class W8A8Int8FusedMoEMethod(UnquantizedFusedMoEMethod):
         del layer.gate_up_proj, layer.down_proj
         for name, fused in (("gate_up", gate_up), ("down", down)):
             # Loaded as [E, in, out]; the kernel reads [out, in] rows.
-            parts = [quantize_weight(fused[e].t()) for e in range(layer.num_experts)]
-            _register(layer, f"{name}_", torch.stack([q for q, _, _ in parts]), torch.stack([s for _, s, _ in parts]))
+            _register_experts(layer, f"{name}_", layer.num_experts, lambda e, f=fused: quantize_weight(f[e].t())[:2])
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
@@ -83,11 +86,29 @@ class W8A8Int8FusedMoEMethod(UnquantizedFusedMoEMethod):
 
 
 def _register(layer: torch.nn.Module, prefix: str, q: torch.Tensor, scales: torch.Tensor) -> None:
-    """q [..., N, K] int8 (one weight, or one per expert) as the kernel takes it, its scales and row sums."""
-    packed = prepare_weight(q) if q.dim() == 2 else torch.stack([prepare_weight(e) for e in q])
-    layer.register_buffer(f"{prefix}int8", packed, persistent=False)
+    """q [N, K] int8 as the kernel takes it, its scales and row sums."""
+    layer.register_buffer(f"{prefix}int8", prepare_weight(q), persistent=False)
     layer.register_buffer(f"{prefix}scale", scales.float().contiguous(), persistent=False)
     layer.register_buffer(f"{prefix}sum", q.sum(dim=-1, dtype=torch.int32), persistent=False)
+
+
+def _register_experts(
+    layer: torch.nn.Module, prefix: str, count: int, expert: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Experts 0..count-1 (`expert(e)`: q [N, K] int8 and its scales [N]) stacked as `_register` stores one,
+    written expert by expert into the final buffers: the layer's experts are never held twice over."""
+    packed = scales = sums = None
+    for e in range(count):
+        q, s = expert(e)
+        p = prepare_weight(q)
+        if packed is None:
+            packed = p.new_empty((count, *p.shape))
+            scales = torch.empty((count, q.shape[0]), dtype=torch.float32, device=q.device)
+            sums = torch.empty((count, q.shape[0]), dtype=torch.int32, device=q.device)
+        packed[e], scales[e], sums[e] = p, s, q.sum(dim=-1, dtype=torch.int32)
+    layer.register_buffer(f"{prefix}int8", packed, persistent=False)
+    layer.register_buffer(f"{prefix}scale", scales, persistent=False)
+    layer.register_buffer(f"{prefix}sum", sums, persistent=False)
 
 
 class W8A8Int8CheckpointLinearMethod(LinearMethodBase):
@@ -125,7 +146,7 @@ class W8A8Int8CheckpointMoEMethod(FusedMoEMethodBase):
             q, scales = getattr(layer, f"{name}_proj").detach(), getattr(layer, f"{name}_proj_scale").detach()
             delattr(layer, f"{name}_proj")
             delattr(layer, f"{name}_proj_scale")
-            _register(layer, f"{name}_", q, scales[..., 0])
+            _register_experts(layer, f"{name}_", q.shape[0], lambda e, q=q, s=scales: (q[e], s[e, :, 0]))
 
     apply = W8A8Int8FusedMoEMethod.apply
 
