@@ -11,7 +11,8 @@
 // most 255 * 127 fit an int32 lane easily; over K the sum stays below 2^31 while K <= 65536 (checked).
 //
 // Each 64-byte step of a weight row lines up with 64 bytes of x, and each dword lane sums 4 adjacent inputs, so no
-// shuffles are needed; the lanes are added once at the end of the row. CPUs without VNNI get `vnni_supported() == false` and herd calls torch._int_mm instead.
+// shuffles are needed; the lanes are added once at the end of the row. CPUs without VNNI get
+// `vnni_supported() == false` and herd calls torch._int_mm instead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
