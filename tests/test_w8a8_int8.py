@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from test_weight_memory import meta_scout
 
 from herd.kernels.cpu import int8_vnni
 from herd.kernels.cpu.int8_vnni import pack_for_vnni, vnni_ops, w8a8_linear, w8a8_reference
@@ -22,6 +23,7 @@ from herd.layers.quantization.w8a8_int8 import W8A8Int8Config, quantize_weight
 from herd.llm import LLM
 from herd.models.loader import load_model
 from herd.sampling import SamplingParams
+from herd.worker.weight_memory import weight_bytes
 
 from checkpoints import CHUNK, SCOUT_LIKE, reference_logits
 from ct_fixtures import SHORT_IGNORE, make_ct_checkpoint
@@ -210,6 +212,18 @@ def test_w8a8_stores_int8_weights_and_plans_their_bytes(scout_ckpt) -> None:
     assert quantized <= int8 <= 2 * quantized
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     assert worker.weight_bytes() < 0.5 * full
+
+
+def test_memory_planning_counts_a_byte_per_weight() -> None:
+    """Full-size Scout on the meta device: w8a8_int8 plans the bytes w8a16 does (INT8 weights, the router and
+    embeddings as stored), half of bf16's for the quantized layers."""
+    bf16, w8a16, w8a8 = (weight_bytes(meta_scout(q)) for q in (None, "w8a16", "w8a8_int8"))
+    assert w8a8.total == w8a16.total
+    # The layers it quantizes (all bf16's quantizable bytes but the routers', which stay) at one byte per element.
+    quantized_bytes = bf16.quantizable - w8a8.quantizable
+    quantized_elements = bf16.quantizable_elements - w8a8.quantizable_elements
+    assert quantized_bytes == 2 * quantized_elements
+    assert w8a8.total == bf16.total - quantized_bytes + quantized_elements
 
 
 def test_compressed_tensors_w8a8_checkpoint(tmp_path) -> None:
