@@ -96,15 +96,16 @@ def _register_experts(
     layer: torch.nn.Module, prefix: str, count: int, expert: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 ) -> None:
     """Experts 0..count-1 (`expert(e)`: q [N, K] int8 and its scales [N]) stacked as `_register` stores one,
-    written expert by expert into the final buffers: the layer's experts are never held twice over."""
-    packed = scales = sums = None
+    written expert by expert into the final buffers (a stacked copy and a packed one were held at once)."""
+    q, s = expert(0)
+    p = prepare_weight(q)
+    packed = p.new_empty((count, *p.shape))
+    scales = torch.empty((count, q.shape[0]), dtype=torch.float32, device=q.device)
+    sums = torch.empty((count, q.shape[0]), dtype=torch.int32, device=q.device)
     for e in range(count):
-        q, s = expert(e)
-        p = prepare_weight(q)
-        if packed is None:
-            packed = p.new_empty((count, *p.shape))
-            scales = torch.empty((count, q.shape[0]), dtype=torch.float32, device=q.device)
-            sums = torch.empty((count, q.shape[0]), dtype=torch.int32, device=q.device)
+        if e:
+            q, s = expert(e)
+            p = prepare_weight(q)
         packed[e], scales[e], sums[e] = p, s, q.sum(dim=-1, dtype=torch.int32)
     layer.register_buffer(f"{prefix}int8", packed, persistent=False)
     layer.register_buffer(f"{prefix}scale", scales, persistent=False)
