@@ -142,8 +142,8 @@ at::Tensor int8_mm_vnni(const at::Tensor& xq, const at::Tensor& q, const at::Ten
 }
 
 // Row i of x (fp32) -> x_q + 128 into xu (kp bytes, zero past k), and its scale. The rounding is to nearest,
-// ties to even, fixed in the instruction rather than read from MXCSR (std::nearbyint, which follows MXCSR, gave
-// 63 for 63.5 here): the same fp32 operations as the torch reference (herd.kernels.cpu.int8_vnni).
+// ties to even (torch.round's), fixed in the instruction rather than taken from MXCSR; with 127 / amax and
+// x * inv each rounded once in fp32, these are the torch reference's operations (herd.kernels.cpu.int8_vnni).
 HERD_VNNI void quantize_row(const float* x, int64_t k, uint8_t* xu, float* scale) {
   __m512 mx = _mm512_setzero_ps();
   for (int64_t j = 0; j < k; j += 16) {
