@@ -1,11 +1,12 @@
 """Linear layers on the CPU at decode batch sizes, per weight format: herd's kernels vs PyTorch's.
 
 bf16: herd's `gemv_bf16` vs oneDNN (packed and plain `F.linear`); INT8 (one scale per row): `gemv_int8` vs
-`_weight_int8pack_mm`; INT4 (groups of 128, which herd runs on `_weight_int4pack_mm_for_cpu`) for scale. Shapes are
-scout-mini's (hidden 2048); GB/s counts the weight's bytes once per call. Each pass calls a kernel once on
-each of several copies of the weight (256 MB of bf16 in all: beyond the last-level cache, so the bytes come
-from memory as in a decode step); the best of --passes passes counts, and the kernels take turns pass by
-pass, so that a busy spell on a shared machine hits all of them.
+`_weight_int8pack_mm`; W8A8 (INT8 weights, activations quantized per token, int32 sums): `w8a8_int8_linear` (AVX-512
+VNNI) vs the same arithmetic on `torch._int_mm`; INT4 (groups of 128, which herd runs on
+`_weight_int4pack_mm_for_cpu`) for scale. Shapes are scout-mini's (hidden 2048); GB/s counts the weight's bytes once
+per call. Each pass calls a kernel once on each of several copies of the weight (256 MB of bf16 in all: beyond the
+last-level cache, so the bytes come from memory as in a decode step); the best of --passes passes counts, and the
+kernels take turns pass by pass, so that a busy spell on a shared machine hits all of them.
 
     python benchmarks/gemv_cpu.py --threads 2 --batches 1 4 8
 """
@@ -20,9 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from herd.kernels.cpu import gemv_ops
+from herd.kernels.cpu.int8_vnni import pack_for_vnni, w8a8_reference
 from herd.layers.quantization.int4 import quantize_int4_groups
 from herd.layers.quantization.int8 import quantize_rows
 from herd.layers.quantization.unquantized import pack, packed_linear
+from herd.layers.quantization.w8a8_int8 import quantize_weight
 
 SHAPES = {  # name: (out, in)
     "scout-mini qkv": (3072, 2048),
@@ -40,6 +43,10 @@ def kernels(ops: object) -> dict[str, dict[str, Kernel]]:
     def int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_rows(w)
 
+    def w8a8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, scales, sums = quantize_weight(w)
+        return q, scales, sums, pack_for_vnni(q)
+
     def int4_torch(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, scales = quantize_int4_groups(w, GROUP)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((q.to(torch.int32) + 8).contiguous(), 1)
@@ -56,6 +63,12 @@ def kernels(ops: object) -> dict[str, dict[str, Kernel]]:
             "herd": (int8, lambda x, w: ops.gemv_int8(x, *w)),
             "_weight_int8pack_mm": (int8, lambda x, w: torch.ops.aten._weight_int8pack_mm(x, *w)),
         },
+        "w8a8": {
+            "herd VNNI": (w8a8, lambda x, w: ops.w8a8_int8_linear(x, w[3], w[1], w[2])),
+            "torch._int_mm": (w8a8, lambda x, w: w8a8_reference(x, w[0], w[1])),
+            # w8a16's kernel on the same weight, interleaved with the others (its diff: x's rounding to INT8).
+            "herd gemv_int8 (w8a16)": (w8a8, lambda x, w: ops.gemv_int8(x, w[0], w[1])),
+        },
         "int4": {
             "_weight_int4pack_mm_for_cpu": (
                 int4_torch,
@@ -65,7 +78,7 @@ def kernels(ops: object) -> dict[str, dict[str, Kernel]]:
     }
 
 
-BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}
+BYTES_PER_WEIGHT = {"bf16": 2.0, "int8": 1.0, "w8a8": 1.0, "int4": 0.5}
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor, IntQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, preset_name_to_scheme
 from compressed_tensors.quantization.utils import calculate_qparams
@@ -40,8 +40,12 @@ MAVERICK_FP8_IGNORE = [
 # W4A16 recipes: it exercises herd's fused q/k/v and gate/up layers in the quantized formats.
 SHORT_IGNORE = ["re:.*lm_head", "re:.*router", "re:.*vision_model", "re:.*multi_modal_projector"]
 
-FORMATS = {"FP8_DYNAMIC": "float-quantized", "W4A16": "pack-quantized"}
-COMPRESSORS = {"FP8_DYNAMIC": FloatQuantizationCompressor, "W4A16": PackedQuantizationCompressor}
+FORMATS = {"FP8_DYNAMIC": "float-quantized", "W4A16": "pack-quantized", "W8A8": "int-quantized"}
+COMPRESSORS = {
+    "FP8_DYNAMIC": FloatQuantizationCompressor,
+    "W4A16": PackedQuantizationCompressor,
+    "W8A8": IntQuantizationCompressor,
+}
 
 
 def make_ct_checkpoint(

@@ -17,7 +17,8 @@ from herd.config.model import ModelConfig
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("torch_native", "triton")
-QUANTIZATIONS = ("fp8", "w8a16", "w4a16")  # --quantization: formats a full-precision checkpoint is quantized to at load
+# --quantization: formats a full-precision checkpoint is quantized to at load
+QUANTIZATIONS = ("fp8", "w8a16", "w8a8_int8", "w4a16")
 DEFAULT_MAX_RUNNING_REQUESTS = 128
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the server's and the engine process's
 

@@ -69,7 +69,8 @@ class ServerArgs:
     chat_template: str | None = None
     dtype: str = "auto"
     load_format: str = "auto"
-    # w8a16: INT8 weights (per output channel) made from a full-precision checkpoint at load (SGLang's flag).
+    # w8a16: INT8 weights (per output channel) made from a full-precision checkpoint at load (SGLang's flag);
+    # w8a8_int8: the same weights with activations quantized to INT8 per token (herd.layers.quantization.w8a8_int8).
     quantization: str | None = None
     device: str | None = None  # None: cuda when available, else cpu
     attention_backend: str | None = None  # None: chosen by hardware

@@ -24,7 +24,7 @@ from herd.worker.kv_sizing import CPU_MEM_FRACTION, GPU_MEM_FRACTION
 
 GiB = 2**30
 # Bits per weight element of each --quantization format, scales included (w4a16: a 16-bit scale per 128).
-FORMAT_BITS = {"fp8": 8.0, "w8a16": 8.0, "w4a16": 4.125}
+FORMAT_BITS = {"fp8": 8.0, "w8a16": 8.0, "w8a8_int8": 8.0, "w4a16": 4.125}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,11 @@ Published layouts (looked up 2026-12-05; no weights downloaded):
   format `pack-quantized`: `weight_packed` int32 [out, in / 8], `weight_scale` [out, in / 128], `weight_shape`
   [2] (compressed-tensors' PackedQuantizationCompressor). Its ignore list is assumed, not read: any list
   works, since it is honoured as written.
+- W8A8 INT8 (RedHatAI's `...-quantized.w8a8` models, e.g. Meta-Llama-3.1-8B-Instruct's; looked up 2026-12-06, no
+  Llama 4 one found published): llm-compressor's W8A8 preset, format `int-quantized`: `weight` int8 [out, in] and
+  `weight_scale` [out, 1] (strategy channel, symmetric), activations int8, symmetric, dynamic per token (no
+  `input_scale` stored; compressed-tensors' IntQuantizationCompressor). Runs on herd's W8A8 kernel
+  (herd.layers.quantization.w8a8_int8); asymmetric activations are refused.
 - Experts: llm-compressor unfuses Llama 4's experts for good before quantizing (`SequentialLlama4TextMoe` in
   llm-compressor's src/llmcompressor/modeling/llama4.py, kept "for vLLM compatibility"), so expert e is stored
   as `feed_forward.experts.<e>.{gate,up,down}_proj.<tensor>`, each in nn.Linear's [out, in]; vLLM's Llama 4
@@ -37,13 +42,15 @@ from herd.layers.quantization.fp8 import (
     Fp8CheckpointMoEMethod,
 )
 from herd.layers.quantization.int4 import Int4CheckpointLinearMethod, Int4CheckpointMoEMethod
+from herd.layers.quantization.w8a8_int8 import W8A8Int8CheckpointLinearMethod, W8A8Int8CheckpointMoEMethod
 
 # herd's fused layers and the checkpoint modules each stands for.
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 UNPREFIXED = ("vision_model.", "multi_modal_projector.")
 SUPPORTED = (
-    "FP8 weights with a scale per output channel (float-quantized; activations dynamic FP8 per token, or none) "
-    "and symmetric INT4 weights with group scales (pack-quantized W4A16)"
+    "FP8 weights with a scale per output channel (float-quantized; activations dynamic FP8 per token, or none), "
+    "symmetric INT8 weights with a scale per output channel and symmetric dynamic INT8 activations per token "
+    "(int-quantized W8A8) and symmetric INT4 weights with group scales (pack-quantized W4A16)"
 )
 
 
@@ -53,7 +60,7 @@ class UnsupportedQuantizationError(ValueError):
 
 @dataclass(frozen=True)
 class Scheme:
-    kind: str  # "fp8" or "int4"
+    kind: str  # "fp8", "w8a8_int8" or "int4"
     group_size: int | None = None
 
 
@@ -83,7 +90,7 @@ class CompressedTensorsConfig(QuantizationConfig):
         if method != "compressed-tensors":
             raise UnsupportedQuantizationError(
                 f"quantization_config.quant_method {method!r} is not supported; herd reads compressed-tensors "
-                "checkpoints (or a bf16 checkpoint with --quantization fp8 | w8a16 | w4a16)"
+                "checkpoints (or a bf16 checkpoint with --quantization fp8 | w8a16 | w8a8_int8 | w4a16)"
             )
         try:
             parsed = CTConfig.model_validate(quant)
@@ -114,6 +121,8 @@ class CompressedTensorsConfig(QuantizationConfig):
             return self.base.linear_method(prefix)
         if scheme.kind == "fp8":
             return Fp8AsInt8LinearMethod() if self.fp8_as_int8 else Fp8CheckpointLinearMethod()
+        if scheme.kind == "w8a8_int8":
+            return W8A8Int8CheckpointLinearMethod()
         assert scheme.group_size is not None
         return Int4CheckpointLinearMethod(scheme.group_size)
 
@@ -127,6 +136,8 @@ class CompressedTensorsConfig(QuantizationConfig):
             return self.base.moe_method(prefix)
         if scheme.kind == "fp8":
             return Fp8AsInt8MoEMethod() if self.fp8_as_int8 else Fp8CheckpointMoEMethod()
+        if scheme.kind == "w8a8_int8":
+            return W8A8Int8CheckpointMoEMethod()
         assert scheme.group_size is not None
         return Int4CheckpointMoEMethod(scheme.group_size)
 
@@ -173,6 +184,10 @@ def _scheme(name: str, group: object, fmt: str | None) -> Scheme:
     fp8 = w.type == "float" and w.num_bits == 8 and w.strategy == "channel" and w.symmetric and fp8_acts
     if fp8 and fmt in ("float-quantized", "naive-quantized"):
         return Scheme("fp8")
+    int8_acts = a is not None and a.type == "int" and a.num_bits == 8 and a.dynamic is True and a.symmetric
+    w8a8 = w.type == "int" and w.num_bits == 8 and w.strategy == "channel" and w.symmetric
+    if w8a8 and int8_acts and a.strategy == "token" and fmt == "int-quantized":
+        return Scheme("w8a8_int8")
     int4 = w.type == "int" and w.num_bits == 4 and w.strategy == "group" and w.symmetric and a is None
     if int4 and fmt == "pack-quantized" and w.group_size:
         return Scheme("int4", int(w.group_size))

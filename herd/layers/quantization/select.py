@@ -12,6 +12,7 @@ from herd.layers.quantization.fp8 import Fp8OnlineLinearMethod, Fp8OnlineMoEMeth
 from herd.layers.quantization.int4 import Int4OnlineLinearMethod, Int4OnlineMoEMethod
 from herd.layers.quantization.int8 import Int8Config
 from herd.layers.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
+from herd.layers.quantization.w8a8_int8 import W8A8Int8Config
 
 
 class OnlineConfig(Int8Config):
@@ -32,6 +33,7 @@ class OnlineConfig(Int8Config):
 
 ONLINE: dict[str, Callable[[], QuantizationConfig]] = {
     "w8a16": Int8Config,
+    "w8a8_int8": W8A8Int8Config,
     "fp8": lambda: OnlineConfig("fp8", Fp8OnlineLinearMethod, Fp8OnlineMoEMethod),
     "w4a16": lambda: OnlineConfig("w4a16", Int4OnlineLinearMethod, Int4OnlineMoEMethod),
 }
