@@ -106,13 +106,14 @@ class Worker:
                     self.weight_bytes() / 2**30)  # fmt: skip
 
     def _quant_config(self) -> QuantizationConfig:
-        # oneDNN's packed weights are faster on the CPU, but torch.compile cannot lower them.
-        packed = (
-            not self.config.device.enable_torch_compile
-            and cpu_packing_available(self.device)
-            and self.dtype != torch.float16
+        # oneDNN's packed weights are faster on the CPU; a compiled step keeps its linear layers unpacked (it cannot
+        # lower packed ones) and runs the packed experts eagerly.
+        packed = cpu_packing_available(self.device) and self.dtype != torch.float16
+        base = UnquantizedConfig(
+            cpu_packed=packed,
+            triton_moe=self.device.type == "cuda" and triton_available(),
+            compiled=self.config.device.enable_torch_compile,
         )
-        base = UnquantizedConfig(cpu_packed=packed, triton_moe=self.device.type == "cuda" and triton_available())
         model = self.config.model
         checkpoint_quant = model.quantization if self.config.load.load_format != "dummy" else None
         return select_quantization(checkpoint_quant, model.weight_prefix, self.config.load.quantization, base)
