@@ -53,11 +53,17 @@ def call(handle: int, args: list[torch.Tensor]) -> torch.Tensor:
     return torch.ops.herd.opaque_call(handle, args)
 
 
-@torch.library.custom_op("herd::opaque_call", mutates_args=())
-def _opaque_call(handle: int, args: list[torch.Tensor]) -> torch.Tensor:
+def _run(handle: int, args: list[torch.Tensor]) -> torch.Tensor:
     return _entries[handle].run(_owners[handle], args)
 
 
-@_opaque_call.register_fake
-def _(handle: int, args: list[torch.Tensor]) -> torch.Tensor:
+def _fake(handle: int, args: list[torch.Tensor]) -> torch.Tensor:
     return _entries[handle].fake(_owners[handle], args)
+
+
+# Defined on a plain Library rather than with torch.library.custom_op: the dispatcher then calls `_run` directly,
+# without custom_op's per-call Python wrapping (~60 us a call here, 8 calls a step on Llama 4's 4 layers).
+_lib = torch.library.Library("herd", "FRAGMENT")
+_lib.define("opaque_call(int handle, Tensor[] args) -> Tensor")
+_lib.impl("opaque_call", _run, "CompositeExplicitAutograd")
+torch.library.register_fake("herd::opaque_call", _fake, lib=_lib)
