@@ -182,7 +182,10 @@ def _decode_layout(batch: AttentionBatch, tables: PoolTables, seqs: list[int], c
         rows.append(tables.block_tables[i][first : (ctx + bs - 1) // bs])
         offsets.append(kv_start - first * bs)
         lengths.append(ctx - kv_start)
-    width = max(map(len, rows))
+    # At least two blocks wide: a compiled step specialises a dimension of size 1, so a table one block wide (a
+    # fresh chunk window) would compile a second graph as soon as the window reaches its second block. The padding
+    # repeats the row's last block, masked like all padding.
+    width = max(2, *map(len, rows))
     table = torch.tensor([row + row[-1:] * (width - len(row)) for row in rows], dtype=torch.long)
     pos = torch.arange(width * bs)[None, :]
     start = torch.tensor(offsets)[:, None]
