@@ -94,11 +94,11 @@ class Worker:
         self.aux_layers = bool(target.aux_layer_ids)
         # Decode steps only: prefill shapes vary too much to be worth compiling. One graph per decode shape
         # family (dynamic sizes; inductor specialises sizes 0/1, and herd's GEMV serves up to GEMV_MAX_ROWS rows):
-        # batch 1, 2..8, more. On the CPU it stays a flag, off by default: each family compiles for 7-30 s on
+        # batch 1, 2..8, more. On the CPU it stays a flag, off by default: each family compiles for 5-36 s on
         # this project's 2-core machine the first time it runs (a server's first requests, and every test),
-        # for a step no clearly faster than eager's (benchmarks/RESULTS.md, "compiled CPU decode"): a decode
-        # step's cost is its GEMVs, which run the same kernels compiled or not, and the Python that compiling
-        # removes is partly replaced by guard checks (~0.3 ms a step) and the opaque experts/attention ops.
+        # for a step no faster than eager's at 2 threads (benchmarks/RESULTS.md, "Compiled CPU decode step"):
+        # a decode step's cost is its GEMVs, which run the same kernels compiled or not, and the Python that
+        # compiling removes is partly replaced by guard checks (~0.3 ms a step) and the opaque experts/attention.
         self.compiled_decode = torch.compile(self.model, fullgraph=True, dynamic=True) if compile_decode else None
         self.sampler = Sampler()
         self.sequences: dict[str, _Sequence] = {}
