@@ -5,10 +5,10 @@ read) and run oneDNN-packed weights that fake tensors cannot hold; attention wri
 paged cache, and a compiled graph that mutates a view of an input (each layer's K or V is a view of its pool)
 copies the whole pool back every step: on the tiny checkpoint that made a compiled step 2-5 s instead of ms.
 
-So the compiled graph calls `herd::opaque_call(handle, args)`: `handle` names a registered callable (a layer's
-bound method), which runs eagerly on the op's tensors and returns one new tensor. The op's schema declares no
-mutation, so the cache it writes is never cloned, and its fake kernel gives the output's shape from a
-`fake_output` function the registrant supplies. That is sound here because nothing else in the graph reads
+So the compiled graph calls `herd::opaque_call(handle, args)`: `handle` names a function registered with its
+layer, which runs eagerly on the op's tensors and returns one new tensor. The op's schema declares no mutation,
+so the cache it writes is never cloned, and its fake kernel gives the output's shape from the `fake` function
+registered with it. That is sound here because nothing else in the graph reads
 what the callable mutates (each layer's KV cache is read only by that layer's own opaque call).
 """
 

@@ -1,9 +1,8 @@
 """CPU kernels of our own, compiled from C++ the first time they are needed (or by `make venv`).
 
 Each is a torch op (`torch.ops.herd_cpu.*`) with a fake kernel (herd.kernels.cpu.fake): eager code and
-compiled decode steps (--enable-torch-compile) both call them. The build needs a C++ compiler and the
-kernels AVX-512F/BW/VL; without either, `gemv_ops()`
-answers None and callers keep PyTorch's kernels.
+compiled decode steps (--enable-torch-compile) both call them. The build needs a C++ compiler and the kernels
+AVX-512F/BW/VL; without either, `gemv_ops()` answers None and callers keep PyTorch's kernels.
 """
 
 from __future__ import annotations

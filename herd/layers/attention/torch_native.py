@@ -64,13 +64,13 @@ class TorchNativeBackend(AttentionBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: PagedAttention, metadata: TorchNativeMetadata
     ) -> torch.Tensor:
         pool = metadata.pool(layer.chunk_size is not None)
-        if torch.compiler.is_compiling() and not pool.prefills and pool.decode is not None and q.device.type == "cpu":
+        decode = pool.decode
+        pure_decode = not pool.prefills and decode is not None and decode.rows is None
+        if pure_decode and q.device.type == "cpu" and torch.compiler.is_compiling():
             # A compiled graph that writes a view of the cache copies the whole pool each step: write and
             # attend eagerly inside one opaque op instead (herd.layers.opaque).
-            decode = pool.decode
-            args = [q, k, v, pool.slot_mapping, decode.table, decode.valid]
-            if decode.rows is None:
-                return opaque.call(layer.opaque_handle, args)
+            assert decode is not None
+            return opaque.call(layer.opaque_handle, [q, k, v, pool.slot_mapping, decode.table, decode.valid])
         return self.attend(q, k, v, layer, pool)
 
     def opaque_decode(self, layer: PagedAttention, args: list[torch.Tensor]) -> torch.Tensor:
