@@ -101,7 +101,7 @@ class SpeculativeConfig:
 class DeviceConfig:
     device: str  # "cpu" or "cuda"
     attention_backend: str = "torch_native"
-    enable_torch_compile: bool = False  # compile the decode step (CPU weights then stay unpacked)
+    enable_torch_compile: bool = False  # compile the decode step (CPU linear weights then stay unpacked)
     cuda_graph_max_bs: int = 256  # decode CUDA graphs for batches up to this (capped by max_running_requests)
     disable_cuda_graph: bool = False
 

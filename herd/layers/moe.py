@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.layers import opaque
 from herd.layers.linear import input_pack
 from herd.layers.parameters import check_shape
 from herd.layers.quantization.base import FusedMoEMethodBase
@@ -49,9 +50,17 @@ class FusedMoE(nn.Module):
         self.intermediate_size_per_rank = intermediate_size // tp_size
         self.method = method
         method.create_weights(self)
+        self.opaque_handle = opaque.register(self, _eager_forward, _fake_forward)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, H] (scaled by the router), expert_ids [N] -> [N, H] (zero rows for other ranks' experts)."""
+        if x.device.type == "cpu" and torch.compiler.is_compiling():
+            # The CPU methods group rows by expert on the host and may hold oneDNN-packed weights: in a compiled
+            # step they run eagerly as one opaque op (herd.layers.opaque), each chosen expert's weight read once.
+            return opaque.call(self.opaque_handle, [x, expert_ids])
+        return self.eager_forward(x, expert_ids)
+
+    def eager_forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         if self.ep_size == 1:
             return self.method.apply(self, x, expert_ids)
         local_ids = expert_ids - self.first_expert
@@ -132,6 +141,14 @@ class FusedMoE(nn.Module):
             param.data[local] = rows
         else:
             param.data[local, shard_id * per_rank : (shard_id + 1) * per_rank] = rows
+
+
+def _eager_forward(layer: FusedMoE, args: list[torch.Tensor]) -> torch.Tensor:
+    return layer.eager_forward(args[0], args[1])
+
+
+def _fake_forward(layer: FusedMoE, args: list[torch.Tensor]) -> torch.Tensor:
+    return args[0].new_empty((args[0].shape[0], layer.hidden_size))
 
 
 def routed_swiglu(x: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,13 @@ class Worker:
             target.aux_layer_ids = self.proposer.aux_layer_ids
             compile_decode = False  # the compiled and graphed steps do not leave the auxiliary hidden states
         self.aux_layers = bool(target.aux_layer_ids)
-        # Decode steps only: prefill shapes vary too much to be worth compiling.
+        # Decode steps only: prefill shapes vary too much to be worth compiling. One graph per decode shape
+        # family (dynamic sizes; inductor specialises sizes 0/1, and herd's GEMV serves up to GEMV_MAX_ROWS rows):
+        # batch 1, 2..8, more. On the CPU it stays a flag, off by default: each family compiles for 5-36 s on
+        # this project's 2-core machine the first time it runs (a server's first requests, and every test),
+        # for a step no faster than eager's at 2 threads (benchmarks/RESULTS.md, "Compiled CPU decode step"):
+        # a decode step's cost is its GEMVs, which run the same kernels compiled or not, and the Python that
+        # compiling removes is partly replaced by guard checks (~0.3 ms a step) and the opaque experts/attention.
         self.compiled_decode = torch.compile(self.model, fullgraph=True, dynamic=True) if compile_decode else None
         self.sampler = Sampler()
         self.sequences: dict[str, _Sequence] = {}
@@ -113,13 +119,14 @@ class Worker:
                     self.weight_bytes() / 2**30)  # fmt: skip
 
     def _quant_config(self) -> QuantizationConfig:
-        # oneDNN's packed weights are faster on the CPU, but torch.compile cannot lower them.
-        packed = (
-            not self.config.device.enable_torch_compile
-            and cpu_packing_available(self.device)
-            and self.dtype != torch.float16
+        # oneDNN's packed weights are faster on the CPU; a compiled step keeps its linear layers unpacked (it cannot
+        # lower packed ones) and runs the packed experts eagerly.
+        packed = cpu_packing_available(self.device) and self.dtype != torch.float16
+        base = UnquantizedConfig(
+            cpu_packed=packed,
+            triton_moe=self.device.type == "cuda" and triton_available(),
+            compiled=self.config.device.enable_torch_compile,
         )
-        base = UnquantizedConfig(cpu_packed=packed, triton_moe=self.device.type == "cuda" and triton_available())
         model = self.config.model
         checkpoint_quant = model.quantization if self.config.load.load_format != "dummy" else None
         return select_quantization(checkpoint_quant, model.weight_prefix, self.config.load.quantization, base)

@@ -1,9 +1,10 @@
 """CPU kernels of our own, compiled from C++ the first time they are needed (or by `make venv`).
 
-Each is a torch op (`torch.ops.herd_cpu.*`), called from eager code (they have no fake kernels for
-torch.compile yet). The build needs a C++ compiler and the kernels AVX-512F/BW/VL; without either, `gemv_ops()`
-answers None and callers keep PyTorch's kernels. int8_vnni.cpp (W8A8 INT8 on AVX-512 VNNI) joins the same
-library; its ops have fake kernels (herd.kernels.cpu.int8_vnni) and a PyTorch fallback where VNNI is missing.
+Each is a torch op (`torch.ops.herd_cpu.*`) with a fake kernel (herd.kernels.cpu.fake): eager code and
+compiled decode steps (--enable-torch-compile) both call them. The build needs a C++ compiler and the kernels
+AVX-512F/BW/VL; without either, `gemv_ops()` answers None and callers keep PyTorch's kernels. int8_vnni.cpp
+(W8A8 INT8 on AVX-512 VNNI) joins the same library; its ops have fake kernels (herd.kernels.cpu.int8_vnni) and a
+PyTorch fallback where VNNI is missing.
 """
 
 from __future__ import annotations
@@ -57,11 +58,20 @@ def gemv_ops() -> object | None:
     if not torch.ops.herd_cpu.supported():
         logger.info("this CPU lacks AVX-512; using PyTorch's GEMV")
         return None
+    from herd.kernels.cpu import fake
+
+    fake.register()
     logger.info("herd's CPU kernels loaded from %s", directory)
     return torch.ops.herd_cpu
 
 
-@functools.cache
+_enabled: bool | None = None
+
+
 def enabled() -> bool:
     """The kernels are used where they build and the CPU has AVX-512, unless HERD_CPU_GEMV=0 (read once)."""
-    return os.environ.get("HERD_CPU_GEMV", "1") != "0" and gemv_ops() is not None
+    # A plain global, not functools.cache: torch.compile reads it (as a guarded constant) inside a traced step.
+    global _enabled
+    if _enabled is None:
+        _enabled = os.environ.get("HERD_CPU_GEMV", "1") != "0" and gemv_ops() is not None
+    return _enabled

@@ -46,6 +46,11 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [T, n_heads, head_dim]
         ...
 
+    def opaque_decode(self, layer: PagedAttention, args: list[torch.Tensor]) -> torch.Tensor:
+        """The eager half of a compiled decode step's attention, for backends whose `forward` hands it to
+        `herd.layers.opaque` (the CPU's: writing the paged cache inside a compiled graph copies the pool)."""
+        raise NotImplementedError(f"attention backend {self.name} runs inside compiled graphs as it is")
+
 
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {}
 

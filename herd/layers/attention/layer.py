@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from herd.layers import opaque
 from herd.layers.attention.base import AttentionBackend
 
 
@@ -24,9 +25,15 @@ class PagedAttention(nn.Module):
         self.layer_index, self.head_dim, self.scale, self.chunk_size = layer_index, head_dim, scale, chunk_size
         self.backend = backend
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The backend's eager decode for compiled steps (herd.layers.opaque); its output is shaped like q.
+        self.opaque_handle = opaque.register(self, _opaque_decode, lambda _, args: torch.empty_like(args[0]))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: Any) -> torch.Tensor:
         return self.backend.forward(q, k, v, self, metadata)
+
+
+def _opaque_decode(layer: PagedAttention, args: list[torch.Tensor]) -> torch.Tensor:
+    return layer.backend.opaque_decode(layer, args)
 
 
 def bind_kv_cache(model: nn.Module, layer_cache: Any) -> None:

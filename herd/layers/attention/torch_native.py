@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from herd.layers import opaque
 from herd.layers.attention.base import AttentionBackend, register_backend
 from herd.layers.attention.batch import AttentionBatch, PoolTables, span_mask
 from herd.layers.attention.layer import PagedAttention
@@ -62,9 +63,27 @@ class TorchNativeBackend(AttentionBackend):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: PagedAttention, metadata: TorchNativeMetadata
     ) -> torch.Tensor:
+        pool = metadata.pool(layer.chunk_size is not None)
+        decode = pool.decode
+        pure_decode = not pool.prefills and decode is not None and decode.rows is None
+        if pure_decode and q.device.type == "cpu" and torch.compiler.is_compiling():
+            # A compiled graph that writes a view of the cache copies the whole pool each step: write and
+            # attend eagerly inside one opaque op instead (herd.layers.opaque).
+            assert decode is not None
+            return opaque.call(layer.opaque_handle, [q, k, v, pool.slot_mapping, decode.table, decode.valid])
+        return self.attend(q, k, v, layer, pool)
+
+    def opaque_decode(self, layer: PagedAttention, args: list[torch.Tensor]) -> torch.Tensor:
+        """A pure decode step's attention for one layer, run by `herd::opaque_call` in a compiled step."""
+        q, k, v, slot_mapping, table, valid = args
+        layout = DecodeLayout(rows=None, table=table, valid=valid)
+        return self.attend(q, k, v, layer, PoolMetadata(slot_mapping, layout))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: PagedAttention, pool: PoolMetadata
+    ) -> torch.Tensor:
         assert layer.kv_cache is not None, "the KV cache is not bound to the model (bind_kv_cache)"
         k_cache, v_cache = layer.kv_cache
-        pool = metadata.pool(layer.chunk_size is not None)
         # Scatter this step's K/V into their slots: [num_blocks * block_size, kv_heads, head_dim] views.
         k_flat, v_flat = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
         k_flat.index_copy_(0, pool.slot_mapping, k)
@@ -166,7 +185,10 @@ def _decode_layout(batch: AttentionBatch, tables: PoolTables, seqs: list[int], c
         rows.append(tables.block_tables[i][first : (ctx + bs - 1) // bs])
         offsets.append(kv_start - first * bs)
         lengths.append(ctx - kv_start)
-    width = max(map(len, rows))
+    # At least two blocks wide: a compiled step specialises a dimension of size 1, so a table one block wide (a
+    # fresh chunk window) would compile a second graph as soon as the window reaches its second block. The padding
+    # repeats the row's last block, masked like all padding.
+    width = max(2, *map(len, rows))
     table = torch.tensor([row + row[-1:] * (width - len(row)) for row in rows], dtype=torch.long)
     pos = torch.arange(width * bs)[None, :]
     start = torch.tensor(offsets)[:, None]

@@ -46,9 +46,16 @@ SMALL_LINEAR_BYTES = 4 * 2**20
 
 
 class CPUGemvLinearMethod(CPUPackedLinearMethod):
+    """`compiled`: the decode step is compiled, so no weight is packed (a compiled graph cannot hold oneDNN's
+    packed tensors): bf16 weights of any size take the kernel at decode rows, the rest PyTorch's matmul."""
+
+    def __init__(self, compiled: bool = False) -> None:
+        self.compiled = compiled
+
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         weight = layer.weight
-        if weight.dtype != torch.bfloat16 or weight.numel() * weight.element_size() < SMALL_LINEAR_BYTES:
+        small = weight.numel() * weight.element_size() < SMALL_LINEAR_BYTES
+        if not self.compiled and (weight.dtype != torch.bfloat16 or small):
             super().process_weights_after_loading(layer)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

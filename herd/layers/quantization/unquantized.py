@@ -3,8 +3,8 @@
 oneDNN runs a matmul against a weight already in its blocked layout without reordering it on every call;
 for the small-batch GEMVs of decoding on a CPU that is up to ~1.7x faster per call (benchmarks/RESULTS.md).
 The packed methods load exactly like the plain ones, then repack in `process_weights_after_loading`.
-They run eagerly only (torch.compile does not lower oneDNN's packed ops), so the worker picks them only
-for CPU runs without --enable-torch-compile.
+torch.compile does not lower oneDNN's packed ops: with --enable-torch-compile linear layers stay unpacked
+and experts, packed, run eagerly inside the compiled step as one opaque op each (herd.layers.opaque).
 """
 
 from __future__ import annotations
@@ -134,8 +134,10 @@ def _all_experts(layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> 
 class UnquantizedConfig(QuantizationConfig):
     name = "unquantized"
 
-    def __init__(self, cpu_packed: bool = False, triton_moe: bool = False) -> None:
-        self.cpu_packed, self.triton_moe = cpu_packed, triton_moe
+    def __init__(self, cpu_packed: bool = False, triton_moe: bool = False, compiled: bool = False) -> None:
+        # compiled: the CPU decode step is compiled; linear layers then stay unpacked (herd's kernel or
+        # PyTorch's matmul in the graph) while experts keep their packed eager methods (herd.layers.opaque).
+        self.cpu_packed, self.triton_moe, self.compiled = cpu_packed, triton_moe, compiled
 
     def _packed(self, prefix: str) -> bool:
         return self.cpu_packed and not prefix.startswith(UNPACKED_PREFIXES)
@@ -145,6 +147,8 @@ class UnquantizedConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         from herd.layers.quantization import cpu_gemv  # builds herd's CPU kernels on first use
 
+        if self.compiled:
+            return cpu_gemv.CPUGemvLinearMethod(compiled=True) if cpu_gemv.gemv_enabled() else UnquantizedLinearMethod()
         return cpu_gemv.CPUGemvLinearMethod() if cpu_gemv.gemv_enabled() else CPUPackedLinearMethod()
 
     def moe_method(self, prefix: str) -> FusedMoEMethodBase:

@@ -1,0 +1,33 @@
+"""Fake (meta) kernels of herd's CPU ops, so that torch.compile traces a decode step through them.
+
+Each gives the output's shape and dtype from the inputs', as the C++ op computes them (gemv.cpp): a compiled
+graph then calls the real op where eager code would, instead of leaving the kernels out of compiled steps.
+Registered once, right after the library loads (`herd.kernels.cpu.gemv_ops`); a new op needs its fake here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rows_out(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    torch._check(x.shape[-1] == w.shape[1], lambda: f"gemv_bf16: x has {x.shape[-1]} columns, w {w.shape[1]}")
+    return _rows_out(x, w.shape[0])
+
+
+def _gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    torch._check(x.shape[-1] == q.shape[1], lambda: f"gemv_int8: x has {x.shape[-1]} columns, q {q.shape[1]}")
+    return _rows_out(x, q.shape[0])
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return x.new_empty(x.shape)  # contiguous, as the kernel writes it
+
+
+def register() -> None:
+    for name, fake in (("gemv_bf16", _gemv_bf16), ("gemv_int8", _gemv_int8), ("rms_norm", _rms_norm)):
+        torch.library.register_fake(f"herd_cpu::{name}", fake)
