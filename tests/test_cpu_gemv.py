@@ -9,6 +9,7 @@ import torch
 from herd.kernels.cpu import gemv_ops
 from herd.layers.factory import LayerFactory
 from herd.layers.quantization import cpu_gemv
+from herd.layers.quantization.select import select_quantization
 from herd.layers.quantization.unquantized import UnquantizedConfig
 from herd.models.loader import load_model
 
@@ -69,7 +70,8 @@ def test_gemv_model_decodes_as_the_packed_one(scout_ckpt, monkeypatch: pytest.Mo
     monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
     small = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
     assert hasattr(small.model.layers[0].feed_forward.experts, "packed_down_all")  # tiny experts: one matmul
-    assert hasattr(small.model.layers[0].self_attn.qkv_proj, "packed_weight")  # and tiny linear layers
+    qkv = small.model.layers[0].self_attn.qkv_proj
+    assert hasattr(qkv, "packed_weight") and hasattr(qkv, "row_weight")  # tiny linear layers: both, by rows
     monkeypatch.setattr(cpu_gemv, "SMALL_EXPERTS_BYTES", 0)
     monkeypatch.setattr(cpu_gemv, "SMALL_LINEAR_BYTES", 0)
     fast = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
@@ -79,11 +81,25 @@ def test_gemv_model_decodes_as_the_packed_one(scout_ckpt, monkeypatch: pytest.Mo
     packed = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
     assert hasattr(packed.model.layers[0].feed_forward.experts, "packed_gate_up_0")
     ids = list(range(3, 23))
-    runners = [PagedRunner(model, max_seqs=1, max_len=len(ids) + 4) for model in (fast, packed)]
+    runners = [PagedRunner(model, max_seqs=1, max_len=len(ids) + 4) for model in (fast, small, packed)]
     for step in [[(0, ids)], *([(0, [t])] for t in (5, 9, 11, 7))]:
-        got, expected = (runner.step(step).float() for runner in runners)
-        torch.testing.assert_close(got, expected, rtol=0.05, atol=0.1)
-        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
+        *got, expected = (runner.step(step).float() for runner in runners)
+        for logits in got:
+            torch.testing.assert_close(logits, expected, rtol=0.05, atol=0.1)
+            assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
+
+
+def test_quantized_runs_keep_the_base_methods_for_unquantized_layers(scout_ckpt, monkeypatch) -> None:
+    """--quantization leaves the router in bf16; it takes the methods a bf16 run would (packed, and the kernel
+    at one row), not a plain matmul."""
+    monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
+    base = UnquantizedConfig(cpu_packed=True)
+    model = load_model(
+        scout_ckpt[0], dtype="bfloat16", factory=LayerFactory(select_quantization(None, "", "w8a8_int8", base))
+    )
+    router = model.model.layers[0].feed_forward.router
+    assert hasattr(router, "row_weight") and hasattr(router, "packed_weight")
+    assert hasattr(model.model.layers[0].self_attn.qkv_proj, "weight_int8")
 
 
 def test_gemv_model_follows_transformers(scout_ckpt, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -54,14 +54,24 @@ class CPUGemvLinearMethod(CPUPackedLinearMethod):
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         weight = layer.weight
-        small = weight.numel() * weight.element_size() < SMALL_LINEAR_BYTES
-        if not self.compiled and (weight.dtype != torch.bfloat16 or small):
+        if self.compiled or weight.dtype != torch.bfloat16:
+            if not self.compiled:
+                super().process_weights_after_loading(layer)
+            return
+        if weight.numel() * weight.element_size() < SMALL_LINEAR_BYTES:
+            # Both: one row through the kernel (oneDNN's call costs ~30-110 us whatever the size, 3-10x the
+            # kernel's on a router's [16, 2048]), several rows through the packed copy.
+            row_weight = weight.detach()
             super().process_weights_after_loading(layer)
+            layer.register_buffer("row_weight", row_weight, persistent=False)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if "weight" not in layer._parameters:  # packed by the fallback
+        if "weight" in layer._parameters:
+            out = bf16_linear(x, layer.weight)
+        elif hasattr(layer, "row_weight") and x.numel() == x.shape[-1]:
+            out = torch.ops.herd_cpu.gemv_bf16(x, layer.row_weight)
+        else:  # packed
             return super().apply(layer, x, bias)
-        out = bf16_linear(x, layer.weight)
         return out if bias is None else out + bias
 
 

@@ -11,7 +11,6 @@ from herd.layers.quantization.compressed_tensors import CompressedTensorsConfig,
 from herd.layers.quantization.fp8 import Fp8OnlineLinearMethod, Fp8OnlineMoEMethod
 from herd.layers.quantization.int4 import Int4OnlineLinearMethod, Int4OnlineMoEMethod
 from herd.layers.quantization.int8 import Int8Config
-from herd.layers.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
 from herd.layers.quantization.w8a8_int8 import W8A8Int8Config
 
 
@@ -20,22 +19,28 @@ class OnlineConfig(Int8Config):
     another format."""
 
     def __init__(
-        self, name: str, linear: Callable[[], LinearMethodBase], moe: Callable[[], FusedMoEMethodBase]
+        self,
+        name: str,
+        linear: Callable[[], LinearMethodBase],
+        moe: Callable[[], FusedMoEMethodBase],
+        base: QuantizationConfig | None,
     ) -> None:
+        super().__init__(base)
         self.name, self._linear, self._moe = name, linear, moe  # type: ignore[misc]
 
-    def linear_method(self, prefix: str) -> LinearMethodBase:
-        return self._linear() if self._quantized(prefix) else UnquantizedLinearMethod()
+    def new_linear_method(self) -> LinearMethodBase:
+        return self._linear()
 
-    def moe_method(self, prefix: str) -> FusedMoEMethodBase:
-        return self._moe() if self._quantized(prefix) else UnquantizedFusedMoEMethod()
+    def new_moe_method(self) -> FusedMoEMethodBase:
+        return self._moe()
 
 
-ONLINE: dict[str, Callable[[], QuantizationConfig]] = {
+# Each made with the base config, whose methods the layers left unquantized keep.
+ONLINE: dict[str, Callable[[QuantizationConfig], QuantizationConfig]] = {
     "w8a16": Int8Config,
     "w8a8_int8": W8A8Int8Config,
-    "fp8": lambda: OnlineConfig("fp8", Fp8OnlineLinearMethod, Fp8OnlineMoEMethod),
-    "w4a16": lambda: OnlineConfig("w4a16", Int4OnlineLinearMethod, Int4OnlineMoEMethod),
+    "fp8": lambda base: OnlineConfig("fp8", Fp8OnlineLinearMethod, Fp8OnlineMoEMethod, base),
+    "w4a16": lambda base: OnlineConfig("w4a16", Int4OnlineLinearMethod, Int4OnlineMoEMethod, base),
 }
 
 
@@ -50,4 +55,4 @@ def select_quantization(
         return base
     if flag not in ONLINE:
         raise UnsupportedQuantizationError(f"--quantization {flag!r} is not supported; supported: {', '.join(ONLINE)}")
-    return ONLINE[flag]()
+    return ONLINE[flag](base)

@@ -157,8 +157,8 @@ class W8A8Int8Config(Int8Config):
 
     name = "w8a8_int8"
 
-    def linear_method(self, prefix: str) -> LinearMethodBase:
-        return W8A8Int8LinearMethod() if self._quantized(prefix) else UnquantizedLinearMethod()
+    def new_linear_method(self) -> LinearMethodBase:
+        return W8A8Int8LinearMethod()
 
-    def moe_method(self, prefix: str) -> FusedMoEMethodBase:
-        return W8A8Int8FusedMoEMethod() if self._quantized(prefix) else UnquantizedFusedMoEMethod()
+    def new_moe_method(self) -> FusedMoEMethodBase:
+        return W8A8Int8FusedMoEMethod()
