@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from herd.layers.parameters import new_parameter
+
 if TYPE_CHECKING:
     from herd.layers.linear import LinearBase
     from herd.layers.moe import FusedMoE
@@ -59,3 +61,15 @@ class QuantizationConfig(ABC):
 
     @abstractmethod
     def moe_method(self, prefix: str) -> FusedMoEMethodBase: ...
+
+
+def create_per_channel_expert_weights(layer: FusedMoE, dtype: torch.dtype) -> None:
+    """Parameters for experts stored one by one with a scale per output channel (`experts.<e>.{gate,up,down}_proj.
+    weight` + `.weight_scale [out, 1]`, as llm-compressor writes them): gate_up_proj [E, 2I, H], down_proj [E, H, I]
+    in `dtype` and an fp32 `<name>_scale [E, rows, 1]` beside each."""
+    experts, hidden, inter = layer.num_local_experts, layer.hidden_size, layer.intermediate_size_per_rank
+    for name, (rows, cols) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
+        setattr(layer, name, new_parameter((experts, rows, cols), layer.load_expert_linear, dtype=dtype))
+        scale = new_parameter((experts, rows, 1), layer.load_expert_linear, dtype=torch.float32)
+        scale.input_pack = None  # type: ignore[attr-defined]
+        setattr(layer, f"{name}_scale", scale)

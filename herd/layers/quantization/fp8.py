@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from herd.layers.moe import grouped_experts
 from herd.layers.parameters import new_parameter
-from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase
+from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase, create_per_channel_expert_weights
 from herd.layers.quantization.int8 import Int8FusedMoEMethod, Int8LinearMethod, quantize_rows
 from herd.layers.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
 
@@ -130,13 +130,8 @@ class Fp8CheckpointMoEMethod(FusedMoEMethodBase):
     kept as gate_up [E, 2I, H] and down [E, H, I] FP8 with a scale per row."""
 
     def create_weights(self, layer: FusedMoE) -> None:
-        experts, hidden, inter = layer.num_local_experts, layer.hidden_size, layer.intermediate_size_per_rank
         layer.compute_dtype = torch.get_default_dtype()
-        for name, (rows, cols) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
-            setattr(layer, name, new_parameter((experts, rows, cols), layer.load_expert_linear, dtype=FP8))
-            scale = new_parameter((experts, rows, 1), layer.load_expert_linear, dtype=torch.float32)
-            scale.input_pack = None  # type: ignore[attr-defined]
-            setattr(layer, f"{name}_scale", scale)
+        create_per_channel_expert_weights(layer, FP8)
 
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
         for name in ("gate_up", "down"):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from herd.kernels.cpu.int8_vnni import prepare_weight, w8a8_linear
 from herd.layers.moe import grouped_experts
 from herd.layers.parameters import new_parameter
-from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase
+from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase, create_per_channel_expert_weights
 from herd.layers.quantization.int8 import Int8Config
 from herd.layers.quantization.unquantized import (
     UnquantizedFusedMoEMethod,
@@ -135,12 +135,7 @@ class W8A8Int8CheckpointMoEMethod(FusedMoEMethodBase):
     kept as gate_up [E, 2I, H] and down [E, H, I] with a scale and a weight sum per row."""
 
     def create_weights(self, layer: FusedMoE) -> None:
-        experts, hidden, inter = layer.num_local_experts, layer.hidden_size, layer.intermediate_size_per_rank
-        for name, (rows, cols) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
-            setattr(layer, name, new_parameter((experts, rows, cols), layer.load_expert_linear, dtype=torch.int8))
-            scale = new_parameter((experts, rows, 1), layer.load_expert_linear, dtype=torch.float32)
-            scale.input_pack = None  # type: ignore[attr-defined]
-            setattr(layer, f"{name}_scale", scale)
+        create_per_channel_expert_weights(layer, torch.int8)
 
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
         for name in ("gate_up", "down"):
