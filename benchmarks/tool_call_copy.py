@@ -1,10 +1,11 @@
 """Does the demo model call the one tool it is offered, with the city from the question, for cities it never saw?
 
-Starts herd's server on the shipped demo model, offers only `get_weather`, and asks about 50 cities that are
-in none of the demo's training pools (scripts/demo/tools.py CITIES, scripts/demo/data.py CAPITALS) in
-phrasings its training data does not use, in `auto` mode at temperature 0. Counts, per phrasing: replies that
-call a tool, calls that name `get_weather` (the grammar allows nothing else), calls whose `location` is the
-city exactly, and calls whose location is a piece of the question (copied, if not all of it).
+Starts herd's server on the shipped demo model (or `--model`), offers only `get_weather`, and asks about 50
+cities that are in none of the demo's training data (scripts/demo/tools.py UNSEEN_CITIES: no pool has them and
+no made-up name may be one) in phrasings its training data does not use (UNSEEN_WEATHER_QUESTIONS), in `auto`
+mode at temperature 0. Counts, per phrasing: replies that call a tool, calls that name `get_weather` (the
+grammar allows nothing else), calls whose `location` is the city exactly, and calls whose location is a piece
+of the question (copied, if not all of it).
 
     python benchmarks/tool_call_copy.py                       # the constraint on (herd's default)
     python benchmarks/tool_call_copy.py --tool-call-constraint off
@@ -24,33 +25,11 @@ from pathlib import Path
 import httpx
 import openai
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from demo.tools import TOOLS, UNSEEN_CITIES, UNSEEN_WEATHER_QUESTIONS
+
 DEMO = Path(__file__).resolve().parents[1] / "herd" / "demo" / "model"
-CITIES = [
-    "Marrakesh", "Cusco", "Tbilisi", "Ljubljana", "Bratislava", "Vilnius", "Tallinn", "Minsk", "Yerevan", "Baku",
-    "Tashkent", "Bishkek", "Dushanbe", "Kabul", "Karachi", "Lahore", "Dhaka", "Colombo", "Yangon", "Vientiane",
-    "Phnom Penh", "Taipei", "Busan", "Sapporo", "Nagoya", "Fukuoka", "Shanghai", "Chengdu", "Harbin", "Darwin",
-    "Adelaide", "Brisbane", "Hobart", "Auckland", "Suva", "Honolulu", "Anchorage", "Phoenix", "Portland", "Memphis",
-    "Nashville", "Detroit", "Winnipeg", "Calgary", "Halifax", "Guadalajara", "Monterrey", "Medellin", "Cali",
-    "Valparaiso",
-]  # fmt: skip
-PHRASINGS = ["Is it raining in {}?", "Should I take a coat in {} today?", "What is the weather like in {}?"]
-WEATHER = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Get the current weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "location": {"type": "string", "description": "City name"},
-                    "unit": {"type": "string", "description": "Unit", "enum": ["celsius", "fahrenheit"]},
-                },
-                "required": ["location", "unit"],
-            },
-        },
-    }
-]
+WEATHER = [TOOLS["get_weather"].schema()]
 
 
 def free_port() -> int:
@@ -59,8 +38,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(port: int, constraint: str) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "herd.launch_server", "--model-path", str(DEMO), "--dtype", "float32"]
+def start_server(model: Path, port: int, constraint: str) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "herd.launch_server", "--model-path", str(model), "--dtype", "float32"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "demo"]
     command += ["--tool-call-constraint", constraint]
     server = subprocess.Popen(command)
@@ -91,16 +70,17 @@ def ask(client: openai.OpenAI, question: str) -> tuple[str | None, dict | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEMO, help="model folder (default: the packaged demo)")
     parser.add_argument("--tool-call-constraint", default="on", choices=["on", "off"])
     args = parser.parse_args()
     port = free_port()
-    server = start_server(port, args.tool_call_constraint)
+    server = start_server(args.model, port, args.tool_call_constraint)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
     try:
-        for phrasing in PHRASINGS:
+        for phrasing in UNSEEN_WEATHER_QUESTIONS:
             counts: Counter[str] = Counter()
             misses = []
-            for city in CITIES:
+            for city in UNSEEN_CITIES:
                 question = phrasing.format(city)
                 name, arguments = ask(client, question)
                 location = str((arguments or {}).get("location", ""))
@@ -110,7 +90,7 @@ def main() -> None:
                 counts["copied"] += bool(location) and location in question
                 if location != city:
                     misses.append(f"{city}->{name}({location!r})")
-            summary = {"phrasing": phrasing, "cities": len(CITIES), **counts}
+            summary = {"phrasing": phrasing, "cities": len(UNSEEN_CITIES), **counts}
             print(json.dumps(summary))
             print("  misses:", ", ".join(misses[:12]), "..." if len(misses) > 12 else "")
     finally:

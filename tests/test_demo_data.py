@@ -18,7 +18,16 @@ from herd.frontend.tool_parser import get_tool_parser
 
 from demo import data, images
 from demo.tokenizer import SPECIAL_TOKENS, TOOL_TEXT_TOKENS, save_tokenizer, train_tokenizer, training_texts
-from demo.tools import CITIES, PHRASES, STOCKS, SUBJECTS, TOOLS, TOPICS
+from demo.tools import (
+    CITIES,
+    PHRASES,
+    STOCKS,
+    SUBJECTS,
+    TOOLS,
+    TOPICS,
+    UNSEEN_CITIES,
+    UNSEEN_WEATHER_QUESTIONS,
+)
 
 COUNTS = dict.fromkeys(data.TASKS, 60)
 
@@ -103,6 +112,30 @@ def test_tool_arguments_are_copied_from_the_request_and_not_from_a_closed_pool()
     # Made-up symbols and places as well as the pool's: a model cannot answer by recalling the pool.
     assert symbols - set(STOCKS) and symbols & set(STOCKS)
     assert places - set(CITIES) and places & set(CITIES)
+
+
+def test_everyday_requests_name_places_the_benchmark_never_asks_about() -> None:
+    """tool_everyday: made-up places copied into the call, never one of the unseen cities nor in their phrasings."""
+    records = data.generate("train", {"tool_everyday": 600}, seed=0) + data.generate(
+        "heldout", {"tool_everyday": 100}, seed=0
+    )
+    unseen_questions = {q.format(city) for q in UNSEEN_WEATHER_QUESTIONS for city in UNSEEN_CITIES}
+    templates = {q.split("{}")[0] for q in UNSEEN_WEATHER_QUESTIONS}
+    single = 0
+    for record in records:
+        request = record["messages"][0]["content"]
+        call = record["messages"][1]["tool_calls"][0]["function"]
+        place = call["arguments"]["location"]
+        assert call["name"] in ("get_weather", "get_time") and place in request
+        assert place not in UNSEEN_CITIES and not set(place.split()) & {w for c in UNSEEN_CITIES for w in c.split()}
+        assert request not in unseen_questions and not any(request.startswith(t) for t in templates)
+        offered = [t["function"]["name"] for t in record["tools"]]
+        assert call["name"] in offered
+        single += offered == [call["name"]]
+        parsed = get_tool_parser("pythonic").parse(format_tool_calls(record["messages"][1]["tool_calls"]))
+        assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == [(call["name"], call["arguments"])]
+    assert 0.3 < single / len(records) < 0.7  # the single offered tool, as the benchmark offers it, and a choice
+    assert len({r["messages"][1]["tool_calls"][0]["function"]["arguments"]["location"] for r in records}) > 650
 
 
 def test_made_up_share_sets_how_many_arguments_leave_the_pool() -> None:

@@ -9,6 +9,7 @@ openai client's `beta.chat.completions.parse` for response_format with a pydanti
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 from collections.abc import Iterator
@@ -29,9 +30,12 @@ from herd.frontend.tokenizer import load_tokenizer
 from herd.sampling import Sampler, SamplingParams, SamplingState
 from herd.sampling.grammar import StructuredOutput, register_vocabulary
 
+from demo.tools import TOOLS as DEMO_TOOLS
+from demo.tools import UNSEEN_CITIES, UNSEEN_WEATHER_QUESTIONS
 from server_fixtures import ServerThread
 
 DEMO = "herd/demo/model"
+COPIED_AT_LEAST = 95  # of 150: the shipped demo model copies 104 (2026-12-06), less a margin for rounding
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -333,23 +337,7 @@ def test_openai_parse_with_a_pydantic_model(demo: ServerThread) -> None:
     assert isinstance(parsed, Forecast), out.choices[0].message.content
 
 
-WEATHER = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Get the current weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "location": {"type": "string", "description": "City name"},
-                    "unit": {"type": "string", "description": "Unit", "enum": ["celsius", "fahrenheit"]},
-                },
-                "required": ["location", "unit"],
-            },
-        },
-    }
-]
+WEATHER = [DEMO_TOOLS["get_weather"].schema()]
 
 
 @pytest.mark.parametrize(
@@ -363,20 +351,19 @@ def test_demo_model_calls_the_one_offered_tool_in_auto_mode(demo: ServerThread, 
     assert calls[0][1]["location"] == city
 
 
-# In none of the demo's training pools (scripts/demo/tools.py, scripts/demo/data.py).
-UNSEEN = ["Marrakesh", "Cusco", "Tbilisi", "Ljubljana", "Tashkent", "Winnipeg"]
-
-
-@pytest.mark.parametrize("phrasing", ["Is it raining in {}?", "Should I take a coat in {} today?"])
-def test_demo_model_calls_only_the_offered_tool_for_unseen_cities(demo: ServerThread, phrasing: str) -> None:
-    # The engine's part: whatever the model makes of a city it never saw, the call names the one offered tool
-    # and its arguments follow the schema. (Unconstrained it calls get_time for most of these. Copying the
-    # city is the model's part: the demo model copies only ~2 in 50 unseen cities, constrained or not; see
-    # benchmarks/RESULTS.md, "the demo model and unseen cities".)
-    for city in UNSEEN:
-        calls = _demo_calls(demo, phrasing.format(city))
-        assert [name for name, _ in calls] == ["get_weather"], city
+def test_demo_model_copies_cities_it_never_saw(demo: ServerThread) -> None:
+    """Offered one tool and asked in everyday words it never saw about 50 real cities no training data names
+    (scripts/demo/tools.py), all 150 replies call the offered tool with arguments that follow its schema (the
+    engine's share: the grammar), and the location is the city as written in most of them (the model's share;
+    benchmarks/RESULTS.md, "the demo model and unseen cities", has the misses)."""
+    questions = [(q.format(city), city) for q in UNSEEN_WEATHER_QUESTIONS for city in UNSEEN_CITIES]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda qc: _demo_calls(demo, qc[0]), questions))
+    for calls in replies:
+        assert [name for name, _ in calls] == ["get_weather"]
         jsonschema.validate(calls[0][1], WEATHER[0]["function"]["parameters"])
+    copied = sum(calls[0][1]["location"] == city for calls, (_, city) in zip(replies, questions, strict=True))
+    assert copied >= COPIED_AT_LEAST, copied
 
 
 def _demo_calls(demo: ServerThread, question: str) -> list[tuple[str, dict]]:
@@ -388,15 +375,20 @@ def _demo_calls(demo: ServerThread, question: str) -> list[tuple[str, dict]]:
 
 
 def test_tool_call_constraint_off_leaves_auto_mode_free() -> None:
+    # Asked the time with only get_weather offered, the demo model calls get_time, which it was not offered:
+    # why the constraint exists (with it on, the call can only name get_weather).
     args = ServerArgs(model_path=DEMO, dtype="float32", served_model_name="demo", tool_call_constraint="off")
     with ServerThread(args) as running:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0)
         out = client.chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": "What is the weather like in Tokyo?"}], tools=WEATHER,  # type: ignore[arg-type]
+            model="demo", messages=[{"role": "user", "content": "What time is it in Tokyo?"}], tools=WEATHER,  # type: ignore[arg-type]
             temperature=0, max_tokens=60,
         )  # fmt: skip
-    # Unconstrained, the demo model calls get_time, which it was not offered: why the constraint exists.
     assert [c.function.name for c in out.choices[0].message.tool_calls or []] == ["get_time"]
+
+
+def test_the_constraint_keeps_a_call_to_the_offered_tool(demo: ServerThread) -> None:
+    assert [name for name, _ in _demo_calls(demo, "What time is it in Tokyo?")] == ["get_weather"]
 
 
 def test_a_grammar_crosses_to_the_engine_process() -> None:

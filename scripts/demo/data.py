@@ -19,14 +19,15 @@ from typing import Any
 
 from demo import images, tools
 from demo.tools import CITIES, CURRENCIES, LANGUAGES, PHRASES, STOCKS, SUBJECTS, TOOLS, TOPICS
-from demo.vocab import NAMES, WORDS, items, made_up_name, ticker
+from demo.vocab import NAMES, WORDS, items, made_up_name, place_name, ticker
 
 Record = dict[str, Any]
 HELDOUT_PERCENT = 10
 
 
 TASKS = (
-    "arithmetic", "string", "capital", "chat", "multiturn", "repeat", "tool_call", "tool_none", "tool_answer", "image"
+    "arithmetic", "string", "capital", "chat", "multiturn", "repeat", "tool_call", "tool_everyday", "tool_none",
+    "tool_answer", "image",
 )  # fmt: skip
 
 CAPITALS = dict(
@@ -223,6 +224,7 @@ REPEAT_POOLS: tuple[Callable[[random.Random], str], ...] = (
     lambda r: r.choice(SUBJECTS),
     ticker,
     made_up_name,
+    lambda r: place_name(r, tools.PLACES_TO_AVOID),
     lambda r: str(r.randint(0, 9999)),
     lambda r: str(round(r.uniform(0, 1000), 2)),  # like a price or a quotient in a tool result
 )
@@ -252,6 +254,20 @@ def tool_call(rng: random.Random) -> Record:
     messages = [user(text), {"role": "assistant", "content": None, "tool_calls": [call]}]
     tools = _offered(rng, must=name)
     return _record("tool_call", name, f"tool|{name}|{json.dumps(args, sort_keys=True)}", messages, tools=tools)
+
+
+def tool_everyday(rng: random.Random) -> Record:
+    """Weather or time in everyday words, for a made-up place of any letters; often the one tool offered.
+
+    What a user of the demo tries first ("Is it raining in Cusco?"): the call must carry the place as written,
+    which only copying gets right, and the tool must be picked by what it does, not by its name in the question.
+    """
+    name, text, args = tools.everyday_request(rng)
+    call = {"type": "function", "function": {"name": name, "arguments": args}}
+    messages = [user(text), {"role": "assistant", "content": None, "tool_calls": [call]}]
+    offered = [TOOLS[name].schema()] if rng.random() < 0.5 else _offered(rng, must=name)
+    key = f"tool_everyday|{name}|{text}"
+    return _record("tool_everyday", name, key, messages, tools=offered)
 
 
 def tool_answer(rng: random.Random) -> Record:
@@ -305,13 +321,15 @@ GENERATORS: dict[str, Callable[[random.Random], Record]] = {
     "multiturn": multiturn,
     "repeat": repeat,
     "tool_call": tool_call,
+    "tool_everyday": tool_everyday,
     "tool_none": tool_none,
     "tool_answer": tool_answer,
     "image": image,
 }
 # Short tasks are cheap (30-50 tokens against ~450 for a dialog with tool definitions), so they get many samples.
 TRAIN_COUNTS = {"arithmetic": 45000, "string": 4000, "capital": 14000, "chat": 300, "multiturn": 3000,
-                "repeat": 20000, "tool_call": 3000, "tool_none": 500, "tool_answer": 2000, "image": 24000}  # fmt: skip
+                "repeat": 20000, "tool_call": 3000, "tool_everyday": 2000, "tool_none": 500, "tool_answer": 2000,
+                "image": 24000}  # fmt: skip
 HELDOUT_COUNTS = dict.fromkeys(TASKS, 200) | {"chat": 40}
 
 

@@ -36,6 +36,7 @@ TARGETS: dict[str, float | None] = {
     "multiturn": None,
     "repeat": None,
     "tool_call": 0.90,
+    "tool_everyday": None,
     "tool_none": None,
     "tool_answer": 0.85,
     "image": 0.85,
@@ -61,7 +62,7 @@ def is_correct(record: Record, answer: str) -> bool:
         expected = ref["content"].rstrip(".").rsplit("=", 1)[1].strip()
         final = re.search(r"=\s*(-?\d+)\.?$", answer)
         return final is not None and final.group(1) == expected
-    if task == "tool_call":
+    if task in ("tool_call", "tool_everyday"):
         calls = pythonic_calls(answer)
         wanted = ref["tool_calls"][0]["function"]
         return calls is not None and calls == [(wanted["name"], wanted["arguments"])]

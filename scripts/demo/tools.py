@@ -30,6 +30,20 @@ CITIES = [
     "Canberra", "Wellington", "Reykjavik", "Astana", "Osaka", "Seattle", "Dallas", "Hamburg", "Lyon", "Porto",
     "Naples", "Riga", "Sofia", "Zagreb", "Perth", "Quito", "Lagos", "Austin", "Houston", "Kyoto",
 ]  # fmt: skip
+# Real cities in no training pool, never made up either (vocab.place_name avoids them): what
+# benchmarks/tool_call_copy.py and the tests ask the demo model about, to see it copy a name it never saw.
+UNSEEN_CITIES = [
+    "Marrakesh", "Cusco", "Tbilisi", "Ljubljana", "Bratislava", "Vilnius", "Tallinn", "Minsk", "Yerevan", "Baku",
+    "Tashkent", "Bishkek", "Dushanbe", "Kabul", "Karachi", "Lahore", "Dhaka", "Colombo", "Yangon", "Vientiane",
+    "Phnom Penh", "Taipei", "Busan", "Sapporo", "Nagoya", "Fukuoka", "Shanghai", "Chengdu", "Harbin", "Darwin",
+    "Adelaide", "Brisbane", "Hobart", "Auckland", "Suva", "Honolulu", "Anchorage", "Phoenix", "Portland", "Memphis",
+    "Nashville", "Detroit", "Winnipeg", "Calgary", "Halifax", "Guadalajara", "Monterrey", "Medellin", "Cali",
+    "Valparaiso",
+]  # fmt: skip
+# ... and the everyday phrasings they are asked in, which no training request uses either.
+UNSEEN_WEATHER_QUESTIONS = [
+    "Is it raining in {}?", "Should I take a coat in {} today?", "What is the weather like in {}?"
+]  # fmt: skip
 CURRENCIES = ["USD", "EUR", "JPY", "GBP", "CHF", "CAD", "AUD", "INR", "CNY", "SEK", "NOK", "MXN", "BRL", "KRW"]
 UNITS = [("km", "miles"), ("miles", "km"), ("kg", "pounds"), ("pounds", "kg"), ("meters", "feet"), ("feet", "meters")]
 TOPICS = [
@@ -165,6 +179,45 @@ def _email(rng: random.Random) -> tuple[str, Args]:
     subject = _pool_or_made_up(rng, SUBJECTS, lambda r: vocab.phrase(r, 1, 2), 0.5)
     text = f"Send an email to {name}@example.com with the subject {subject!r}."
     return text.replace("'", '"'), {"to": f"{name}@example.com", "subject": subject}
+
+
+# Weather and time asked the way people ask, not in the tool's own words; the unit, when the question names
+# none, is celsius.
+EVERYDAY_WEATHER = [
+    "Do I need an umbrella in {}?", "Will it be sunny in {} today?", "How hot is it in {} right now?",
+    "How cold is it in {}?", "What's the forecast for {}?", "Tell me the weather in {}.", "How's the weather in {}?",
+    "What's the temperature in {}?", "Can you check the weather in {} for me?", "Weather for {}?",
+    "I'm flying to {} tomorrow. How's the weather there?", "Will I need sunglasses in {}?", "Any snow in {} today?",
+    "My sister lives in {}. Is she having nice weather?", "Going for a walk in {}. What's it like outside?",
+]  # fmt: skip
+EVERYDAY_TIME = [
+    "What's the time in {} right now?", "Do you know what time it is in {}?", "What hour is it in {}?",
+    "Check the local time in {}, please.", "I need to call a friend in {}. What time is it there?",
+    "Is it late in {} now?", "Clock check: {}?",
+]  # fmt: skip
+WHEN = ["today", "tonight", "tomorrow", "this weekend", "right now", "this morning", "at the moment"]
+PLACES_TO_AVOID = frozenset(word for city in UNSEEN_CITIES for word in city.split())
+
+
+def _when(rng: random.Random, question: str, words: list[str]) -> str:
+    """Half the time, a question that ends with its place gets a time after it ("... in {} tonight?"): a name
+    the model copies must end at the first word that is not part of it, which a name at the end never teaches."""
+    if question.endswith(("{}?", "{}.")) and rng.random() < 0.5:
+        return f"{question[:-1]} {rng.choice(words)}{question[-1]}"
+    return question
+
+
+def everyday_request(rng: random.Random) -> tuple[str, str, Args]:
+    """(tool name, request, arguments): weather or time in a made-up place of any letters, in everyday words."""
+    place = vocab.place_name(rng, PLACES_TO_AVOID)
+    if rng.random() < 0.3:
+        text = _when(rng, rng.choice(EVERYDAY_TIME), ["now", "right now", "at the moment"]).format(place)
+        return "get_time", text, {"location": place}
+    text, unit = _when(rng, rng.choice(EVERYDAY_WEATHER), WHEN).format(place), "celsius"
+    if rng.random() < 0.3:
+        unit = rng.choice(["celsius", "fahrenheit"])
+        text += rng.choice([" In {}, please.", " Use {}.", " Give it in {}."]).format(unit)
+    return "get_weather", text, {"location": place, "unit": unit}
 
 
 def _divide(expression: str) -> float:

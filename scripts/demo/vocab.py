@@ -38,3 +38,34 @@ SYLLABLES = ["ba", "lo", "ren", "ta", "ki", "mo", "sa", "vi", "dor", "el", "na",
 def made_up_name(rng: random.Random) -> str:
     """A capitalized name of two or three syllables ("Kimodor"), for towns and people nobody has heard of."""
     return "".join(rng.choices(SYLLABLES, k=rng.randint(2, 3))).capitalize()
+
+
+# Letter clusters for place names: most of the alphabet in most positions, so that a name's BPE pieces are as
+# varied as real names' are (the 17 SYLLABLES above make a few dozen pieces, and a model trained to copy those
+# copied the first piece of a real name and went on in syllables: "Cusco" -> "Cusavi").
+ONSETS = items(
+    """; b; bl; br; c; ch; d; dr; f; g; gh; gr; h; j; k; kh; l; m; n; p; ph; pr; qu; r; s; sh; sk; st; t; th; tr;
+    ts; v; w; y; z; zh"""
+)
+VOWELS = items("a; e; i; o; u; y; ai; au; ea; ee; ia; io; oo; ou; ua; ei")
+CODAS = items("b; ck; d; g; k; l; ll; m; n; nd; ng; nh; nk; nt; r; rd; rk; s; sh; sk; st; t; tt; x; z")
+
+
+def _place_word(rng: random.Random) -> str:
+    if rng.random() < 0.1:  # no structure at all: only copying gets these right
+        return "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))).capitalize()
+    parts = rng.choices((1, 2, 3), weights=(3, 5, 2))[0]
+    return "".join(_syllable(rng) for _ in range(parts)).capitalize()
+
+
+def _syllable(rng: random.Random) -> str:
+    return rng.choice(ONSETS) + rng.choice(VOWELS) + (rng.choice(CODAS) if rng.random() < 0.4 else "")
+
+
+def place_name(rng: random.Random, avoid: frozenset[str] = frozenset()) -> str:
+    """A made-up place of one word or, now and then, two ("Tbesk", "Phuong Darik"), no word of it in `avoid`."""
+    while True:
+        words = [_place_word(rng) for _ in range(1 if rng.random() < 0.85 else 2)]
+        name = " ".join(words)
+        if len(name) > 2 and not avoid.intersection(words):
+            return name
