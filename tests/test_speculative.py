@@ -195,9 +195,15 @@ def test_eagle3_tree_on_the_triton_backend_across_a_chunk_boundary() -> None:
     if not (DRAFT_PATH / "config.json").is_file():
         pytest.skip("no trained demo draft in this checkout")
     conv = [
-        [{"role": "user", "content": "Repeat after me: " + " ".join(["the quarterly report is due on friday"] * 4)}]
+        [
+            {"role": "user", "content": "What is the capital of Peru?"},
+            {"role": "assistant", "content": "The capital of Peru is Lima."},
+            {"role": "user", "content": "What is the capital of Japan?"},
+            {"role": "assistant", "content": "The capital of Japan is Tokyo."},
+            {"role": "user", "content": "What is 37 * 48?"},  # a place-value answer of ~45 tokens
+        ]
     ]
-    params = SamplingParams(temperature=0.0, max_tokens=40)
+    params = SamplingParams(temperature=0.0, max_tokens=64)
     plain = LLM(str(MODEL_PATH), dtype="float32").chat(conv, params, use_tqdm=False)[0]
     assert len(plain.prompt_token_ids) < 128 < len(plain.prompt_token_ids) + len(plain.outputs[0].token_ids)
     spec = {
