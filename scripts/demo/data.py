@@ -69,6 +69,15 @@ def assistant(text: str) -> dict[str, Any]:
     return {"role": "assistant", "content": text}
 
 
+def call_message(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The assistant's turn that calls one tool."""
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": name, "arguments": args}}],
+    }
+
+
 def _record(task: str, subtask: str, key: str, messages: list[dict[str, Any]], **extra: Any) -> Record:
     # `uses` lists the keys of other samples a record contains (the first turn of a conversation, the
     # question behind a refused tool): a training record may contain no held-out sample anywhere.
@@ -250,8 +259,7 @@ def _offered(rng: random.Random, must: str | None = None, exclude: str | None = 
 def tool_call(rng: random.Random) -> Record:
     name = rng.choice(sorted(TOOLS))
     text, args = TOOLS[name].ask(rng)
-    call = {"type": "function", "function": {"name": name, "arguments": args}}
-    messages = [user(text), {"role": "assistant", "content": None, "tool_calls": [call]}]
+    messages = [user(text), call_message(name, args)]
     tools = _offered(rng, must=name)
     return _record("tool_call", name, f"tool|{name}|{json.dumps(args, sort_keys=True)}", messages, tools=tools)
 
@@ -263,8 +271,7 @@ def tool_everyday(rng: random.Random) -> Record:
     which only copying gets right, and the tool must be picked by what it does, not by its name in the question.
     """
     name, text, args = tools.everyday_request(rng)
-    call = {"type": "function", "function": {"name": name, "arguments": args}}
-    messages = [user(text), {"role": "assistant", "content": None, "tool_calls": [call]}]
+    messages = [user(text), call_message(name, args)]
     offered = [TOOLS[name].schema()] if rng.random() < 0.5 else _offered(rng, must=name)
     key = f"tool_everyday|{name}|{text}"
     return _record("tool_everyday", name, key, messages, tools=offered)
