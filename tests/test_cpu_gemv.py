@@ -21,16 +21,18 @@ pytestmark = pytest.mark.skipif(gemv_ops() is None, reason="herd's CPU kernels d
 SHAPES = [(1, 32), (7, 40), (33, 256), (130, 2050)]  # every remainder: weight rows by 4, columns by 16/32
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_gemv_matches_an_fp32_matmul(m: int, n: int, k: int) -> None:
-    """Every blocking remainder: rows of the weight (by 4), rows of x (by 4), columns (by 32)."""
+def test_gemv_matches_an_fp32_matmul(m: int, n: int, k: int, x_dtype: torch.dtype) -> None:
+    """Every blocking remainder: rows of the weight (by 4), rows of x (by 4), columns (by 32). bf16 x takes the
+    AVX512-BF16 dot products where the CPU has them, float32 x the widening kernel."""
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
-    x = torch.randn(m, k, generator=gen).bfloat16()
+    x = torch.randn(m, k, generator=gen).to(x_dtype)
     w = torch.randn(n, k, generator=gen).bfloat16()
     got = torch.ops.herd_cpu.gemv_bf16(x, w)
-    expected = (x.float() @ w.float().t()).bfloat16()
-    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    expected = (x.float() @ w.float().t()).to(x_dtype)
+    assert got.dtype == x_dtype and got.shape == (m, n)
     # fp32 accumulation in another order: within a bf16 rounding step of the fp32 result.
     torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2 * k**0.5)
 

@@ -19,7 +19,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "int8_vnni.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "int8_vnni.cpp", "decode_attention.cpp")]
 # Rows of x up to which the weight-streaming kernels beat PyTorch's matmuls (benchmarks/gemv_cpu.py): they
 # widen each weight vector once for up to four rows of x, so past a few rows the arithmetic, not the weight's
 # bytes, is the cost.

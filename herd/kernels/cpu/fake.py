@@ -28,6 +28,24 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch
     return x.new_empty(x.shape)  # contiguous, as the kernel writes it
 
 
+def _paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    offsets: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    return q.new_empty(q.shape)  # contiguous, in q's dtype
+
+
 def register() -> None:
-    for name, fake in (("gemv_bf16", _gemv_bf16), ("gemv_int8", _gemv_int8), ("rms_norm", _rms_norm)):
+    fakes = (
+        ("gemv_bf16", _gemv_bf16),
+        ("gemv_int8", _gemv_int8),
+        ("rms_norm", _rms_norm),
+        ("paged_decode_attention", _paged_decode_attention),
+    )
+    for name, fake in fakes:
         torch.library.register_fake(f"herd_cpu::{name}", fake)

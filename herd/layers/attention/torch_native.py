@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from herd.kernels.cpu import enabled as cpu_kernels_enabled
 from herd.layers import opaque
 from herd.layers.attention.base import AttentionBackend, register_backend
 from herd.layers.attention.batch import AttentionBatch, PoolTables, span_mask
@@ -24,6 +25,9 @@ class DecodeLayout:
     rows: torch.Tensor | None  # [D] token-axis rows of the decode queries; None when every row decodes
     table: torch.Tensor  # [D, W] the visible blocks of each decoding sequence, padded with its last one
     valid: torch.Tensor  # [D, W * block_size] bool: which gathered slots the query sees
+    # The same as spans, for herd's CPU kernel: the query sees gathered slots [offsets[d], offsets[d] + lengths[d]).
+    offsets: torch.Tensor  # [D] int64, on the CPU
+    lengths: torch.Tensor  # [D] int64, on the CPU
 
 
 @dataclass
@@ -70,13 +74,14 @@ class TorchNativeBackend(AttentionBackend):
             # A compiled graph that writes a view of the cache copies the whole pool each step: write and
             # attend eagerly inside one opaque op instead (herd.layers.opaque).
             assert decode is not None
-            return opaque.call(layer.opaque_handle, [q, k, v, pool.slot_mapping, decode.table, decode.valid])
+            args = [q, k, v, pool.slot_mapping, decode.table, decode.valid, decode.offsets, decode.lengths]
+            return opaque.call(layer.opaque_handle, args)
         return self.attend(q, k, v, layer, pool)
 
     def opaque_decode(self, layer: PagedAttention, args: list[torch.Tensor]) -> torch.Tensor:
         """A pure decode step's attention for one layer, run by `herd::opaque_call` in a compiled step."""
-        q, k, v, slot_mapping, table, valid = args
-        layout = DecodeLayout(rows=None, table=table, valid=valid)
+        q, k, v, slot_mapping, table, valid, offsets, lengths = args
+        layout = DecodeLayout(rows=None, table=table, valid=valid, offsets=offsets, lengths=lengths)
         return self.attend(q, k, v, layer, PoolMetadata(slot_mapping, layout))
 
     def attend(
@@ -121,6 +126,11 @@ def _decode(
     layout: DecodeLayout,
     scale: float,
 ) -> torch.Tensor:  # [D, n_heads, head_dim]
+    if q.device.type == "cpu" and cpu_kernels_enabled():
+        # Straight from the blocks: no gather, upcast or mask (herd/kernels/cpu/decode_attention.cpp).
+        return torch.ops.herd_cpu.paged_decode_attention(
+            q, k_cache, v_cache, layout.table, layout.offsets, layout.lengths, scale
+        )
     # Masked slots hold finite values (blocks are zeroed on first use; padding repeats the row's own
     # last block), so the mask alone excludes them.
     keys = k_cache[layout.table].flatten(1, 2)  # [D, W * block_size, kv_heads, head_dim]
@@ -191,8 +201,14 @@ def _decode_layout(batch: AttentionBatch, tables: PoolTables, seqs: list[int], c
     width = max(2, *map(len, rows))
     table = torch.tensor([row + row[-1:] * (width - len(row)) for row in rows], dtype=torch.long)
     pos = torch.arange(width * bs)[None, :]
-    start = torch.tensor(offsets)[:, None]
-    valid = (pos >= start) & (pos < start + torch.tensor(lengths)[:, None])
+    start, length = torch.tensor(offsets), torch.tensor(lengths)
+    valid = (pos >= start[:, None]) & (pos < (start + length)[:, None])
     all_decode = len(seqs) == batch.num_seqs
     query_rows = None if all_decode else torch.tensor([batch.query_start_loc[i] for i in seqs], device=batch.device)
-    return DecodeLayout(rows=query_rows, table=table.to(batch.device), valid=valid.to(batch.device))
+    return DecodeLayout(
+        rows=query_rows,
+        table=table.to(batch.device),
+        valid=valid.to(batch.device),
+        offsets=start,
+        lengths=length,
+    )
