@@ -26,6 +26,7 @@
 namespace {
 
 constexpr int64_t kRows = 4;  // weight rows per strip
+constexpr int64_t kCachedWeightBytes = 1 << 20;  // a weight this small is read from L2 after its first use
 
 #define HERD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
@@ -308,14 +309,24 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   if (x2.scalar_type() == at::kBFloat16 && bf16_dot_supported()) {
     const at::Tensor xc = x2.contiguous();
     const auto* xw = reinterpret_cast<const uint32_t*>(xc.data_ptr<at::BFloat16>());
-    for_strips(n, 2 * k, [&](int64_t s0, int64_t rows) {
-      for (int64_t r0 = s0; r0 < s0 + rows; ++r0)
-      over_strip<4>(
-          1, m,
-          [&](auto r, auto c, int64_t c0, float* out) {
-            bf16_dot_block<decltype(r)::value, decltype(c)::value>(words + r0 * h, h, xw + c0 * h, out);
-          },
-          [&](int64_t rr, int64_t cc, int64_t c0, const float* out) { dst.store_strip(out, rr, cc, c0, r0, n); });
+    // From memory, one row after another is one stream per thread (44-48 GB/s against 34 for rows side by side);
+    // from cache with one row of x, four rows side by side keep four times the dot products in flight (several
+    // rows of x already do).
+    const bool in_cache = n * k * 2 <= kCachedWeightBytes && m == 1;
+    for_strips(n, 2 * k, [&](int64_t s0, int64_t strip_rows) {
+      const auto block = [&](int64_t r0, int64_t rows) {
+        over_strip<4>(
+            rows, m,
+            [&](auto r, auto c, int64_t c0, float* out) {
+              bf16_dot_block<decltype(r)::value, decltype(c)::value>(words + r0 * h, h, xw + c0 * h, out);
+            },
+            [&](int64_t rr, int64_t cc, int64_t c0, const float* out) { dst.store_strip(out, rr, cc, c0, r0, n); });
+      };
+      if (in_cache) {
+        block(s0, strip_rows);
+      } else {
+        for (int64_t r0 = s0; r0 < s0 + strip_rows; ++r0) block(r0, 1);
+      }
     });
     return y.view(shape);
   }
