@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from herd.kernels import cpu as cpu_kernels
 from herd.sampling.allowed import sample_allowed
 from herd.sampling.grammar import GrammarMasker, StepMask
 from herd.sampling.params import SamplingParams
@@ -130,8 +131,7 @@ def _sample(
     greedy = [i for i in rows if states[i].params.greedy]
     drawn = [i for i in rows if not states[i].params.greedy]
     if greedy:
-        # max(dim) returns the first maximal index like argmax, and is ~2x faster on the CPU.
-        tokens[as_index(greedy, logits.device)] = adjusted_logits(logits, greedy, states, mask).max(-1).indices
+        tokens[as_index(greedy, logits.device)] = _argmax(adjusted_logits(logits, greedy, states, mask))
     if drawn:
         probs = _filtered_probs(adjusted_logits(logits, drawn, states), drawn, states, mask)
         # The only per-row loop: each row's uniform number comes from its own generator.
@@ -139,6 +139,14 @@ def _sample(
         tokens[as_index(drawn, logits.device)] = _inverse_cdf(probs, u)
         return drawn, probs
     return drawn, None
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximal index (the first NaN's, if any), as torch.max(-1) gives it."""
+    if x.device.type == "cpu" and cpu_kernels.enabled():
+        return torch.ops.herd_cpu.argmax_rows(x)  # ~10x faster than PyTorch's reduction with indices
+    # max(dim) returns the first maximal index like argmax, and is ~2x faster on the CPU.
+    return x.max(-1).indices
 
 
 def _draws_first(params: SamplingParams, vocab: int) -> bool:

@@ -4,7 +4,8 @@ Each is a torch op (`torch.ops.herd_cpu.*`) with a fake kernel (herd.kernels.cpu
 compiled decode steps (--enable-torch-compile) both call them. The build needs a C++ compiler and the kernels
 AVX-512F/BW/VL; without either, `gemv_ops()` answers None and callers keep PyTorch's kernels. int8_vnni.cpp
 (W8A8 INT8 on AVX-512 VNNI) joins the same library; its ops have fake kernels (herd.kernels.cpu.int8_vnni) and a
-PyTorch fallback where VNNI is missing.
+PyTorch fallback where VNNI is missing. So do decode_attention.cpp (one query per sequence over the paged KV
+cache) and argmax.cpp (greedy sampling's argmax per row).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "int8_vnni.cpp", "decode_attention.cpp")]
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("gemv.cpp", "int8_vnni.cpp", "decode_attention.cpp", "argmax.cpp")
+]
 # Rows of x up to which the weight-streaming kernels beat PyTorch's matmuls (benchmarks/gemv_cpu.py): they
 # widen each weight vector once for up to four rows of x, so past a few rows the arithmetic, not the weight's
 # bytes, is the cost.

@@ -40,12 +40,17 @@ def _paged_decode_attention(
     return q.new_empty(q.shape)  # contiguous, in q's dtype
 
 
+def _argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[:1], dtype=torch.long)
+
+
 def register() -> None:
     fakes = (
         ("gemv_bf16", _gemv_bf16),
         ("gemv_int8", _gemv_int8),
         ("rms_norm", _rms_norm),
         ("paged_decode_attention", _paged_decode_attention),
+        ("argmax_rows", _argmax_rows),
     )
     for name, fake in fakes:
         torch.library.register_fake(f"herd_cpu::{name}", fake)
