@@ -4,8 +4,8 @@ Each is a torch op (`torch.ops.herd_cpu.*`) with a fake kernel (herd.kernels.cpu
 compiled decode steps (--enable-torch-compile) both call them. The build needs a C++ compiler and the kernels
 AVX-512F/BW/VL; without either, `gemv_ops()` answers None and callers keep PyTorch's kernels. int8_vnni.cpp
 (W8A8 INT8 on AVX-512 VNNI) joins the same library; its ops have fake kernels (herd.kernels.cpu.int8_vnni) and a
-PyTorch fallback where VNNI is missing. So do decode_attention.cpp (one query per sequence over the paged KV
-cache) and argmax.cpp (greedy sampling's argmax per row).
+PyTorch fallback where VNNI is missing. decode_attention.cpp (one query per sequence over the paged KV cache) and
+argmax.cpp (greedy sampling's argmax per row) join it too, their fakes in herd.kernels.cpu.fake.
 """
 
 from __future__ import annotations
