@@ -82,3 +82,13 @@ def test_compiled_bf16_decode_runs_herd_kernels_without_recompiling(scout_ckpt) 
     for names in events:
         assert {"herd_cpu::gemv_bf16", "herd_cpu::rms_norm", "herd::opaque_call"} <= names
         assert any(name.startswith("Torch-Compiled Region") for name in names)
+
+
+@pytest.mark.skipif(gemv_ops() is None, reason="herd's CPU kernels need a C++ compiler and AVX-512")
+def test_compiled_w8a8_decode_matches_eager(scout_ckpt) -> None:
+    """The W8A8 INT8 kernel's switch is read while tracing (it once sent dynamo into the kernels' build)."""
+    path, _ = scout_ckpt
+    prompts = _prompts(12, 1)
+    eager = _generate(LLM(str(path), dtype="float32", quantization="w8a8_int8"), prompts)
+    compiled = _generate(LLM(str(path), dtype="float32", quantization="w8a8_int8", enable_torch_compile=True), prompts)
+    assert compiled == eager

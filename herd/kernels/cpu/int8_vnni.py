@@ -83,10 +83,16 @@ def vnni_ops() -> object | None:
     return ops
 
 
-@functools.cache
+_vnni_enabled: bool | None = None
+
+
 def vnni_enabled() -> bool:
     """The VNNI kernel is used where it is built and supported, unless HERD_CPU_GEMV=0 (read once)."""
-    return enabled() and vnni_ops() is not None
+    # A plain global, not functools.cache: a compiled decode step reads it (as a guarded constant) while tracing.
+    global _vnni_enabled
+    if _vnni_enabled is None:
+        _vnni_enabled = enabled() and vnni_ops() is not None
+    return _vnni_enabled
 
 
 def prepare_weight(q: torch.Tensor) -> torch.Tensor:
