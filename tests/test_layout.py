@@ -1,7 +1,8 @@
 """herd's imports go one way: server -> frontend -> engine -> worker -> speculative -> models -> layers.
 
 A layer may import itself, any layer below it, and the shared leaves (configs, sampling parameters,
-image inputs); never one above it. Entry points (cli, launch_server, llm, ...) may import anything.
+image inputs); never one above it. kernels, the bottom layer, imports nothing of herd. Entry points (cli,
+launch_server, llm, ...) may import anything.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from pathlib import Path
 import herd
 
 LAYERS = ["server", "frontend", "engine", "worker", "speculative", "models", "layers", "kernels"]
-LEAVES = {"config": {"config", "demo"}, "sampling": {"sampling"}, "multimodal": {"multimodal"}, "demo": set()}
+# The sampler may call herd's CPU kernels (its argmax): kernels import nothing of herd.
+LEAVES = {
+    "config": {"config", "demo"},
+    "sampling": {"sampling", "kernels"},
+    "multimodal": {"multimodal"},
+    "demo": set(),
+}
 # The benchmark client talks HTTP to any server: no engine code, only herd's tokenizer loader (it reads Meta's
 # tokenizer.model, which transformers cannot).
 CLIENT = {"bench": {"bench", "frontend"}}
@@ -20,6 +27,8 @@ ENTRY_POINTS = {"__init__", "cli", "launch_server", "llm", "bench_serving"}
 
 
 def allowed(part: str) -> set[str]:
+    if part == "kernels":
+        return {"kernels"}
     if part in LAYERS:
         return set(LAYERS[LAYERS.index(part) :]) | set(LEAVES)
     return {**LEAVES, **CLIENT}[part]
