@@ -143,7 +143,7 @@ def _sample(
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
     """Each row's first maximal index (the first NaN's, if any), as torch.max(-1) gives it."""
-    if x.device.type == "cpu" and cpu_kernels.enabled():
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-1] > 0 and cpu_kernels.enabled():
         return torch.ops.herd_cpu.argmax_rows(x)  # ~10x faster than PyTorch's reduction with indices
     # max(dim) returns the first maximal index like argmax, and is ~2x faster on the CPU.
     return x.max(-1).indices
