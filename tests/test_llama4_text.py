@@ -7,7 +7,7 @@ import torch
 
 from herd.models.loader import load_model
 
-from checkpoints import CHUNK, reference_logits
+from checkpoints import CHUNK, SCOUT_LIKE, make_text_checkpoint, reference_logits
 from paged import PagedRunner
 
 # Shorter than, equal to, and several times longer than the chunk.
@@ -128,3 +128,12 @@ def test_batched_decode_of_unequal_contexts(ckpt) -> None:
             got[i].append(out[i])
     for i, ids in enumerate(seqs):
         torch.testing.assert_close(torch.stack(got[i]), reference_logits(ref, ids)[-10:], atol=ATOL, rtol=0)
+
+
+def test_two_experts_per_token_match_transformers(tmp_path) -> None:
+    """Scout and Maverick route each token to one expert (herd's short path); the general path adds up several."""
+    ref = make_text_checkpoint(tmp_path, {**SCOUT_LIKE, "num_experts_per_tok": 2}, seed=3)
+    model = load_model(tmp_path, dtype="float32")
+    ids = prompt(2 * CHUNK + 3, seed=7)
+    logits = PagedRunner(model, max_seqs=1, max_len=len(ids)).step([(0, ids)])
+    torch.testing.assert_close(logits, reference_logits(ref, ids), atol=ATOL, rtol=0)

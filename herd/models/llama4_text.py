@@ -99,8 +99,11 @@ class Llama4MoE(nn.Module):
         top_logits, top_ids = torch.topk(self.router(x), self.top_k, dim=-1)  # [T, k]
         scores = torch.sigmoid(top_logits.float()).to(x.dtype)
         # Llama 4 scales the expert's INPUT by the router score, not its output.
-        routed_in = x.repeat_interleave(self.top_k, dim=0) * scores.reshape(-1, 1)  # [T * k, H]
-        routed = self.experts(routed_in, top_ids.reshape(-1)).view(-1, self.top_k, x.shape[-1]).sum(dim=1)
+        if self.top_k == 1:  # Scout and Maverick: no copies to make, no choices to add up
+            routed = self.experts(x * scores, top_ids.reshape(-1))
+        else:
+            routed_in = x.repeat_interleave(self.top_k, dim=0) * scores.reshape(-1, 1)  # [T * k, H]
+            routed = self.experts(routed_in, top_ids.reshape(-1)).view(-1, self.top_k, x.shape[-1]).sum(dim=1)
         if self.tp_size > 1:  # each rank holds a slice of every expert, or whole experts (--ep-size)
             dist.all_reduce(routed, group=self.tp_group)
         return self.shared_expert(x) + routed
