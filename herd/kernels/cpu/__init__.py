@@ -5,7 +5,8 @@ compiled decode steps (--enable-torch-compile) both call them. The build needs a
 AVX-512F/BW/VL; without either, `gemv_ops()` answers None and callers keep PyTorch's kernels. int8_vnni.cpp
 (W8A8 INT8 on AVX-512 VNNI) joins the same library; its ops have fake kernels (herd.kernels.cpu.int8_vnni) and a
 PyTorch fallback where VNNI is missing. decode_attention.cpp (one query per sequence over the paged KV cache) and
-argmax.cpp (greedy sampling's argmax per row) join it too, their fakes in herd.kernels.cpu.fake.
+argmax.cpp (greedy sampling's argmax per row) join it too, their fakes in herd.kernels.cpu.fake, and so does
+int4_bf16.cpp (W4A16 on AVX512-BF16; its ops answer whether the CPU has it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = [
-    Path(__file__).with_name(name) for name in ("gemv.cpp", "int8_vnni.cpp", "decode_attention.cpp", "argmax.cpp")
+    Path(__file__).with_name(name)
+    for name in ("gemv.cpp", "int8_vnni.cpp", "decode_attention.cpp", "argmax.cpp", "int4_bf16.cpp")
 ]
 # Rows of x up to which the weight-streaming kernels beat PyTorch's matmuls (benchmarks/gemv_cpu.py): they
 # widen each weight vector once for up to four rows of x, so past a few rows the arithmetic, not the weight's

@@ -44,6 +44,10 @@ def _argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[:1], dtype=torch.long)
 
 
+def _w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    return _rows_out(x, packed.shape[0])
+
+
 def register() -> None:
     fakes = (
         ("gemv_bf16", _gemv_bf16),
@@ -51,6 +55,7 @@ def register() -> None:
         ("rms_norm", _rms_norm),
         ("paged_decode_attention", _paged_decode_attention),
         ("argmax_rows", _argmax_rows),
+        ("w4a16_linear", _w4a16_linear),
     )
     for name, fake in fakes:
         torch.library.register_fake(f"herd_cpu::{name}", fake)

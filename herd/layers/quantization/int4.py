@@ -7,9 +7,11 @@ w = q * s, q in [-8, 7], s per (output row, group of inputs); symmetric (no zero
 - `--quantization w4a16` on a bf16/fp16/fp32 checkpoint: s = max|w_group| / 7.5, q = clamp(round(w / s), -8, 7),
   the rule of compressed-tensors' symmetric min-max observer, with groups of 128.
 
-Kernels: on the CPU PyTorch's `_weight_int4pack_mm_for_cpu` (its own packed layout, made at load; it computes
-(q_u - 8) * s + z with q_u = q + 8 and zero z = 0). On a GPU the Triton W4A16 GEMM
-(`herd.layers.triton_ops.weight_only`) reads two values per byte. Each reads a quarter of bf16's weight bytes.
+Kernels: on a CPU with AVX512-BF16, herd's (herd/kernels/cpu/int4_bf16.cpp: bf16 activations, groups of a
+multiple of 64; 1.25-1.4x PyTorch's at batch 1, benchmarks/RESULTS.md). Elsewhere on the CPU PyTorch's
+`_weight_int4pack_mm_for_cpu` (its own packed layout, made at load; it computes (q_u - 8) * s + z with q_u = q + 8
+and zero z = 0). On a GPU the Triton W4A16 GEMM (`herd.layers.triton_ops.weight_only`) reads two values per
+byte, in herd's layout. Each reads a quarter of bf16's weight bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from herd.kernels.cpu import enabled as cpu_kernels_enabled
 from herd.layers.moe import grouped_experts
 from herd.layers.parameters import WeightShapeError, new_parameter
 from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase
@@ -60,28 +63,42 @@ def unpack_checkpoint(packed: torch.Tensor, rows: int, cols: int) -> torch.Tenso
     return unpack_from_int32(packed, 4, torch.Size([rows, cols]))
 
 
+def herd_cpu_kernel_takes(group: int) -> bool:
+    """Whether herd's AVX512-BF16 W4A16 kernel (herd/kernels/cpu/int4_bf16.cpp) serves groups of `group` here."""
+    return group % 64 == 0 and cpu_kernels_enabled() and torch.ops.herd_cpu.int4_bf16_supported()
+
+
 def pack_for_kernel(
     q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, cpu_layout: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [out, in], scales [out, groups]) -> the kernel's (weight, scales) on q's device.
 
-    CPU (or cpu_layout): `_convert_weight_to_int4pack_for_cpu`'s layout and scales-and-zeros [groups, out, 2]
-    in `dtype`. Elsewhere (the Triton kernels'): uint8 [out, in / 2], input 2j in the low nibble and 2j + 1 in
-    the high one (each q + 8), and scales [out, groups] in `dtype`.
+    herd's layout, for the Triton kernels and for herd's CPU kernel where it runs: uint8 [out, in / 2], input 2j
+    in the low nibble and 2j + 1 in the high one (each q + 8), and scales [out, groups] (in `dtype`; float32 on
+    the CPU, which the kernel reads). Otherwise on the CPU (or with cpu_layout):
+    `_convert_weight_to_int4pack_for_cpu`'s layout and scales-and-zeros [groups, out, 2] in `dtype`.
     """
     unsigned = q.to(torch.int32) + 8
-    if q.device.type == "cpu" if cpu_layout is None else cpu_layout:
+    on_cpu = q.device.type == "cpu"
+    if cpu_layout is None:
+        cpu_layout = on_cpu and not herd_cpu_kernel_takes(q.shape[1] // scales.shape[1])
+    if cpu_layout:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.contiguous(), 1)
         scales_zeros = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).to(dtype).contiguous()
         return packed, scales_zeros
     packed = (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).to(torch.uint8).contiguous()
-    return packed, scales.to(dtype).contiguous()
+    return packed, scales.to(torch.float32 if on_cpu else dtype).contiguous()
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     """x [..., in] @ W.T -> [..., out] for W in `pack_for_kernel`'s layout."""
     rows = x.reshape(-1, x.shape[-1])
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and scales.dim() == 2:  # herd's layout (pack_for_kernel)
+        if x.dtype == torch.bfloat16:
+            out = torch.ops.herd_cpu.w4a16_linear(rows, packed, scales, group)
+        else:  # float32 / float16 activations: the dequantized weight, exactly
+            out = F.linear(rows, dequantize_packed(packed, scales, group).to(x.dtype))
+    elif x.device.type == "cpu":
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group, scales)
     elif x.is_cuda:
         from herd.layers.triton_ops.weight_only import w4a16_matmul  # triton only on GPUs

@@ -1,0 +1,45 @@
+"""herd's W4A16 CPU kernel (herd/kernels/cpu/int4_bf16.cpp) against the dequantized matmul, on herd's layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from herd.kernels.cpu import gemv_ops
+from herd.layers.quantization.int4 import dequantize_packed, int4_linear, pack_for_kernel, quantize_int4_groups
+
+pytestmark = pytest.mark.skipif(
+    gemv_ops() is None or not torch.ops.herd_cpu.int4_bf16_supported(),
+    reason="herd's CPU kernels did not build here, or this CPU lacks AVX512-BF16",
+)
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize(("n", "k", "group"), [(1, 64, 64), (37, 256, 128), (130, 512, 256), (64, 384, 128)])
+def test_w4a16_matches_the_dequantized_matmul(m: int, n: int, k: int, group: int) -> None:
+    gen = torch.Generator().manual_seed(m * 100 + n + k)
+    q, scales = quantize_int4_groups(torch.randn(n, k, generator=gen), group)
+    packed, kernel_scales = pack_for_kernel(q, scales, torch.bfloat16)
+    assert packed.shape == (n, k // 2) and kernel_scales.dtype == torch.float32  # herd's layout on this CPU
+    x = torch.randn(2, m, k, generator=gen).bfloat16()
+
+    got = int4_linear(x, packed, kernel_scales, group)
+
+    expected = (x.float() @ dequantize_packed(packed, kernel_scales, group).t()).bfloat16()
+    assert got.dtype == torch.bfloat16 and got.shape == (2, m, n)
+    # Exact products, fp32 sums in another order: within a bf16 rounding step.
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2 * k**0.5)
+
+
+def test_float32_activations_take_the_dequantized_weight() -> None:
+    q, scales = quantize_int4_groups(torch.randn(8, 128), 64)
+    packed, kernel_scales = pack_for_kernel(q, scales, torch.float32)
+    x = torch.randn(3, 128)
+    expected = x @ dequantize_packed(packed, kernel_scales, 64).t()
+    torch.testing.assert_close(int4_linear(x, packed, kernel_scales, 64), expected)
+
+
+def test_w4a16_refuses_groups_it_does_not_take() -> None:
+    packed, scales = torch.zeros(4, 32, dtype=torch.uint8), torch.ones(4, 2)
+    with pytest.raises(RuntimeError, match="groups of 32 over 64 inputs"):
+        torch.ops.herd_cpu.w4a16_linear(torch.zeros(1, 64).bfloat16(), packed, scales, 32)
