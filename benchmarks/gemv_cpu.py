@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from herd.kernels.cpu import gemv_ops
 from herd.kernels.cpu.int8_vnni import pack_for_vnni, w8a8_reference
-from herd.layers.quantization.int4 import quantize_int4_groups
+from herd.layers.quantization.int4 import pack_for_kernel, quantize_int4_groups
 from herd.layers.quantization.int8 import quantize_rows
 from herd.layers.quantization.unquantized import pack, packed_linear
 from herd.layers.quantization.w8a8_int8 import quantize_weight
@@ -53,6 +53,10 @@ def kernels(ops: object) -> dict[str, dict[str, Kernel]]:
         zeros = torch.zeros_like(scales.t())
         return packed, torch.stack([scales.t(), zeros], dim=-1).bfloat16().contiguous()
 
+    def int4_herd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scales = quantize_int4_groups(w, GROUP)
+        return pack_for_kernel(q, scales, torch.bfloat16, cpu_layout=False)
+
     return {
         "bf16": {
             "herd": (lambda w: w, lambda x, w: ops.gemv_bf16(x, w)),
@@ -70,6 +74,11 @@ def kernels(ops: object) -> dict[str, dict[str, Kernel]]:
             "herd gemv_int8 (w8a16)": (w8a8, lambda x, w: ops.gemv_int8(x, w[0], w[1])),
         },
         "int4": {
+            **(
+                {"herd (AVX512-BF16)": (int4_herd, lambda x, w: ops.w4a16_linear(x, w[0], w[1], GROUP))}
+                if ops.int4_bf16_supported()
+                else {}
+            ),
             "_weight_int4pack_mm_for_cpu": (
                 int4_torch,
                 lambda x, w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], GROUP, w[1]),

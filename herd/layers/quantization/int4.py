@@ -8,7 +8,7 @@ w = q * s, q in [-8, 7], s per (output row, group of inputs); symmetric (no zero
   the rule of compressed-tensors' symmetric min-max observer, with groups of 128.
 
 Kernels: on a CPU with AVX512-BF16, herd's (herd/kernels/cpu/int4_bf16.cpp: bf16 activations, groups of a
-multiple of 64; 1.25-1.4x PyTorch's at batch 1, benchmarks/RESULTS.md). Elsewhere on the CPU PyTorch's
+multiple of 64; 1.1-1.2x PyTorch's at batch 1, benchmarks/RESULTS.md). Elsewhere on the CPU PyTorch's
 `_weight_int4pack_mm_for_cpu` (its own packed layout, made at load; it computes (q_u - 8) * s + z with q_u = q + 8
 and zero z = 0). On a GPU the Triton W4A16 GEMM (`herd.layers.triton_ops.weight_only`) reads two values per
 byte, in herd's layout. Each reads a quarter of bf16's weight bytes.
