@@ -73,15 +73,16 @@ def pack_for_kernel(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [out, in], scales [out, groups]) -> the kernel's (weight, scales) on q's device.
 
-    herd's layout, for the Triton kernels and for herd's CPU kernel where it runs: uint8 [out, in / 2], input 2j
+    herd's layout, for the Triton kernels and for herd's CPU kernel where it runs (bf16 models on CPUs with
+    AVX512-BF16): uint8 [out, in / 2], input 2j
     in the low nibble and 2j + 1 in the high one (each q + 8), and scales [out, groups] (in `dtype`; float32 on
     the CPU, which the kernel reads). Otherwise on the CPU (or with cpu_layout):
     `_convert_weight_to_int4pack_for_cpu`'s layout and scales-and-zeros [groups, out, 2] in `dtype`.
     """
     unsigned = q.to(torch.int32) + 8
     on_cpu = q.device.type == "cpu"
-    if cpu_layout is None:
-        cpu_layout = on_cpu and not herd_cpu_kernel_takes(q.shape[1] // scales.shape[1])
+    if cpu_layout is None:  # herd's kernel takes bf16 activations: a bf16 model's
+        cpu_layout = on_cpu and not (dtype == torch.bfloat16 and herd_cpu_kernel_takes(q.shape[1] // scales.shape[1]))
     if cpu_layout:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.contiguous(), 1)
         scales_zeros = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).to(dtype).contiguous()
