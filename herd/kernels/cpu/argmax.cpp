@@ -8,6 +8,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -45,6 +46,8 @@ HERD_AVX512 int64_t argmax_row(const float* x, int64_t n) {
 }
 
 at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"),
+              "argmax_rows: this CPU lacks AVX-512F/BW");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
               "argmax_rows: x must be a float32 [rows, n] CPU tensor");
   const at::Tensor xc = x.contiguous();

@@ -85,6 +85,8 @@ HERD_AVX512 void attend_group(const float* q, int64_t group, int64_t head_dim, c
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& table, const at::Tensor& offsets, const at::Tensor& lengths,
                                   double scale) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"),
+              "paged_decode_attention: this CPU lacks AVX-512F/BW");
   TORCH_CHECK(q.dim() == 3, "paged_decode_attention: q must be [D, heads, head_dim]");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "paged_decode_attention: caches must be [blocks, block_size, kv_heads, head_dim], alike");
