@@ -25,6 +25,7 @@ SOURCES = [
     Path(__file__).with_name(name)
     for name in ("gemv.cpp", "int8_vnni.cpp", "decode_attention.cpp", "argmax.cpp", "int4_bf16.cpp")
 ]
+HEADERS = [Path(__file__).with_name("cpu_features.h")]  # included by every source: part of the build's key
 # Rows of x up to which the weight-streaming kernels beat PyTorch's matmuls (benchmarks/gemv_cpu.py): they
 # widen each weight vector once for up to four rows of x, so past a few rows the arithmetic, not the weight's
 # bytes, is the cost.
@@ -33,7 +34,8 @@ GEMV_MAX_ROWS = 8
 
 def build_dir() -> Path:
     # Keyed by the sources' hash and torch's version: worktrees and venvs never load each other's build.
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()).hexdigest()
+    files = [*SOURCES, *HEADERS]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files) + torch.__version__.encode()).hexdigest()
     root = Path(os.environ.get("HERD_KERNEL_CACHE", Path.home() / ".cache" / "herd" / "kernels"))
     return root / f"cpu-{digest[:16]}"
 

@@ -8,14 +8,14 @@
 
 #include <immintrin.h>
 
+#include "cpu_features.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
 namespace {
-
-#define HERD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 HERD_AVX512 int64_t argmax_row(const float* x, int64_t n) {
   __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -46,8 +46,7 @@ HERD_AVX512 int64_t argmax_row(const float* x, int64_t n) {
 }
 
 at::Tensor argmax_rows(const at::Tensor& x) {
-  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"),
-              "argmax_rows: this CPU lacks AVX-512F/BW");
+  TORCH_CHECK(herd_kernels::has_avx512(), "argmax_rows: this CPU lacks AVX-512F/BW/VL");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
               "argmax_rows: x must be a float32 [rows, n] CPU tensor");
   const at::Tensor xc = x.contiguous();

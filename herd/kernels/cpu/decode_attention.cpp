@@ -13,6 +13,8 @@
 
 #include <immintrin.h>
 
+#include "cpu_features.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,8 +22,6 @@
 #include <vector>
 
 namespace {
-
-#define HERD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 // 16 elements of a cache row as fp32.
 HERD_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -37,7 +37,7 @@ HERD_AVX512 inline __m512 load16(const at::Half* p) {
 template <typename T>
 HERD_AVX512 void attend_group(const float* q, int64_t group, int64_t head_dim, const T* const* k_rows,
                               const T* const* v_rows, int64_t length, float* scores, float* out) {
-  const bool vector = head_dim % 16 == 0 && head_dim <= 256;
+  const bool vector = head_dim % 16 == 0;
   for (int64_t j = 0; j < length; ++j) {
     const T* k = k_rows[j];
     for (int64_t h = 0; h < group; ++h) {
@@ -85,8 +85,7 @@ HERD_AVX512 void attend_group(const float* q, int64_t group, int64_t head_dim, c
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& table, const at::Tensor& offsets, const at::Tensor& lengths,
                                   double scale) {
-  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"),
-              "paged_decode_attention: this CPU lacks AVX-512F/BW");
+  TORCH_CHECK(herd_kernels::has_avx512(), "paged_decode_attention: this CPU lacks AVX-512F/BW/VL");
   TORCH_CHECK(q.dim() == 3, "paged_decode_attention: q must be [D, heads, head_dim]");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "paged_decode_attention: caches must be [blocks, block_size, kv_heads, head_dim], alike");

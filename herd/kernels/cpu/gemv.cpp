@@ -17,6 +17,8 @@
 
 #include <immintrin.h>
 
+#include "cpu_features.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -27,8 +29,6 @@ namespace {
 
 constexpr int64_t kRows = 4;  // weight rows per strip
 constexpr int64_t kCachedWeightBytes = 1 << 20;  // a weight this small is read from L2 after its first use
-
-#define HERD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 // --- activations -------------------------------------------------------------------------------------------
 
@@ -143,15 +143,13 @@ HERD_AVX512 void bf16_block(const uint32_t* w, int64_t h, const float* even, con
 // With AVX512-BF16 and bf16 activations, `vdpbf16ps` takes a word of w and a word of x (two inputs each) straight
 // into an fp32 sum: no widening, and the rows of x are read as they are. The products are exact in fp32 either
 // way; the sums round in another order.
-#define HERD_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
 template <int R, int C, int A>
 HERD_AVX512_BF16 inline void bf16_dot_step(const uint32_t* w, int64_t h, const uint32_t* x, int64_t j,
                                            __mmask16 mask, __m512 (&acc)[R][C][A], int a) {
   __m512bh xv[C];
   for (int c = 0; c < C; ++c) xv[c] = (__m512bh)_mm512_maskz_loadu_epi32(mask, x + c * h + j);
+  prefetch(w + 1024 + j);  // 4 KiB ahead in the stream of rows
   for (int r = 0; r < R; ++r) {
-    prefetch(w + 1024 + j);  // 4 KiB ahead in the stream of rows
     const __m512bh v = (__m512bh)_mm512_maskz_loadu_epi32(mask, w + r * h + j);
     for (int c = 0; c < C; ++c) acc[r][c][a] = _mm512_dpbf16_ps(acc[r][c][a], v, xv[c]);
   }
@@ -177,10 +175,7 @@ HERD_AVX512_BF16 void bf16_dot_block(const uint32_t* w, int64_t h, const uint32_
     }
 }
 
-bool bf16_dot_supported() {
-  static const bool yes = __builtin_cpu_supports("avx512bf16");
-  return yes;
-}
+bool bf16_dot_supported() { return herd_kernels::has_avx512_bf16(); }
 
 // --- INT8, one scale per output row (applied by the caller) ----------------------------------------------------
 
@@ -276,11 +271,7 @@ void over_strip(int64_t rows, int64_t m, const Block& block, const Emit& emit) {
 
 // --- ops ----------------------------------------------------------------------------------------------------
 
-bool supported() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return yes;
-}
+bool supported() { return herd_kernels::has_avx512(); }
 
 // Checks x against a weight of `k` inputs and gives x as [m, k], the output [m, n] in x's dtype and its shape.
 std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>> prepare(const at::Tensor& x, int64_t k, int64_t n,

@@ -12,22 +12,18 @@
 
 #include <immintrin.h>
 
+#include "cpu_features.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
 namespace {
 
-#define HERD_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
 constexpr int64_t kTileRows = 16;  // weight rows per tile
 constexpr int64_t kMaxC = 8;  // rows of x per pass over a weight row (16 accumulators in registers)
 
-bool int4_bf16_supported() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16");
-  return yes;
-}
+bool int4_bf16_supported() { return herd_kernels::has_avx512_bf16(); }
 
 uint16_t bf16_bits(float v) {
   uint32_t bits;

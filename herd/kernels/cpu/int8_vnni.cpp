@@ -19,14 +19,14 @@
 
 #include <immintrin.h>
 
+#include "cpu_features.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 namespace {
-
-#define HERD_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 constexpr int64_t kRows = 4;     // weight rows per strip, interleaved in memory (see pack_for_vnni)
 constexpr int kMaxC = 4;         // rows of x per pass over a strip (R * C accumulators + R + C loads < 32 zmm)
@@ -36,11 +36,7 @@ constexpr int64_t kMaxK = 65536;
 // but a few KiB of lead keeps more lines in flight per core.
 constexpr int64_t kPrefetch = 2048;
 
-bool vnni_supported() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-  return yes;
-}
+bool vnni_supported() { return herd_kernels::has_avx512_vnni(); }
 
 inline int64_t padded(int64_t k) { return (k + 63) / 64 * 64; }
 inline int64_t padded_rows(int64_t n) { return (n + kRows - 1) / kRows * kRows; }
@@ -51,7 +47,7 @@ inline int64_t padded_rows(int64_t n) { return (n + kRows - 1) / kRows * kRows; 
 // zero-padded to a multiple of kRows and inputs to a multiple of 64: zero weights add nothing, and x's padding is
 // zero too.
 template <int C>
-HERD_VNNI void vnni_block(const int8_t* strip, int64_t kp, const uint8_t* xu, int32_t* out) {
+HERD_AVX512_VNNI void vnni_block(const int8_t* strip, int64_t kp, const uint8_t* xu, int32_t* out) {
   __m512i acc[kRows][C];
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_si512();
@@ -144,7 +140,7 @@ at::Tensor int8_mm_vnni(const at::Tensor& xq, const at::Tensor& q, const at::Ten
 // Row i of x (fp32) -> x_q + 128 into xu (kp bytes, zero past k), and its scale. The rounding is to nearest,
 // ties to even (torch.round's), fixed in the instruction rather than taken from MXCSR; with 127 / amax and
 // x * inv each rounded once in fp32, these are the torch reference's operations (herd.kernels.cpu.int8_vnni).
-HERD_VNNI void quantize_row(const float* x, int64_t k, uint8_t* xu, float* scale) {
+HERD_AVX512_VNNI void quantize_row(const float* x, int64_t k, uint8_t* xu, float* scale) {
   __m512 mx = _mm512_setzero_ps();
   for (int64_t j = 0; j < k; j += 16) {
     const __mmask16 mask = k - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (k - j)) - 1);
