@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The engine's CPU worker tunes its decode threads by timing steps (herd.worker.thread_tuner) unless the thread
+# count is pinned; the suite pins it (here and in the servers it starts) so that no result depends on timing.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
 from checkpoints import (
     MAVERICK_LIKE,
     SCOUT_LIKE,

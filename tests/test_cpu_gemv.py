@@ -71,7 +71,8 @@ def test_gemv_model_decodes_as_the_packed_one(scout_ckpt, monkeypatch: pytest.Mo
     path, _ = scout_ckpt
     monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
     small = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
-    assert hasattr(small.model.layers[0].feed_forward.experts, "packed_down_all")  # tiny experts: one matmul
+    tiny_experts = small.model.layers[0].feed_forward.experts
+    assert hasattr(tiny_experts, "packed_down_all") and hasattr(tiny_experts, "gate_up_proj_t")  # by rows, as linears
     qkv = small.model.layers[0].self_attn.qkv_proj
     assert hasattr(qkv, "packed_weight") and hasattr(qkv, "row_weight")  # tiny linear layers: both, by rows
     monkeypatch.setattr(cpu_gemv, "SMALL_EXPERTS_BYTES", 0)

@@ -50,9 +50,12 @@ def transformers_greedy(model, batch: list[list[int]], max_new_tokens: int = MAX
 
 
 def env() -> dict[str, str]:
+    """The suite's environment for rank processes, without the OMP_NUM_THREADS conftest pins: ranks on one
+    machine then share its cores, as a user's would."""
     root = str(TESTS.parent)
     path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    inherited = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    return {**inherited, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
 def free_port() -> int:

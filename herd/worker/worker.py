@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from functools import partial
+from time import perf_counter
 
 import torch
 
@@ -36,9 +38,14 @@ from herd.worker.kv_sizing import KVPlan, plan_kv_cache
 from herd.worker.plan import StepPlan
 from herd.worker.prompt_logprobs import PromptLogprobs, PromptLogprobsOut
 from herd.worker.spec_step import propose, sample_chunks
+from herd.worker.thread_tuner import ThreadTuner
 from herd.worker.weight_memory import check_weights_fit
 
 logger = logging.getLogger(__name__)
+
+# A gap between two steps this many times longer than the first step's own work was the engine waiting for
+# requests, not the step's cost.
+IDLE_GAP = 3
 
 
 @dataclass
@@ -115,6 +122,12 @@ class Worker:
         self.block_size = 0
         self.chunk_size: int | None = None
         self.graphs: DecodeGraphRunner | None = None
+        # The decode steps' thread count, measured against the load beside the engine (herd.worker.thread_tuner).
+        # OMP_NUM_THREADS is the user's choice and is kept: set it for runs that must repeat bit for bit (fp32
+        # GEMMs may sum in another order with another thread count).
+        tunable = self.device.type == "cpu" and config.parallel.tp_size == 1 and "OMP_NUM_THREADS" not in os.environ
+        self.thread_tuner = ThreadTuner(torch.get_num_threads()) if tunable and torch.get_num_threads() > 1 else None
+        self._last_decode: tuple[int, float, float] | None = None  # batch, start, seconds in execute
         logger.info("worker %d: %s on %s, weights %.2f GiB", rank, config.model.architecture, self.device,
                     self.weight_bytes() / 2**30)  # fmt: skip
 
@@ -168,9 +181,27 @@ class Worker:
                 device=self.device,
             )
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[list[SampleResult]]:
         """Run one step; per chunk that samples, in chunk order, the tokens it adds (several when drafts stand)."""
+        tuner = self.thread_tuner
+        if tuner is None or not plan.chunks:
+            return self._execute(plan)
+        start = perf_counter()
+        if self._last_decode is not None:
+            # A decode step costs from its start to the next step's: the engine's loop around it (scheduling,
+            # sending tokens to the HTTP process) slows down with it when the cores are short. After an idle
+            # wait the gap says nothing of the step.
+            batch, began, busy = self._last_decode
+            if start - began < IDLE_GAP * busy:
+                tuner.record(batch, start - began)
+        decode, batch = all(len(c.token_ids) == 1 for c in plan.chunks), len(plan.chunks)
+        torch.set_num_threads(tuner.threads(batch) if decode else tuner.max_threads)
+        results = self._execute(plan)
+        self._last_decode = (batch, start, perf_counter() - start) if decode else None
+        return results
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan) -> list[list[SampleResult]]:
         assert self.kv_storage is not None, "init_kv_cache first"
         self._update_sequences(plan)
         self.prompt_logprobs.update(plan)
@@ -203,7 +234,9 @@ class Worker:
         if not any(c.samples for c in plan.chunks):
             results: list[list[SampleResult]] = []
         else:
-            logits = self.model.compute_logits(hidden[inputs.sample_rows]).float()  # every rank: it gathers the vocab
+            # In the model's dtype: the sampler widens what it adjusts or draws from; a greedy batch's argmax needs
+            # no fp32 copy.
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])  # every rank: it gathers the vocab
             if self.rank != 0:  # rank 0 samples; the next plan brings every rank the tokens it chose
                 return []
             results = sample_chunks(self.sampler, logits, plan.chunks, states, paths)

@@ -77,23 +77,30 @@ class CPUGemvLinearMethod(CPUPackedLinearMethod):
 
 class CPUGemvFusedMoEMethod(CPUPackedFusedMoEMethod):
     """Each expert's projections as linear weights: gate_up [E, 2I, H], down [E, H, I]. Experts small enough
-    for the packed method's all-experts matmul (the demo model's) keep that method: there a step's cost is
-    calls, not bytes."""
+    for the packed method's all-experts matmul (the demo model's, tiny's) keep that method for several rows and
+    take the kernel at one row: there a step's cost is calls, and oneDNN's packed call costs ~70 us whatever
+    the size where the kernel reads a small expert in a few (tiny's batch-1 step 2.4 -> 1.9 ms)."""
 
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
         weights = (layer.gate_up_proj, layer.down_proj)
         small = sum(w.numel() * w.element_size() for w in weights) <= SMALL_EXPERTS_BYTES
-        if layer.gate_up_proj.dtype != torch.bfloat16 or small:
+        if layer.gate_up_proj.dtype != torch.bfloat16:
             super().process_weights_after_loading(layer)
             return
+        transposed = {}
         for name in ("gate_up_proj", "down_proj"):
             # One layer's experts at a time: the transposed copy replaces the loaded one before the next.
-            transposed = getattr(layer, name).detach().transpose(1, 2).contiguous()
-            delattr(layer, name)
-            layer.register_buffer(f"{name}_t", transposed, persistent=False)
+            transposed[name] = getattr(layer, name).detach().transpose(1, 2).contiguous()
+            if not small:
+                delattr(layer, name)
+        if small:
+            super().process_weights_after_loading(layer)
+        for name, weight in transposed.items():
+            layer.register_buffer(f"{name}_t", weight, persistent=False)
+        layer.packed_experts_too = small
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        if not hasattr(layer, "gate_up_proj_t"):
+        if not hasattr(layer, "gate_up_proj_t") or (layer.packed_experts_too and x.shape[0] > 1):
             return super().apply(layer, x, expert_ids)
 
         def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
