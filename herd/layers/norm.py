@@ -13,7 +13,7 @@ from herd.layers.triton_ops import triton_available
 _FUSED_ON_CUDA = triton_available()
 
 
-def _fused_on_cpu(x: torch.Tensor) -> bool:
+def fused_on_cpu(x: torch.Tensor) -> bool:
     # One op instead of five on a decode step's small rows; bit-identical to the reference in 16-bit dtypes
     # (float32 ones keep PyTorch's, whose sums the parity tests were written against). Compiled steps call it
     # too (its fake kernel is in herd.kernels.cpu.fake), so they round exactly as eager steps do.
@@ -22,7 +22,7 @@ def _fused_on_cpu(x: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weightless RMS norm; Llama 4's qk-norm ("L2 norm") is exactly this."""
-    if _fused_on_cpu(x):
+    if fused_on_cpu(x):
         return torch.ops.herd_cpu.rms_norm(x, None, eps)
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fused_on_cpu(x) and self.weight.dtype == x.dtype:
+        if fused_on_cpu(x) and self.weight.dtype == x.dtype:
             return torch.ops.herd_cpu.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.eps) * self.weight
 

@@ -11,7 +11,7 @@ import math
 import torch
 
 from herd.config import RopeScaling
-from herd.layers.norm import rms_norm
+from herd.layers.norm import fused_on_cpu, rms_norm
 from herd.layers.triton_ops import triton_available
 
 _FUSED_ON_CUDA = triton_available()  # read once: the check must not run inside a compiled graph
@@ -54,7 +54,7 @@ def rope_and_qk_norm(
 ) -> torch.Tensor:
     """RoPE, then the weightless qk-norm (after RoPE, as the reference does), for q and k heads side by side.
 
-    One Triton kernel on a GPU; two PyTorch ops elsewhere.
+    One Triton kernel on a GPU, one of herd's CPU ops for 16-bit heads on a CPU; PyTorch's ops elsewhere.
     """
     if not (use_rope or use_qk_norm):
         return qk
@@ -62,6 +62,8 @@ def rope_and_qk_norm(
         from herd.layers.triton_ops.norm_rope import rope_qk_norm
 
         return rope_qk_norm(qk, angles, use_rope, use_qk_norm, eps)
+    if fused_on_cpu(qk):
+        return torch.ops.herd_cpu.rope_qk_norm(qk, angles, use_rope, use_qk_norm, eps)
     if use_rope:
         qk = apply_rope(qk, angles)
     return rms_norm(qk, eps) if use_qk_norm else qk

@@ -5,8 +5,9 @@ compiled decode steps (--enable-torch-compile) both call them. The build needs a
 AVX-512F/BW/VL; without either, `gemv_ops()` answers None and callers keep PyTorch's kernels. int8_vnni.cpp
 (W8A8 INT8 on AVX-512 VNNI) joins the same library; its ops have fake kernels (herd.kernels.cpu.int8_vnni) and a
 PyTorch fallback where VNNI is missing. decode_attention.cpp (one query per sequence over the paged KV cache) and
-argmax.cpp (greedy sampling's argmax per row) join it too, their fakes in herd.kernels.cpu.fake, and so does
-int4_bf16.cpp (W4A16 on AVX512-BF16; its ops answer whether the CPU has it).
+argmax.cpp (greedy sampling's argmax per row) and rope_qk_norm.cpp (Llama 4's RoPE and qk-norm in one op) join it
+too, their fakes in herd.kernels.cpu.fake, and so does int4_bf16.cpp (W4A16 on AVX512-BF16; its ops answer
+whether the CPU has it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("gemv.cpp", "int8_vnni.cpp", "decode_attention.cpp", "argmax.cpp", "int4_bf16.cpp")
+    for name in ("gemv.cpp", "int8_vnni.cpp", "decode_attention.cpp", "argmax.cpp", "int4_bf16.cpp", "rope_qk_norm.cpp")
 ]
 HEADERS = [Path(__file__).with_name("cpu_features.h")]  # included by every source: part of the build's key
 # Rows of x up to which the weight-streaming kernels beat PyTorch's matmuls (benchmarks/gemv_cpu.py): they

@@ -44,6 +44,10 @@ def _argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[:1], dtype=torch.long)
 
 
+def _rope_qk_norm(qk: torch.Tensor, angles: torch.Tensor, rope: bool, norm: bool, eps: float) -> torch.Tensor:
+    return qk.new_empty(qk.shape)  # contiguous, in qk's dtype
+
+
 def _w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
     return _rows_out(x, packed.shape[0])
 
@@ -56,6 +60,7 @@ def register() -> None:
         ("paged_decode_attention", _paged_decode_attention),
         ("argmax_rows", _argmax_rows),
         ("w4a16_linear", _w4a16_linear),
+        ("rope_qk_norm", _rope_qk_norm),
     )
     for name, fake in fakes:
         torch.library.register_fake(f"herd_cpu::{name}", fake)
