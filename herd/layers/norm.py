@@ -14,9 +14,10 @@ _FUSED_ON_CUDA = triton_available()
 
 
 def fused_on_cpu(x: torch.Tensor) -> bool:
-    # One op instead of five on a decode step's small rows; bit-identical to the reference in 16-bit dtypes
-    # (float32 ones keep PyTorch's, whose sums the parity tests were written against). Compiled steps call it
-    # too (its fake kernel is in herd.kernels.cpu.fake), so they round exactly as eager steps do.
+    # herd's CPU ops for the norms (and RoPE + qk-norm, herd.layers.rotary): one op instead of five to eight on a
+    # decode step's small rows, rounding where the reference rounds in 16-bit dtypes (float32 ones keep PyTorch's,
+    # whose sums the parity tests were written against). Compiled steps call them too (their fake kernels are in
+    # herd.kernels.cpu.fake), so they round exactly as eager steps do.
     return x.device.type == "cpu" and x.dtype != torch.float32 and cpu_kernels.enabled()
 
 

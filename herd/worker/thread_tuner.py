@@ -1,7 +1,7 @@
 """How many threads a CPU worker's decode steps use, chosen by timing steps with each count.
 
 On a machine with few cores the engine does not have them to itself: the HTTP process streams every token
-(a third of a core at 4,000 tokens/s), and a benchmark client or other services may run beside it. OpenMP
+(a fifth to a third of a core at 4,000 tokens/s), and a benchmark client or other services may run beside it. OpenMP
 splits each operation evenly among its threads and waits for the last, so when one of the engine's threads
 loses its core, every operation of the step waits for it to come back. With all cores, the tiny checkpoint
 decoding 64 streams over HTTP on 2 cores took 18.8 ms a step; with one thread, leaving a core to the HTTP

@@ -42,7 +42,8 @@ void rope_qk_norm_row(const T* x, const float* angle, T* y, int64_t head_dim, bo
 // qk [T, H, D] (the heads of each token may sit in a wider row, e.g. a view of the fused qkv output), angles
 // complex64 [T, D / 2]: a new contiguous [T, H, D] in qk's dtype.
 at::Tensor rope_qk_norm(const at::Tensor& qk, const at::Tensor& angles, bool rope, bool norm, double eps) {
-  TORCH_CHECK(qk.device().is_cpu() && qk.dim() == 3, "rope_qk_norm: qk must be a [tokens, heads, head_dim] CPU tensor");
+  TORCH_CHECK(qk.device().is_cpu() && qk.dim() == 3,
+              "rope_qk_norm: qk must be a [tokens, heads, head_dim] CPU tensor");
   TORCH_CHECK(qk.scalar_type() == at::kBFloat16 || qk.scalar_type() == at::kHalf,
               "rope_qk_norm: qk must be bfloat16 or float16, not ", qk.scalar_type());
   const int64_t tokens = qk.size(0), heads = qk.size(1), head_dim = qk.size(2);

@@ -79,7 +79,7 @@ class CPUGemvFusedMoEMethod(CPUPackedFusedMoEMethod):
     """Each expert's projections as linear weights: gate_up [E, 2I, H], down [E, H, I]. Experts small enough
     for the packed method's all-experts matmul (the demo model's, tiny's) keep that method for several rows and
     take the kernel at one row: there a step's cost is calls, and oneDNN's packed call costs ~70 us whatever
-    the size where the kernel reads a small expert in a few (tiny's batch-1 step 2.4 -> 1.9 ms)."""
+    the size where the kernel reads a small expert in a few (tiny's batch-1 step 2.4 -> 2.1 ms)."""
 
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
         weights = (layer.gate_up_proj, layer.down_proj)
@@ -89,7 +89,8 @@ class CPUGemvFusedMoEMethod(CPUPackedFusedMoEMethod):
             return
         transposed = {}
         for name in ("gate_up_proj", "down_proj"):
-            # One layer's experts at a time: the transposed copy replaces the loaded one before the next.
+            # One layer's experts at a time: a large expert's transposed copy replaces the loaded one before the
+            # next is made.
             transposed[name] = getattr(layer, name).detach().transpose(1, 2).contiguous()
             if not small:
                 delattr(layer, name)
