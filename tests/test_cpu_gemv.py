@@ -37,6 +37,18 @@ def test_gemv_matches_an_fp32_matmul(m: int, n: int, k: int, x_dtype: torch.dtyp
     torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2 * k**0.5)
 
 
+@pytest.mark.parametrize("rows", [1, 9, 64, 65])
+def test_bf16_linear_matches_an_fp32_matmul_on_each_path(rows: int) -> None:
+    """The kernel (few rows), the weight-first matmul (9-64 rows of >= 1024 inputs) and F.linear (more rows)."""
+    gen = torch.Generator().manual_seed(rows)
+    k = cpu_gemv.WEIGHT_FIRST_MIN_INPUTS
+    x = torch.randn(rows, 1, k, generator=gen).bfloat16()  # leading dims kept
+    w = torch.randn(96, k, generator=gen).bfloat16()
+    got = cpu_gemv.bf16_linear(x, w)
+    assert got.shape == (rows, 1, 96) and got.dtype == torch.bfloat16 and got.is_contiguous()
+    torch.testing.assert_close(got.float(), x.float() @ w.float().t(), rtol=1e-2, atol=1e-2 * k**0.5)
+
+
 def test_gemv_keeps_leading_dims() -> None:
     x, w = torch.randn(2, 3, 64).bfloat16(), torch.randn(5, 64).bfloat16()
     assert torch.ops.herd_cpu.gemv_bf16(x, w).shape == (2, 3, 5)

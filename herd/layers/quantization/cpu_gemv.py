@@ -33,10 +33,22 @@ def gemv_enabled() -> bool:
     return enabled()
 
 
+# Rows up to which, with this many inputs or more, PyTorch's bf16 matmul is faster with the weight as its left
+# operand, (weight @ x.T).T, than as F.linear's transposed right one: 1.0-1.7x at 9-64 rows for [1024-5120 in,
+# 1024-32000 out] on the AVX512-BF16 EPYC of benchmarks/RESULTS.md, 1 or 2 threads, the transposing copy included;
+# mixed at 128 rows and slower with 256 inputs (tiny's LM head), where the copy is the larger part.
+WEIGHT_FIRST_MAX_ROWS = 64
+WEIGHT_FIRST_MIN_INPUTS = 1024
+
+
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ weight [out, in].T in bf16, through the kernel when few rows."""
-    if x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and x.dtype == torch.bfloat16:
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16:
         return torch.ops.herd_cpu.gemv_bf16(x, weight)
+    if rows <= WEIGHT_FIRST_MAX_ROWS and x.shape[-1] >= WEIGHT_FIRST_MIN_INPUTS and x.dtype == weight.dtype:
+        x2 = x.reshape(rows, x.shape[-1])
+        return torch.mm(weight, x2.t()).t().contiguous().view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
