@@ -34,6 +34,11 @@ def test_rope_qk_norm_matches_pytorch(
     # The same roundings at the same points; only the norm's sum may add up in another order (one ulp).
     torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
     assert (got == expected).float().mean() > 0.999
+    # Exactly what the unfused CPU path gives (PyTorch's RoPE, then herd's rms_norm op).
+    unfused = apply_rope(qk, angles) if rope else qk
+    if norm:
+        unfused = torch.ops.herd_cpu.rms_norm(unfused, None, 1e-5)
+    assert torch.equal(got, unfused)
 
 
 def test_rope_qk_norm_refuses_what_it_does_not_take() -> None:

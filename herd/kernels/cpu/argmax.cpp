@@ -18,12 +18,7 @@
 
 namespace {
 
-HERD_AVX512 inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-
-HERD_AVX512 inline __m512 load16(const at::BFloat16* x) {
-  const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
-}
+using herd_kernels::load16;
 
 template <typename T>
 HERD_AVX512 int64_t argmax_row(const T* x, int64_t n) {

@@ -23,19 +23,8 @@
 
 namespace {
 
-HERD_AVX512 inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-}
-
-// 16 elements of a cache row as fp32.
-HERD_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-HERD_AVX512 inline __m512 load16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-HERD_AVX512 inline __m512 load16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+using herd_kernels::load16;
+using herd_kernels::tail_mask;
 
 // e^x for the scores less their maximum (x <= 0, or NaN), 16 at a time, as Cephes' expf computes it (within an
 // ulp or two of std::exp): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), e^r by its polynomial, times 2^n.

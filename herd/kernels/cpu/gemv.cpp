@@ -27,6 +27,9 @@
 
 namespace {
 
+using herd_kernels::rms_norm_row;
+using herd_kernels::tail_mask;
+
 constexpr int64_t kRows = 4;  // weight rows per strip
 constexpr int64_t kCachedWeightBytes = 1 << 20;  // a weight this small is read from L2 after its first use
 
@@ -91,11 +94,6 @@ constexpr int kAcc = C == 1 ? 2 : 1;
 // same columns two strips ahead (the rows a thread reads next), which measured 10-40% more bandwidth per core
 // than prefetching ahead within the row.
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
-
-// Lanes of a 16-float step that lie before the end: all of them but in the last step.
-inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-}
 
 // --- bf16 ---------------------------------------------------------------------------------------------------
 
@@ -366,28 +364,6 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
 }
 
 // --- RMSNorm ------------------------------------------------------------------------------------------------
-
-// One row: y = dtype(x * rsqrt(mean(x^2) + eps)), then y = dtype(y * weight), as the reference computes it
-// (normalised in float32, rounded to the input's dtype, then scaled by the weight in that dtype).
-template <typename T>
-void rms_norm_row(const T* x, const T* weight, T* y, int64_t h, float eps) {
-  constexpr int kLanes = 16;  // independent partial sums: the compiler vectorises them
-  float partial[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= h; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const float v = static_cast<float>(x[j + l]);
-      partial[l] += v * v;
-    }
-  for (; j < h; ++j) partial[0] += static_cast<float>(x[j]) * static_cast<float>(x[j]);
-  float sum = 0.f;
-  for (float p : partial) sum += p;
-  const float inv = 1.f / std::sqrt(sum / static_cast<float>(h) + eps);
-  for (j = 0; j < h; ++j) {
-    const T normed = static_cast<T>(static_cast<float>(x[j]) * inv);
-    y[j] = weight == nullptr ? normed : static_cast<T>(static_cast<float>(normed) * static_cast<float>(weight[j]));
-  }
-}
 
 at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
   TORCH_CHECK(x.device().is_cpu(), "rms_norm: CPU tensors only");

@@ -28,6 +28,8 @@
 
 namespace {
 
+using herd_kernels::tail_mask;
+
 constexpr int64_t kRows = 4;     // weight rows per strip, interleaved in memory (see pack_for_vnni)
 constexpr int kMaxC = 4;         // rows of x per pass over a strip (R * C accumulators + R + C loads < 32 zmm)
 constexpr int64_t kMBlock = 64;  // rows of x per block: a block of quantized x stays in L2 while a task's strips pass
@@ -143,7 +145,7 @@ at::Tensor int8_mm_vnni(const at::Tensor& xq, const at::Tensor& q, const at::Ten
 HERD_AVX512_VNNI void quantize_row(const float* x, int64_t k, uint8_t* xu, float* scale) {
   __m512 mx = _mm512_setzero_ps();
   for (int64_t j = 0; j < k; j += 16) {
-    const __mmask16 mask = k - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (k - j)) - 1);
+    const __mmask16 mask = tail_mask(k - j);
     mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, x + j)));
   }
   const float amax = _mm512_reduce_max_ps(mx);
@@ -152,7 +154,7 @@ HERD_AVX512_VNNI void quantize_row(const float* x, int64_t k, uint8_t* xu, float
   const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   const __m512i bias = _mm512_set1_epi32(128);
   for (int64_t j = 0; j < k; j += 16) {
-    const __mmask16 mask = k - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (k - j)) - 1);
+    const __mmask16 mask = tail_mask(k - j);
     __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + j), vinv);
     v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);

@@ -3,11 +3,13 @@
 // PyTorch's way is eight small ops per layer (widen, view as complex, multiply, view back, round, then the norm);
 // at decode batch sizes each costs more in dispatch than in arithmetic. Here each head's row is rotated pair by
 // pair in fp32 and rounded to the row's dtype, as the reference rounds after RoPE, then normalised from those
-// rounded values in fp32 and rounded once more, as the norm after it does. Scalar code: a head is 64-128 values.
+// rounded values in fp32 and rounded once more, as the norm after it does (herd's rms_norm op's own row code).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "cpu_features.h"
 
 #include <algorithm>
 #include <cmath>
@@ -15,28 +17,25 @@
 
 namespace {
 
-// One head: `x` (head_dim values) into `y`; `angle` holds (cos, sin) per pair.
+// One head: `x` (head_dim values) into `y`; `angle` holds (cos, sin) per pair. The norm is herd's rms_norm op's,
+// on the rounded rotation in `y`.
 template <typename T>
 void rope_qk_norm_row(const T* x, const float* angle, T* y, int64_t head_dim, bool rope, bool norm, float eps) {
-  float v[512];
+  if (!rope) {
+    if (norm) {
+      herd_kernels::rms_norm_row<T>(x, nullptr, y, head_dim, eps);
+    } else {
+      std::copy(x, x + head_dim, y);
+    }
+    return;
+  }
   for (int64_t j = 0; j < head_dim; j += 2) {
     const float a = static_cast<float>(x[j]), b = static_cast<float>(x[j + 1]);
-    if (rope) {
-      const float c = angle[j], s = angle[j + 1];
-      v[j] = static_cast<float>(static_cast<T>(a * c - b * s));
-      v[j + 1] = static_cast<float>(static_cast<T>(a * s + b * c));
-    } else {
-      v[j] = a;
-      v[j + 1] = b;
-    }
+    const float c = angle[j], s = angle[j + 1];
+    y[j] = static_cast<T>(a * c - b * s);
+    y[j + 1] = static_cast<T>(a * s + b * c);
   }
-  float inv = 1.f;
-  if (norm) {
-    float sum = 0.f;
-    for (int64_t j = 0; j < head_dim; ++j) sum += v[j] * v[j];
-    inv = 1.f / std::sqrt(sum / static_cast<float>(head_dim) + eps);
-  }
-  for (int64_t j = 0; j < head_dim; ++j) y[j] = static_cast<T>(norm ? v[j] * inv : v[j]);
+  if (norm) herd_kernels::rms_norm_row<T>(y, nullptr, y, head_dim, eps);
 }
 
 // qk [T, H, D] (the heads of each token may sit in a wider row, e.g. a view of the fused qkv output), angles
