@@ -110,10 +110,10 @@ class CPUGemvFusedMoEMethod(CPUPackedFusedMoEMethod):
             super().process_weights_after_loading(layer)
         for name, weight in transposed.items():
             layer.register_buffer(f"{name}_t", weight, persistent=False)
-        layer.packed_experts_too = small
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        if not hasattr(layer, "gate_up_proj_t") or (layer.packed_experts_too and x.shape[0] > 1):
+        # Small experts also hold the packed method's weights (`packed_gate_up`): they take it for several rows.
+        if not hasattr(layer, "gate_up_proj_t") or (hasattr(layer, "packed_gate_up") and x.shape[0] > 1):
             return super().apply(layer, x, expert_ids)
 
         def expert(e: int, rows: torch.Tensor) -> torch.Tensor:

@@ -74,10 +74,9 @@ def pack_for_kernel(
     """(q [out, in], scales [out, groups]) -> the kernel's (weight, scales) on q's device.
 
     herd's layout, for the Triton kernels and for herd's CPU kernel where it runs (bf16 models on CPUs with
-    AVX512-BF16): uint8 [out, in / 2], input 2j
-    in the low nibble and 2j + 1 in the high one (each q + 8), and scales [out, groups] (in `dtype`; float32 on
-    the CPU, which the kernel reads). Otherwise on the CPU (or with cpu_layout):
-    `_convert_weight_to_int4pack_for_cpu`'s layout and scales-and-zeros [groups, out, 2] in `dtype`.
+    AVX512-BF16): uint8 [out, in / 2], input 2j in the low nibble and 2j + 1 in the high one (each q + 8), and
+    scales [out, groups] (in `dtype`; float32 on the CPU, which the kernel reads). Otherwise on the CPU (or with
+    cpu_layout): `_convert_weight_to_int4pack_for_cpu`'s layout and scales-and-zeros [groups, out, 2] in `dtype`.
     """
     unsigned = q.to(torch.int32) + 8
     on_cpu = q.device.type == "cpu"
