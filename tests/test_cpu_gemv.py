@@ -117,13 +117,17 @@ def test_quantized_runs_keep_the_base_methods_for_unquantized_layers(scout_ckpt,
     assert hasattr(model.model.layers[0].self_attn.qkv_proj, "weight_int8")
 
 
-def test_gemv_model_follows_transformers(scout_ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("weight_first", [False, True])
+def test_gemv_model_follows_transformers(scout_ckpt, monkeypatch: pytest.MonkeyPatch, weight_first: bool) -> None:
     """Every bf16 linear layer and expert through the kernel (size thresholds off): the prefill and each decode
-    step agree with transformers' float32 logits as bf16 does (test_llama4_text's bar)."""
+    step agree with transformers' float32 logits as bf16 does (test_llama4_text's bar). weight_first: the prefill's
+    20 rows take the `(W @ x.T).T` matmul, which the tiny model's few inputs would otherwise leave to F.linear."""
     path, ref = scout_ckpt
     monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
     monkeypatch.setattr(cpu_gemv, "SMALL_EXPERTS_BYTES", 0)
     monkeypatch.setattr(cpu_gemv, "SMALL_LINEAR_BYTES", 0)
+    if weight_first:
+        monkeypatch.setattr(cpu_gemv, "WEIGHT_FIRST_MIN_INPUTS", 1)
     model = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
     assert hasattr(model.model.layers[0].feed_forward.experts, "gate_up_proj_t")
     ids, decoded = list(range(3, 23)), [5, 9, 11, 7, 13, 17]
