@@ -8,6 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from herd.kernels.cpu import gemv_ops
+from herd.layers.attention import (
+    AttentionBatch,
+    DraftTree,
+    PagedAttention,
+    PoolTables,
+    get_attention_backend,
+    torch_native,
+)
 
 pytestmark = pytest.mark.skipif(gemv_ops() is None, reason="herd's CPU kernels did not build here (or no AVX-512)")
 
@@ -71,3 +79,58 @@ def test_decode_attention_refuses_slots_outside_the_table() -> None:
     q, table, offsets, lengths = torch.zeros(1, 2, 16), torch.tensor([[0, 1]]), torch.tensor([10]), torch.tensor([10])
     with pytest.raises(RuntimeError, match=r"sees slots \[10, 20\) of a table 16 slots wide"):
         torch.ops.herd_cpu.paged_decode_attention(q, k_cache, k_cache, table, offsets, lengths, 1.0)
+
+
+def test_short_chunks_attend_as_decode_queries_as_spans_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch_native serves each token of a short chain (a verify step, a short prompt) as a decode query through the
+    kernel: the same output as the causal, chunked span it replaces, in both pools, with local blocks released
+    before the first query's window; a draft tree and a long prefill keep their spans."""
+    chunk, block, kv_heads, heads, head_dim = 8, 4, 2, 4, 16
+    # (context length after the step, new tokens): a decode, a chain across a chunk boundary inside a block, a fresh
+    # prompt, a long prefill, a draft tree of 3 after its root.
+    lens, trees = [(20, 1), (19, 6), (5, 5), (30, 20), (14, 4)], [None, None, None, None, DraftTree([-1, 0, -1])]
+    gen = torch.Generator().manual_seed(0)
+    tables: dict[bool, list[list[int]]] = {}
+    slots: dict[bool, list[int]] = {}
+    n_blocks = sum(-(-ctx // block) for ctx, _ in lens)
+    for chunked in (False, True):
+        ids = torch.randperm(n_blocks, generator=gen).tolist()
+        tables[chunked], slots[chunked] = [], []
+        for ctx, new in lens:
+            n = -(-ctx // block)
+            row, ids = ids[:n], ids[n:]
+            first = ctx - new
+            slots[chunked] += [row[p // block] * block + p % block for p in range(first, ctx)]
+            dead = (first // chunk) * chunk // block if chunked else 0
+            tables[chunked].append([-1] * dead + row[dead:])
+    starts = [0]
+    for _, new in lens:
+        starts.append(starts[-1] + new)
+    batch = AttentionBatch(
+        query_start_loc=starts,
+        context_lens=[ctx for ctx, _ in lens],
+        block_size=block,
+        chunk_size=chunk,
+        full=PoolTables(tables[False], torch.tensor(slots[False])),
+        local=PoolTables(tables[True], torch.tensor(slots[True])),
+        device=torch.device("cpu"),
+        trees=trees,
+    )
+    q = torch.randn(starts[-1], heads, head_dim, generator=gen)
+    k = torch.randn(starts[-1], kv_heads, head_dim, generator=gen)
+    v = torch.randn(starts[-1], kv_heads, head_dim, generator=gen)
+    backend = get_attention_backend("torch_native")
+    metadata = backend.build_metadata(batch)
+    decode_rows = metadata.full.decode.rows.tolist()
+    assert decode_rows == list(range(0, 12)) and len(metadata.full.prefills) == 2  # the long prefill and the tree
+    for chunked in (False, True):
+        cache = torch.randn(2, n_blocks, block, kv_heads, head_dim, generator=gen)
+        outs = []
+        for few in (torch_native.DECODE_QUERIES_MAX, 1):  # as decode queries, then as spans
+            monkeypatch.setattr(torch_native, "DECODE_QUERIES_MAX", few)
+            layer = PagedAttention(0, head_dim, head_dim**-0.5, chunk if chunked else None, backend)
+            kv = cache.clone()
+            layer.kv_cache = (kv[0], kv[1])
+            outs.append(layer(q, k, v, backend.build_metadata(batch)))
+        monkeypatch.undo()
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5, msg=f"chunked={chunked}")

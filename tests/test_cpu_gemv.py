@@ -18,7 +18,8 @@ from paged import PagedRunner
 
 pytestmark = pytest.mark.skipif(gemv_ops() is None, reason="herd's CPU kernels did not build here (or no AVX-512)")
 
-SHAPES = [(1, 32), (7, 40), (33, 256), (130, 2050)]  # every remainder: weight rows by 4, columns by 16/32
+# Every remainder: weight rows by 4, columns by 16/32; the last is over 1 MiB, read row after row at one row of x.
+SHAPES = [(1, 32), (7, 40), (33, 256), (130, 2050), (301, 1800)]
 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
@@ -79,7 +80,8 @@ def test_int8_gemv_matches_the_dequantized_matmul(dtype: torch.dtype, m: int, n:
 
 def test_gemv_model_decodes_as_the_packed_one(scout_ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same bf16 checkpoint through the GEMV methods and through oneDNN's packed ones: a prefill (the
-    matmul path) and decode steps (the kernel) give logits within bf16 noise of each other."""
+    matmul path), decode steps and a 3-token step (a verify's few rows: the kernel) give logits within bf16 noise
+    of each other."""
     path, _ = scout_ckpt
     monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
     small = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
@@ -96,8 +98,8 @@ def test_gemv_model_decodes_as_the_packed_one(scout_ckpt, monkeypatch: pytest.Mo
     packed = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
     assert hasattr(packed.model.layers[0].feed_forward.experts, "packed_gate_up_0")
     ids = list(range(3, 23))
-    runners = [PagedRunner(model, max_seqs=1, max_len=len(ids) + 4) for model in (fast, small, packed)]
-    for step in [[(0, ids)], *([(0, [t])] for t in (5, 9, 11, 7))]:
+    runners = [PagedRunner(model, max_seqs=1, max_len=len(ids) + 5) for model in (fast, small, packed)]
+    for step in [[(0, ids)], [(0, [5])], [(0, [9, 11, 7])], [(0, [13])]]:
         *got, expected = (runner.step(step).float() for runner in runners)
         for logits in got:
             torch.testing.assert_close(logits, expected, rtol=0.05, atol=0.1)

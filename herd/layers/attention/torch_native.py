@@ -1,9 +1,11 @@
 """Paged attention in plain PyTorch: gather each sequence's visible KV, then SDPA.
 
-The CPU default and the reference every other backend is tested against. Sequences with one new token
-(decode) are served together: one padded gather of their visible blocks and one SDPA call. Sequences with
-several new tokens (prefill) are served one at a time with a causal (and chunked) mask. Everything a layer
-needs (slot indices, padded block tables, masks) is built once per step by `build_metadata`.
+The CPU default and the reference every other backend is tested against. Queries that see only the context up to
+their own position are served together as decode queries (one padded gather of their visible blocks and one SDPA
+call, or herd's paged decode kernel on the CPU): every sequence with one new token, and each new token of a
+sequence with a few (a speculative chain being verified, a short prompt). Longer prefills and draft trees are
+served one sequence at a time with a causal (and chunked, and tree) mask. Everything a layer needs (slot indices,
+padded block tables, masks) is built once per step by `build_metadata`.
 """
 
 from __future__ import annotations
@@ -151,16 +153,25 @@ def _decode(
     return o[:, :, 0, :].to(dtype)
 
 
+# Where herd's paged decode kernel runs (the CPU), a sequence with at most this many new tokens and no draft tree (a
+# speculative chain being verified, a short prompt) has each of them attend as a decode query over the context up
+# to itself: the kernel reads the blocks in place, where a span gathers them and builds a mask (the demo model's
+# 8-token verify: ~25 against ~110 us a layer). Elsewhere each such query would gather the context again.
+DECODE_QUERIES_MAX = 16
+
+
 def _pool_metadata(batch: AttentionBatch, tables: PoolTables, chunk: int | None) -> PoolMetadata:
-    decode: list[int] = []
+    decode: list[tuple[int, int, int]] = []  # (sequence, its context length as the query sees it, token-axis row)
     prefills = []
     starts = batch.query_start_loc
+    few = DECODE_QUERIES_MAX if batch.device.type == "cpu" and cpu_kernels_enabled() else 1
     for i in range(batch.num_seqs):
-        if starts[i + 1] - starts[i] == 1:
-            decode.append(i)
+        n = starts[i + 1] - starts[i]
+        if n == 1 or (n <= few and batch.tree(i) is None):
+            decode.extend((i, batch.context_lens[i] - n + j + 1, starts[i] + j) for j in range(n))
         else:
             prefills.append(prefill_span(batch, tables.block_tables[i], i, chunk))
-    layout = _decode_layout(batch, tables, decode, chunk) if decode else None
+    layout = _decode_layout(batch, tables, decode, chunk, every_row=not prefills) if decode else None
     return PoolMetadata(slot_mapping=tables.slot_mapping, decode=layout, prefills=prefills)
 
 
@@ -184,12 +195,16 @@ def prefill_span(batch: AttentionBatch, table: list[int], i: int, chunk: int | N
     return PrefillSpan(start, end, kv_slots.to(device), mask.to(device))
 
 
-def _decode_layout(batch: AttentionBatch, tables: PoolTables, seqs: list[int], chunk: int | None) -> DecodeLayout:
-    """Padded block table [D, width] of the visible blocks, and which of their slots are visible."""
+def _decode_layout(
+    batch: AttentionBatch, tables: PoolTables, queries: list[tuple[int, int, int]], chunk: int | None, every_row: bool
+) -> DecodeLayout:
+    """Padded block table [D, width] of the blocks each decode query sees, and which of their slots.
+
+    queries: (sequence, context length up to and including the query, token-axis row), in token-axis order;
+    every_row: they are all of the step's rows."""
     bs = batch.block_size
     rows, offsets, lengths = [], [], []
-    for i in seqs:
-        ctx = batch.context_lens[i]
+    for i, ctx, _ in queries:
         kv_start = _visible_start(ctx - 1, chunk)
         first = kv_start // bs
         rows.append(tables.block_tables[i][first : (ctx + bs - 1) // bs])
@@ -203,8 +218,7 @@ def _decode_layout(batch: AttentionBatch, tables: PoolTables, seqs: list[int], c
     pos = torch.arange(width * bs)[None, :]
     start, length = torch.tensor(offsets), torch.tensor(lengths)
     valid = (pos >= start[:, None]) & (pos < (start + length)[:, None])
-    all_decode = len(seqs) == batch.num_seqs
-    query_rows = None if all_decode else torch.tensor([batch.query_start_loc[i] for i in seqs], device=batch.device)
+    query_rows = None if every_row else torch.tensor([row for _, _, row in queries], device=batch.device)
     return DecodeLayout(
         rows=query_rows,
         table=table.to(batch.device),

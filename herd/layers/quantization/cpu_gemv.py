@@ -4,8 +4,8 @@ At batch 1 a decode step is a chain of GEMVs that read every active weight once.
 weight as loaded, [out, in] row-major (experts transposed once to that orientation), as fast as oneDNN's packed
 GEMV (benchmarks/gemv_cpu.py), without the packed copy: scout-mini decoded 3-11% faster in three pairs of
 four (benchmarks/RESULTS.md). Batches above `GEMV_MAX_ROWS` rows go to PyTorch's matmul on the same weight. Small
-weights (the demo model's), weights that are not bf16, a CPU where the kernel cannot be built or lacks AVX-512,
-and HERD_CPU_GEMV=0 keep the oneDNN-packed methods.
+weights (the demo model's) keep a oneDNN-packed copy too, for batches above `GEMV_MAX_ROWS`; weights that are not
+bf16, a CPU where the kernel cannot be built or lacks AVX-512, and HERD_CPU_GEMV=0 keep the oneDNN-packed methods.
 """
 
 from __future__ import annotations
@@ -52,8 +52,11 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-# Below this a weight is read in microseconds and a call's cost is its overhead: oneDNN's packed matmul is as fast
-# at one row and up to 2x faster at 4-16 (a speculative verify step, a few sequences), so small layers stay packed.
+# Below this a weight is read in microseconds and a call's cost is its overhead. Such layers keep two copies: the
+# kernel's (up to GEMV_MAX_ROWS rows: decoding a few sequences, a speculative verify step) and oneDNN's packed one
+# for more rows, where its blocked matmul is up to 2x faster. A verify step between one-row steps then reads the
+# weights the one-row steps keep in cache (with the experts alike, the demo model's 8-token NGRAM verify step took
+# 4.0 ms instead of 5.2).
 SMALL_LINEAR_BYTES = 4 * 2**20
 
 
@@ -71,8 +74,8 @@ class CPUGemvLinearMethod(CPUPackedLinearMethod):
                 super().process_weights_after_loading(layer)
             return
         if weight.numel() * weight.element_size() < SMALL_LINEAR_BYTES:
-            # Both: one row through the kernel (oneDNN's call costs ~30-110 us whatever the size, 3-10x the
-            # kernel's on a router's [16, 2048]), several rows through the packed copy.
+            # Both: a few rows through the kernel (oneDNN's call costs ~15-110 us whatever the size, 3-10x the
+            # kernel's at one row on a router's [16, 2048]), more through the packed copy.
             row_weight = weight.detach()
             super().process_weights_after_loading(layer)
             layer.register_buffer("row_weight", row_weight, persistent=False)
@@ -80,7 +83,7 @@ class CPUGemvLinearMethod(CPUPackedLinearMethod):
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if "weight" in layer._parameters:
             out = bf16_linear(x, layer.weight)
-        elif hasattr(layer, "row_weight") and x.numel() == x.shape[-1]:
+        elif hasattr(layer, "row_weight") and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]:
             out = torch.ops.herd_cpu.gemv_bf16(x, layer.row_weight)
         else:  # packed
             return super().apply(layer, x, bias)
@@ -89,9 +92,10 @@ class CPUGemvLinearMethod(CPUPackedLinearMethod):
 
 class CPUGemvFusedMoEMethod(CPUPackedFusedMoEMethod):
     """Each expert's projections as linear weights: gate_up [E, 2I, H], down [E, H, I]. Experts small enough
-    for the packed method's all-experts matmul (the demo model's, tiny's) keep that method for several rows and
-    take the kernel at one row: there a step's cost is calls, and oneDNN's packed call costs ~70 us whatever
-    the size where the kernel reads a small expert in a few (tiny's batch-1 step 2.4 -> 2.1 ms)."""
+    for the packed method's all-experts matmul (the demo model's, tiny's) keep that method for more than
+    GEMV_MAX_ROWS rows and take the kernel, expert by expert, for fewer: there a step's cost is calls, and
+    oneDNN's packed call costs ~70 us whatever the size where the kernel reads a small expert in a few (tiny's
+    batch-1 step 2.4 -> 2.1 ms), and a verify step reads the copy that one-row steps keep in cache."""
 
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
         weights = (layer.gate_up_proj, layer.down_proj)
@@ -112,8 +116,8 @@ class CPUGemvFusedMoEMethod(CPUPackedFusedMoEMethod):
             layer.register_buffer(f"{name}_t", weight, persistent=False)
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        # Small experts also hold the packed method's weights (`packed_gate_up`): they take it for several rows.
-        if not hasattr(layer, "gate_up_proj_t") or (hasattr(layer, "packed_gate_up") and x.shape[0] > 1):
+        # Small experts also hold the packed method's weights (`packed_gate_up`): they take it for more rows.
+        if not hasattr(layer, "gate_up_proj_t") or (hasattr(layer, "packed_gate_up") and x.shape[0] > GEMV_MAX_ROWS):
             return super().apply(layer, x, expert_ids)
 
         def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
