@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from herd.kernels.cpu import gemv_ops
 from herd.layers.factory import LayerFactory
+from herd.layers.moe import grouped_experts
 from herd.layers.quantization import cpu_gemv
 from herd.layers.quantization.select import select_quantization
 from herd.layers.quantization.unquantized import UnquantizedConfig
@@ -139,3 +141,60 @@ def test_gemv_model_follows_transformers(scout_ckpt, monkeypatch: pytest.MonkeyP
     assert torch.cat(got).shape == expected.shape
     agree = (torch.cat(got).argmax(-1) == expected.argmax(-1)).float().mean()
     assert agree >= 0.75
+
+
+def _composed_experts(x: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Python's grouping and ops, as the experts' method ran them before the fused op."""
+
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = torch.ops.herd_cpu.gemv_bf16(rows, gate_up[e]).chunk(2, dim=-1)
+        return torch.ops.herd_cpu.gemv_bf16(F.silu(gate) * up, down[e])
+
+    return grouped_experts(x, ids, expert)
+
+
+@pytest.mark.parametrize("ids", [[2], [0, 3, 3, 1, 0, 3, 1, 3], [1, 1, 1]])  # one row; 3 experts of 4; one for all
+def test_swiglu_experts_equal_the_composed_ops(ids: list[int]) -> None:
+    gen = torch.Generator().manual_seed(len(ids))
+    experts, hidden, inter = 4, 96, 80
+    gate_up = (torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.1).bfloat16()
+    down = (torch.randn(experts, hidden, inter, generator=gen) * 0.1).bfloat16()
+    x = torch.randn(len(ids), hidden, generator=gen).bfloat16()
+    expert_ids = torch.tensor(ids)
+    got = torch.ops.herd_cpu.swiglu_experts_bf16(x, expert_ids, gate_up, down)
+    assert torch.equal(got, _composed_experts(x, expert_ids, gate_up, down))  # the same roundings, bit for bit
+
+
+def test_swiglu_experts_refuse_what_does_not_fit() -> None:
+    gate_up, down = torch.zeros(2, 8, 16).bfloat16(), torch.zeros(2, 16, 4).bfloat16()
+    x = torch.zeros(1, 16).bfloat16()
+    with pytest.raises(RuntimeError, match="expert 2 of 2"):
+        torch.ops.herd_cpu.swiglu_experts_bf16(x, torch.tensor([2]), gate_up, down)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        torch.ops.herd_cpu.swiglu_experts_bf16(torch.zeros(1, 8).bfloat16(), torch.tensor([0]), gate_up, down)
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_mlp_swiglu_in_one_call_for_a_few_rows(small: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared expert's MLP as one kernel call for up to GEMV_MAX_ROWS bf16 rows, on the small layers' row copy
+    or on the weight itself, equal to running its two layers; more rows or float32 run the layers."""
+    monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
+    if not small:
+        monkeypatch.setattr(cpu_gemv, "SMALL_LINEAR_BYTES", 0)
+    factory = LayerFactory(UnquantizedConfig(cpu_packed=True))
+    gate_up, down = (
+        factory.column("mlp.gate_up_proj", 64, [48, 48], shard_ids=(0, 1)),
+        factory.row("mlp.down_proj", 48, 64),
+    )
+    gen = torch.Generator().manual_seed(1)
+    for layer in (gate_up, down):
+        layer.weight.data = (torch.randn(layer.weight.shape, generator=gen) * 0.1).bfloat16()
+        layer.method.process_weights_after_loading(layer)
+    assert hasattr(gate_up, "row_weight") == small
+    method = gate_up.method
+    for rows in (1, cpu_gemv.GEMV_MAX_ROWS):
+        x = torch.randn(rows, 64, generator=gen).bfloat16()
+        gate, up = gate_up(x).chunk(2, dim=-1)
+        assert torch.equal(method.swiglu(gate_up, down, x), down(F.silu(gate) * up))
+    assert method.swiglu(gate_up, down, torch.randn(cpu_gemv.GEMV_MAX_ROWS + 1, 64).bfloat16()) is None
+    assert method.swiglu(gate_up, down, torch.randn(1, 64)) is None

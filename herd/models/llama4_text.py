@@ -81,6 +81,9 @@ class Llama4MLP(nn.Module):
         self.down_proj = factory.row(f"{prefix}.down_proj", intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.gate_up_proj.method.swiglu(self.gate_up_proj, self.down_proj, x)
+        if fused is not None:
+            return fused
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

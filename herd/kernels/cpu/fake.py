@@ -24,6 +24,12 @@ def _gemv_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.T
     return _rows_out(x, q.shape[0])
 
 
+def _swiglu_experts_bf16(
+    x: torch.Tensor, expert_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    return x.new_empty((x.shape[0], down.shape[1]))
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     return x.new_empty(x.shape)  # contiguous, as the kernel writes it
 
@@ -57,6 +63,7 @@ def register() -> None:
         ("gemv_bf16", _gemv_bf16),
         ("gemv_int8", _gemv_int8),
         ("rms_norm", _rms_norm),
+        ("swiglu_experts_bf16", _swiglu_experts_bf16),
         ("paged_decode_attention", _paged_decode_attention),
         ("argmax_rows", _argmax_rows),
         ("w4a16_linear", _w4a16_linear),

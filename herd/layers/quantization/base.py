@@ -33,6 +33,11 @@ class LinearMethodBase(ABC):
     def process_weights_after_loading(self, layer: LinearBase) -> None:  # noqa: B027  (optional hook)
         """Repack loaded weights for the kernel (called once, after every tensor is loaded)."""
 
+    def swiglu(self, gate_up: LinearBase, down: LinearBase, x: torch.Tensor) -> torch.Tensor | None:
+        """down(silu(gate) * up) of an MLP whose gate_up layer has this method, in one call where the method has
+        one for these rows; None: the caller runs the two layers."""
+        return None
+
 
 class FusedMoEMethodBase(ABC):
     @abstractmethod

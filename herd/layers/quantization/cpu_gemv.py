@@ -80,6 +80,18 @@ class CPUGemvLinearMethod(CPUPackedLinearMethod):
             super().process_weights_after_loading(layer)
             layer.register_buffer("row_weight", row_weight, persistent=False)
 
+    def swiglu(self, gate_up: LinearBase, down: LinearBase, x: torch.Tensor) -> torch.Tensor | None:
+        """A few rows through both layers as one expert of `swiglu_experts_bf16`: the chunk, SiLU, product and
+        second matmul in the kernel's call rather than four more ops (the demo model's shared expert)."""
+        weights = _kernel_weight(gate_up), _kernel_weight(down)
+        few = x.dtype == torch.bfloat16 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
+        if weights[0] is None or weights[1] is None or not few or down.tp_size > 1:
+            return None
+        rows = x.reshape(-1, x.shape[-1])
+        one_expert = torch.zeros(rows.shape[0], dtype=torch.long)
+        out = torch.ops.herd_cpu.swiglu_experts_bf16(rows, one_expert, weights[0][None], weights[1][None])
+        return out.view(*x.shape[:-1], out.shape[-1])
+
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if "weight" in layer._parameters:
             out = bf16_linear(x, layer.weight)
@@ -88,6 +100,16 @@ class CPUGemvLinearMethod(CPUPackedLinearMethod):
         else:  # packed
             return super().apply(layer, x, bias)
         return out if bias is None else out + bias
+
+
+def _kernel_weight(layer: LinearBase) -> torch.Tensor | None:
+    """The bf16 [out, in] weight the kernel reads for a few rows of this layer, if it takes them; no bias."""
+    if not isinstance(layer.method, CPUGemvLinearMethod) or layer.bias is not None:
+        return None
+    weight = layer._parameters.get("weight")
+    if weight is None:
+        return getattr(layer, "row_weight", None)
+    return weight if weight.dtype == torch.bfloat16 else None
 
 
 class CPUGemvFusedMoEMethod(CPUPackedFusedMoEMethod):
@@ -119,6 +141,8 @@ class CPUGemvFusedMoEMethod(CPUPackedFusedMoEMethod):
         # Small experts also hold the packed method's weights (`packed_gate_up`): they take it for more rows.
         if not hasattr(layer, "gate_up_proj_t") or (hasattr(layer, "packed_gate_up") and x.shape[0] > GEMV_MAX_ROWS):
             return super().apply(layer, x, expert_ids)
+        if x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16:  # the grouping and each expert in one op
+            return torch.ops.herd_cpu.swiglu_experts_bf16(x, expert_ids, layer.gate_up_proj_t, layer.down_proj_t)
 
         def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
             gate, up = bf16_linear(rows, layer.gate_up_proj_t[e]).chunk(2, dim=-1)
