@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from herd.kernels.cpu import enabled as cpu_kernels_enabled
+from herd.layers.quantization.cpu_gemv import bf16_linear
 from herd.layers.quantization.unquantized import pack, packed_linear
 from herd.models.eagle3_model import Eagle3DraftModel
 
@@ -21,9 +23,10 @@ TOKEN_TABLE_BYTES = 64 * 2**20
 
 
 class DraftStep:
-    """packed: the matmul weights in oneDNN's packed bf16 (CPU only; activations stay in the model's dtype). In a
-    live step the draft's weights come from memory cold, after the target's forward: half the bytes pays more
-    than bf16 rounding costs (demo draft: 1.20x vs 1.11x decode speedup, same accept length)."""
+    """packed: the matmul weights in bf16 (CPU only; activations stay in the model's dtype), for herd's GEMV kernel
+    or, where it does not run, in oneDNN's packed layout. In a live step the draft's weights come from memory
+    cold, after the target's forward: half the bytes pays more than bf16 rounding costs (demo draft: 1.20x vs
+    1.11x decode speedup, same accept length)."""
 
     def __init__(self, model: Eagle3DraftModel, packed: bool = False) -> None:
         cfg, m = model.config, model.midlayer
@@ -50,10 +53,14 @@ class DraftStep:
         self.w_fc, self.w_head = model.fc.weight, (model.lm_head.weight * model.norm.weight).contiguous()
         self.linear, self.packed = F.linear, packed
         if packed:
+            # herd's kernel where it runs: a draft step's rows are few, and oneDNN's call costs 15-20 us whatever
+            # the size, more than the kernel takes for the demo draft's matmuls.
+            kernel = cpu_kernels_enabled()
             for name in ("w_qkv_hidden", "w_qkv_embed", "w_o", "w_gate_up", "w_down", "w_fc", "w_head"):
                 if hasattr(self, name):
-                    setattr(self, name, pack(getattr(self, name).to(torch.bfloat16)))
-            self.linear = _bf16_linear
+                    weight = getattr(self, name).to(torch.bfloat16)
+                    setattr(self, name, weight.contiguous() if kernel else pack(weight))
+            self.linear = _kernel_linear if kernel else _bf16_linear
         self.to_target = model.draft_to_target.tolist()
         self._model = model
         self._cos = self._sin = torch.empty((0, 1, self.head_dim), dtype=self.dtype, device=self.device)
@@ -61,7 +68,7 @@ class DraftStep:
 
     def fc(self, aux: torch.Tensor) -> torch.Tensor:  # [T, 3 * target H] -> [T, H]
         if self.packed:  # the target's bf16 states straight in, no round trip through fp32
-            return packed_linear(aux.to(torch.bfloat16), self.w_fc).to(self.dtype)
+            return self.linear(aux.to(torch.bfloat16), self.w_fc).to(self.dtype)
         return F.linear(aux.to(self.dtype), self.w_fc)
 
     def rope(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,3 +174,7 @@ class DraftStep:
 
 def _bf16_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return packed_linear(x.to(torch.bfloat16), packed).to(x.dtype)
+
+
+def _kernel_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return bf16_linear(x.to(torch.bfloat16), weight).to(x.dtype)
