@@ -17,7 +17,9 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from herd.config import ModelConfig
+from herd.kernels.cpu import gemv_ops
 from herd.layers.quantization.unquantized import cpu_packing_available
+from herd.models import eagle3_step
 from herd.models.llama4_eagle3 import Eagle3Config, Eagle3Drafter, load_eagle3_draft
 
 from checkpoints import SCOUT_LIKE
@@ -369,9 +371,13 @@ def test_draft_step_without_the_token_table_drafts_the_same(tmp_path: Path, monk
 
 
 @pytest.mark.skipif(not cpu_packing_available(torch.device("cpu")), reason="needs oneDNN's packed linear")
-def test_packed_bf16_draft_step_stays_close_to_fp32(tmp_path: Path) -> None:
-    """The CPU's packed bf16 matmuls change the draft's numbers by bf16 rounding only (its guesses, never the
-    output: the target verifies them)."""
+@pytest.mark.parametrize("kernel", [False, True])
+def test_packed_bf16_draft_step_stays_close_to_fp32(tmp_path: Path, kernel: bool, monkeypatch) -> None:
+    """The CPU's bf16 matmuls (oneDNN's packed ones, or herd's GEMV kernel where it runs) change the draft's numbers
+    by bf16 rounding only (its guesses, never the output: the target verifies them)."""
+    if kernel and gemv_ops() is None:
+        pytest.skip("herd's CPU kernels did not build here (or no AVX-512)")
+    monkeypatch.setattr(eagle3_step, "cpu_kernels_enabled", lambda: kernel)
     drafter, _ = setup_pair(tmp_path)
     packed, _ = setup_pair(tmp_path / "packed")
     packed.packed_matmuls = True
@@ -379,6 +385,7 @@ def test_packed_bf16_draft_step_stays_close_to_fp32(tmp_path: Path) -> None:
     for d in (drafter, packed):
         d.extend(0, torch.tensor(tokens), aux, 0)
     assert packed.step.packed and not drafter.step.packed
+    assert packed.step.w_o.is_mkldnn != kernel  # the kernel reads the plain bf16 weight
     assert drafter.length(0) == packed.length(0) == 12
     torch.testing.assert_close(packed._seqs[0].out[:12], drafter._seqs[0].out[:12], atol=0.05, rtol=0.05)
     assert len(packed.draft(0, 3)) == 3
