@@ -401,8 +401,8 @@ at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight
 
 // Routed SwiGLU experts for a few rows in one call: each expert once on the rows that chose it, gate/up through
 // gemv_bf16, then silu(gate) * up rounded as PyTorch rounds it (each op's result to bf16), then down. In Python the
-// same takes ~6 ops per expert and a sort to group the rows: at the demo model's size that, not the arithmetic, is
-// the cost (a speculative verify's 8 rows on 3-4 experts: ~0.35 ms a layer in Python).
+// same takes ~6 ops per expert and a sort to group the rows, which at the demo model's size cost as much as the
+// matmuls (a speculative verify's 8 rows on 3-4 experts: 0.34 -> 0.25 ms a layer).
 // x [n, h] bf16; expert_ids [n] int64; gate_up [E, 2i, h] (gate's rows, then up's); down [E, h, i].
 at::Tensor swiglu_experts_bf16(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& gate_up,
                                const at::Tensor& down) {
