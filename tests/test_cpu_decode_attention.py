@@ -126,11 +126,21 @@ def test_short_chunks_attend_as_decode_queries_as_spans_would(monkeypatch: pytes
     for chunked in (False, True):
         cache = torch.randn(2, n_blocks, block, kv_heads, head_dim, generator=gen)
         outs = []
-        for few in (torch_native.DECODE_QUERIES_MAX, 1):  # as decode queries, then as spans
+        # As decode queries through the kernel, as spans, and without the kernel (spans, and the one-token decodes
+        # through SDPA under the mask the kernel does without).
+        for few, kernel in (
+            (torch_native.DECODE_QUERIES_MAX, True),
+            (1, True),
+            (torch_native.DECODE_QUERIES_MAX, False),
+        ):
             monkeypatch.setattr(torch_native, "DECODE_QUERIES_MAX", few)
+            monkeypatch.setattr(torch_native, "cpu_kernels_enabled", lambda kernel=kernel: kernel)
             layer = PagedAttention(0, head_dim, head_dim**-0.5, chunk if chunked else None, backend)
             kv = cache.clone()
             layer.kv_cache = (kv[0], kv[1])
-            outs.append(layer(q, k, v, backend.build_metadata(batch)))
+            metadata = backend.build_metadata(batch)
+            assert (metadata.pool(chunked).decode.valid is None) == kernel
+            outs.append(layer(q, k, v, metadata))
         monkeypatch.undo()
-        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5, msg=f"chunked={chunked}")
+        for out in outs[1:]:
+            torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5, msg=f"chunked={chunked}")

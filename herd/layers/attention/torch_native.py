@@ -26,10 +26,11 @@ from herd.layers.attention.layer import PagedAttention
 class DecodeLayout:
     rows: torch.Tensor | None  # [D] token-axis rows of the decode queries; None when every row decodes
     table: torch.Tensor  # [D, W] the visible blocks of each decoding sequence, padded with its last one
-    valid: torch.Tensor  # [D, W * block_size] bool: which gathered slots the query sees
-    # The same as spans, for herd's CPU kernel: the query sees gathered slots [offsets[d], offsets[d] + lengths[d]).
+    # The query sees gathered slots [offsets[d], offsets[d] + lengths[d]) (herd's CPU kernel reads these)...
     offsets: torch.Tensor  # [D] int64, on the CPU
     lengths: torch.Tensor  # [D] int64, on the CPU
+    # ... as a mask for SDPA: [D, W * block_size] bool; None where the kernel attends (a mask fewer to build a step).
+    valid: torch.Tensor | None
 
 
 @dataclass
@@ -76,14 +77,14 @@ class TorchNativeBackend(AttentionBackend):
             # A compiled graph that writes a view of the cache copies the whole pool each step: write and
             # attend eagerly inside one opaque op instead (herd.layers.opaque).
             assert decode is not None
-            args = [q, k, v, pool.slot_mapping, decode.table, decode.valid, decode.offsets, decode.lengths]
-            return opaque.call(layer.opaque_handle, args)
+            args = [q, k, v, pool.slot_mapping, decode.table, decode.offsets, decode.lengths]
+            return opaque.call(layer.opaque_handle, args if decode.valid is None else [*args, decode.valid])
         return self.attend(q, k, v, layer, pool)
 
     def opaque_decode(self, layer: PagedAttention, args: list[torch.Tensor]) -> torch.Tensor:
         """A pure decode step's attention for one layer, run by `herd::opaque_call` in a compiled step."""
-        q, k, v, slot_mapping, table, valid, offsets, lengths = args
-        layout = DecodeLayout(rows=None, table=table, valid=valid, offsets=offsets, lengths=lengths)
+        q, k, v, slot_mapping, table, offsets, lengths, *valid = args
+        layout = DecodeLayout(rows=None, table=table, offsets=offsets, lengths=lengths, valid=(valid or [None])[0])
         return self.attend(q, k, v, layer, PoolMetadata(slot_mapping, layout))
 
     def attend(
@@ -128,7 +129,7 @@ def _decode(
     layout: DecodeLayout,
     scale: float,
 ) -> torch.Tensor:  # [D, n_heads, head_dim]
-    if q.device.type == "cpu" and cpu_kernels_enabled():
+    if layout.valid is None:
         # Straight from the blocks: no gather, upcast or mask (herd/kernels/cpu/decode_attention.cpp).
         return torch.ops.herd_cpu.paged_decode_attention(
             q, k_cache, v_cache, layout.table, layout.offsets, layout.lengths, scale
@@ -164,14 +165,15 @@ def _pool_metadata(batch: AttentionBatch, tables: PoolTables, chunk: int | None)
     decode: list[tuple[int, int, int]] = []  # (sequence, its context length as the query sees it, token-axis row)
     prefills = []
     starts = batch.query_start_loc
-    few = DECODE_QUERIES_MAX if batch.device.type == "cpu" and cpu_kernels_enabled() else 1
+    kernel = batch.device.type == "cpu" and cpu_kernels_enabled()
+    few = DECODE_QUERIES_MAX if kernel else 1
     for i in range(batch.num_seqs):
         n = starts[i + 1] - starts[i]
         if n == 1 or (n <= few and batch.tree(i) is None):
             decode.extend((i, batch.context_lens[i] - n + j + 1, starts[i] + j) for j in range(n))
         else:
             prefills.append(prefill_span(batch, tables.block_tables[i], i, chunk))
-    layout = _decode_layout(batch, tables, decode, chunk, every_row=not prefills) if decode else None
+    layout = _decode_layout(batch, tables, decode, chunk, not prefills, kernel) if decode else None
     return PoolMetadata(slot_mapping=tables.slot_mapping, decode=layout, prefills=prefills)
 
 
@@ -196,12 +198,17 @@ def prefill_span(batch: AttentionBatch, table: list[int], i: int, chunk: int | N
 
 
 def _decode_layout(
-    batch: AttentionBatch, tables: PoolTables, queries: list[tuple[int, int, int]], chunk: int | None, every_row: bool
+    batch: AttentionBatch,
+    tables: PoolTables,
+    queries: list[tuple[int, int, int]],
+    chunk: int | None,
+    every_row: bool,
+    kernel: bool,
 ) -> DecodeLayout:
     """Padded block table [D, width] of the blocks each decode query sees, and which of their slots.
 
     queries: (sequence, context length up to and including the query, token-axis row), in token-axis order;
-    every_row: they are all of the step's rows."""
+    every_row: they are all of the step's rows; kernel: herd's CPU kernel attends (no mask needed)."""
     bs = batch.block_size
     rows, offsets, lengths = [], [], []
     for i, ctx, _ in queries:
@@ -215,14 +222,10 @@ def _decode_layout(
     # repeats the row's last block, masked like all padding.
     width = max(2, *map(len, rows))
     table = torch.tensor([row + row[-1:] * (width - len(row)) for row in rows], dtype=torch.long)
-    pos = torch.arange(width * bs)[None, :]
     start, length = torch.tensor(offsets), torch.tensor(lengths)
-    valid = (pos >= start[:, None]) & (pos < (start + length)[:, None])
+    valid = None
+    if not kernel:
+        pos = torch.arange(width * bs)[None, :]
+        valid = ((pos >= start[:, None]) & (pos < (start + length)[:, None])).to(batch.device)
     query_rows = None if every_row else torch.tensor([row for _, _, row in queries], device=batch.device)
-    return DecodeLayout(
-        rows=query_rows,
-        table=table.to(batch.device),
-        valid=valid.to(batch.device),
-        offsets=start,
-        lengths=length,
-    )
+    return DecodeLayout(rows=query_rows, table=table.to(batch.device), offsets=start, lengths=length, valid=valid)
