@@ -52,6 +52,7 @@ class DraftStep:
         self.w_down = m.mlp.down_proj.weight
         self.w_fc, self.w_head = model.fc.weight, (model.lm_head.weight * model.norm.weight).contiguous()
         self.linear, self.packed = F.linear, packed
+        self.kernel_norm = self.device.type == "cpu" and cpu_kernels_enabled()
         if packed:
             # herd's kernel where it runs: a draft step's rows are few, and oneDNN's call costs 15-20 us whatever
             # the size, more than the kernel takes for the demo draft's matmuls.
@@ -70,6 +71,13 @@ class DraftStep:
         if self.packed:  # the target's bf16 states straight in, no round trip through fp32
             return self.linear(aux.to(torch.bfloat16), self.w_fc).to(self.dtype)
         return F.linear(aux.to(self.dtype), self.w_fc)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """Weightless RMS norm (the weights are folded into the matmuls): herd's CPU op where it runs, one op for
+        PyTorch's several (17 against 6 us on a draft row)."""
+        if self.kernel_norm:
+            return torch.ops.herd_cpu.rms_norm(x, None, self.eps)
+        return F.rms_norm(x, (self.hidden,), None, self.eps)
 
     def rope(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin [n, 1, D] of positions start .. start + n - 1 (x * cos + swap_halves(x) * sin)."""
@@ -90,7 +98,7 @@ class DraftStep:
         v_cache: torch.Tensor,
     ) -> torch.Tensor:  # [T, H] the pre-norm outputs
         n, d, kv, h = token_ids.shape[0], self.head_dim, self.num_kv, self.num_heads
-        norm = F.rms_norm(hidden, (self.hidden,), None, self.eps)
+        norm = self.norm(hidden)
         qkv = self.linear(norm, self.w_qkv_hidden).add_(self._qkv_of(token_ids))
         qk, v = qkv.view(n, h + 2 * kv, d).split([h + kv, kv], dim=1)
         cos, sin = self.rope(start, n)
@@ -113,7 +121,7 @@ class DraftStep:
     ) -> torch.Tensor:  # [n, H] the pre-norm outputs
         """One depth of a draft tree, its frontier as a batch: same function as `__call__` on each root-to-node path."""
         n, d, kv, h = token_ids.shape[0], self.head_dim, self.num_kv, self.num_heads
-        norm = F.rms_norm(hidden, (self.hidden,), None, self.eps)
+        norm = self.norm(hidden)
         qkv = self.linear(norm, self.w_qkv_hidden).add_(self._qkv_of(token_ids))
         qk, v = qkv.view(n, h + 2 * kv, d).split([h + kv, kv], dim=1)
         cos, sin = self.rope(position, 1)
@@ -144,14 +152,14 @@ class DraftStep:
         out = torch.bmm(scores.softmax(-1), v_cache[:, :end])  # [n_kv, n * group, D]
         out = out.view(1, h * d) if n == 1 else out.view(kv, n, group * d).transpose(0, 1).reshape(n, h * d)
         mid = hidden + self.linear(out, self.w_o)
-        gate, up = self.linear(F.rms_norm(mid, (self.hidden,), None, self.eps), self.w_gate_up).chunk(2, dim=-1)
+        gate, up = self.linear(self.norm(mid), self.w_gate_up).chunk(2, dim=-1)
         return mid + self.linear(F.silu(gate) * up, self.w_down)
 
     def _qkv_of(self, token_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, (n_heads + 2 n_kv) * D]
         if self.qkv_of_token is not None:
             return self.qkv_of_token[token_ids]
         embed = F.embedding(token_ids, self.embedding).to(self.dtype)
-        return self.linear(F.rms_norm(embed, (self.hidden,), None, self.eps), self.w_qkv_embed)
+        return self.linear(self.norm(embed), self.w_qkv_embed)
 
     def _future(self, n: int) -> torch.Tensor:
         """bool [n * group, n]: query row r (token r // group) must not see new token j > r // group."""
@@ -164,12 +172,12 @@ class DraftStep:
 
     def logprobs(self, out: torch.Tensor) -> torch.Tensor:
         """[n, draft vocab] log-probabilities after pre-norm outputs [n, H]."""
-        logits = self.linear(F.rms_norm(out, (self.hidden,), None, self.eps), self.w_head)
+        logits = self.linear(self.norm(out), self.w_head)
         return torch.log_softmax(logits.float(), dim=-1)
 
     def head(self, out: torch.Tensor) -> int:
         """The greedy draft token (a target id) after a pre-norm output [H]: the argmax over the draft vocabulary."""
-        return self.to_target[int(self.linear(F.rms_norm(out, (self.hidden,), None, self.eps), self.w_head).argmax())]
+        return self.to_target[int(self.linear(self.norm(out), self.w_head).argmax())]
 
 
 def _bf16_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
