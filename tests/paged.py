@@ -12,8 +12,63 @@ import math
 import torch
 
 from herd.frontend.llm_engine import LLMEngine
-from herd.layers.attention import AttentionBatch, PagedAttention, PagedKVStorage, PoolTables, bind_kv_cache
+from herd.layers.attention import (
+    AttentionBatch,
+    DraftTree,
+    PagedAttention,
+    PagedKVStorage,
+    PoolTables,
+    bind_kv_cache,
+)
 from herd.models.llama4_text import Llama4ForCausalLM
+
+
+def shuffled_tables(
+    lens: list[tuple[int, int]], block: int, chunk: int | None, gen: torch.Generator, device: torch.device
+) -> tuple[PoolTables, int, list[int]]:
+    """One pool's tables for sequences of (context length after the step, new tokens): shuffled blocks; for a
+    chunked pool (chunk), blocks wholly before the first new token's window are -1. Also the pool's block count
+    and the released blocks' ids."""
+    per_seq = [-(-ctx // block) for ctx, _ in lens]
+    total = sum(per_seq) + 2
+    ids = torch.randperm(total, generator=gen).tolist()
+    tables, slots, released = [], [], []
+    for (ctx, new), n in zip(lens, per_seq, strict=True):
+        row, ids = ids[:n], ids[n:]
+        first = ctx - new
+        slots += [row[p // block] * block + p % block for p in range(first, ctx)]
+        dead = (first // chunk) * chunk // block if chunk else 0
+        released += row[:dead]
+        tables.append([-1] * dead + row[dead:])
+    return PoolTables(block_tables=tables, slot_mapping=torch.tensor(slots, device=device)), total, released
+
+
+def shuffled_batch(
+    lens: list[tuple[int, int]],
+    block: int,
+    chunk: int,
+    gen: torch.Generator,
+    device: torch.device,
+    trees: list[DraftTree | None] | None = None,
+) -> tuple[AttentionBatch, int, int, list[int]]:
+    """A step's batch over both pools' `shuffled_tables`; also each pool's block count and the local pool's released
+    blocks."""
+    full, n_full, _ = shuffled_tables(lens, block, None, gen, device)
+    local, n_local, released = shuffled_tables(lens, block, chunk, gen, device)
+    starts = [0]
+    for _, new in lens:
+        starts.append(starts[-1] + new)
+    batch = AttentionBatch(
+        query_start_loc=starts,
+        context_lens=[ctx for ctx, _ in lens],
+        block_size=block,
+        chunk_size=chunk,
+        full=full,
+        local=local,
+        device=device,
+        trees=trees,
+    )
+    return batch, n_full, n_local, released
 
 
 def assert_no_leaked_blocks(engine: LLMEngine) -> None:

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 
 from herd.kernels.cpu import gemv_ops
 from herd.layers.attention import (
-    AttentionBatch,
     DraftTree,
     PagedAttention,
-    PoolTables,
     get_attention_backend,
     torch_native,
 )
+
+from paged import shuffled_batch
 
 pytestmark = pytest.mark.skipif(gemv_ops() is None, reason="herd's CPU kernels did not build here (or no AVX-512)")
 
@@ -90,32 +90,8 @@ def test_short_chunks_attend_as_decode_queries_as_spans_would(monkeypatch: pytes
     # prompt, a long prefill, a draft tree of 3 after its root.
     lens, trees = [(20, 1), (19, 6), (5, 5), (30, 20), (14, 4)], [None, None, None, None, DraftTree([-1, 0, -1])]
     gen = torch.Generator().manual_seed(0)
-    tables: dict[bool, list[list[int]]] = {}
-    slots: dict[bool, list[int]] = {}
-    n_blocks = sum(-(-ctx // block) for ctx, _ in lens)
-    for chunked in (False, True):
-        ids = torch.randperm(n_blocks, generator=gen).tolist()
-        tables[chunked], slots[chunked] = [], []
-        for ctx, new in lens:
-            n = -(-ctx // block)
-            row, ids = ids[:n], ids[n:]
-            first = ctx - new
-            slots[chunked] += [row[p // block] * block + p % block for p in range(first, ctx)]
-            dead = (first // chunk) * chunk // block if chunked else 0
-            tables[chunked].append([-1] * dead + row[dead:])
-    starts = [0]
-    for _, new in lens:
-        starts.append(starts[-1] + new)
-    batch = AttentionBatch(
-        query_start_loc=starts,
-        context_lens=[ctx for ctx, _ in lens],
-        block_size=block,
-        chunk_size=chunk,
-        full=PoolTables(tables[False], torch.tensor(slots[False])),
-        local=PoolTables(tables[True], torch.tensor(slots[True])),
-        device=torch.device("cpu"),
-        trees=trees,
-    )
+    batch, n_blocks, n_local, _ = shuffled_batch(lens, block, chunk, gen, torch.device("cpu"), trees)
+    starts = batch.query_start_loc
     q = torch.randn(starts[-1], heads, head_dim, generator=gen)
     k = torch.randn(starts[-1], kv_heads, head_dim, generator=gen)
     v = torch.randn(starts[-1], kv_heads, head_dim, generator=gen)
@@ -123,8 +99,8 @@ def test_short_chunks_attend_as_decode_queries_as_spans_would(monkeypatch: pytes
     metadata = backend.build_metadata(batch)
     decode_rows = metadata.full.decode.rows.tolist()
     assert decode_rows == list(range(0, 12)) and len(metadata.full.prefills) == 2  # the long prefill and the tree
-    for chunked in (False, True):
-        cache = torch.randn(2, n_blocks, block, kv_heads, head_dim, generator=gen)
+    for chunked, pool_blocks in ((False, n_blocks), (True, n_local)):
+        cache = torch.randn(2, pool_blocks, block, kv_heads, head_dim, generator=gen)
         outs = []
         # As decode queries through the kernel, as spans, and without the kernel (spans, and the one-token decodes
         # through SDPA under the mask the kernel does without).

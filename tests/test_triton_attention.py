@@ -14,7 +14,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from herd.layers.attention import AttentionBatch, PagedAttention, PoolTables, get_attention_backend
+from herd.layers.attention import PagedAttention, get_attention_backend
+
+from paged import shuffled_batch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CHUNK = 8
@@ -24,43 +26,11 @@ DECODE = [(1, 1), (8, 1), (9, 1), (16, 1), (23, 1), (41, 1)]  # windows: 1, full
 EXTEND = [(5, 5), (30, 13), (20, 1), (17, 3), (48, 16)]  # fresh prompt, 3 boundaries, a decode, 1 boundary
 
 
-def _tables(
-    lens: list[tuple[int, int]], block: int, chunk: int | None, gen: torch.Generator
-) -> tuple[PoolTables, int, list[list[int]]]:
-    """Shuffled block tables; for a chunked pool, blocks wholly before the first query's window are -1."""
-    per_seq = [-(-ctx // block) for ctx, _ in lens]
-    total = sum(per_seq) + 2
-    ids = torch.randperm(total, generator=gen).tolist()
-    tables, slots, released = [], [], []
-    for (ctx, new), n in zip(lens, per_seq, strict=True):
-        row, ids = ids[:n], ids[n:]
-        first = ctx - new
-        slots += [row[p // block] * block + p % block for p in range(first, ctx)]
-        dead = (first // chunk) * chunk // block if chunk else 0
-        released += row[:dead]
-        tables.append([-1] * dead + row[dead:])
-    pool = PoolTables(block_tables=tables, slot_mapping=torch.tensor(slots, device=DEVICE))
-    return pool, total, [released]
-
-
 def _run(lens: list[tuple[int, int]], group: int, block: int, head_dim: int = 16, kv_heads: int = 2) -> None:
     gen = torch.Generator().manual_seed(group * 100 + block + len(lens))
     heads = group * kv_heads
-    full, n_full, _ = _tables(lens, block, None, gen)
-    local, n_local, (released,) = _tables(lens, block, CHUNK, gen)
-    starts = [0]
-    for _, new in lens:
-        starts.append(starts[-1] + new)
-    batch = AttentionBatch(
-        query_start_loc=starts,
-        context_lens=[ctx for ctx, _ in lens],
-        block_size=block,
-        chunk_size=CHUNK,
-        full=full,
-        local=local,
-        device=DEVICE,
-    )
-    tokens = starts[-1]
+    batch, n_full, n_local, released = shuffled_batch(lens, block, CHUNK, gen, DEVICE)
+    tokens = batch.query_start_loc[-1]
     q = torch.randn(tokens, heads, head_dim, generator=gen).to(DEVICE)
     k = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(DEVICE)
     v = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(DEVICE)
