@@ -173,7 +173,7 @@ HERD_AVX512_BF16 inline void bf16_dot_row(const uint32_t* w, int64_t h, const ui
 // w: R rows of h words; x: C rows of h words (bf16 pairs); out[c * R + r]. The rows are read one after another: in
 // a model's step every weight comes from memory (the step's other weights have evicted it since the last step),
 // and one stream per thread is what the prefetchers follow best. Rows side by side, each dot product's chain kept
-// short, were 1.5x faster on a weight in L1/L2 but took 1.6-1.9x as long on one in memory (a [1024, 256] expert:
+// short, were 1.5x faster on a weight in L1/L2 but took 1.5-1.9x as long on one in memory (a [1024, 256] expert:
 // 61 against 33 us on one core).
 template <int R, int C>
 HERD_AVX512_BF16 void bf16_dot_block(const uint32_t* w, int64_t h, const uint32_t* x, float* out) {
