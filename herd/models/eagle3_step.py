@@ -52,16 +52,15 @@ class DraftStep:
         self.w_down = m.mlp.down_proj.weight
         self.w_fc, self.w_head = model.fc.weight, (model.lm_head.weight * model.norm.weight).contiguous()
         self.linear, self.packed = F.linear, packed
-        self.kernel_norm = self.device.type == "cpu" and cpu_kernels_enabled()
+        self.cpu_kernels = self.device.type == "cpu" and cpu_kernels_enabled()
         if packed:
             # herd's kernel where it runs: a draft step's rows are few, and oneDNN's call costs 15-20 us whatever
             # the size, more than the kernel takes for the demo draft's matmuls.
-            kernel = cpu_kernels_enabled()
             for name in ("w_qkv_hidden", "w_qkv_embed", "w_o", "w_gate_up", "w_down", "w_fc", "w_head"):
                 if hasattr(self, name):
                     weight = getattr(self, name).to(torch.bfloat16)
-                    setattr(self, name, weight.contiguous() if kernel else pack(weight))
-            self.linear = _kernel_linear if kernel else _bf16_linear
+                    setattr(self, name, weight.contiguous() if self.cpu_kernels else pack(weight))
+            self.linear = _kernel_linear if self.cpu_kernels else _bf16_linear
         self.to_target = model.draft_to_target.tolist()
         self._model = model
         self._cos = self._sin = torch.empty((0, 1, self.head_dim), dtype=self.dtype, device=self.device)
@@ -75,7 +74,7 @@ class DraftStep:
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         """Weightless RMS norm (the weights are folded into the matmuls): herd's CPU op where it runs, one op for
         PyTorch's several (17 against 6 us on a draft row)."""
-        if self.kernel_norm:
+        if self.cpu_kernels:
             return torch.ops.herd_cpu.rms_norm(x, None, self.eps)
         return F.rms_norm(x, (self.hidden,), None, self.eps)
 

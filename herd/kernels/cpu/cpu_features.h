@@ -49,12 +49,11 @@ HERD_AVX512 inline __m512 load16(const c10::Half* p) {
 }
 
 // Horizontal sums of several vectors at once: out[i] = the sum of v[i]'s 16 lanes. Adding pairs of vectors
-// interleaved halves the vectors and the lanes per output at each level, so 16 sums cost ~45 instructions
-// where one `_mm512_reduce_add_ps` each costs ~130 and a chain of dependent shuffles per output. (The lanes
-// are added in another order than `_mm512_reduce_add_ps`'s: the sums may differ by a rounding.)
+// interleaved halves the vectors and the lanes per output at each level, so four sums cost ~14 instructions where
+// one `_mm512_reduce_add_ps` each costs ~32 and a chain of dependent shuffles per output. (The lanes are added in
+// another order than `_mm512_reduce_add_ps`'s: the sums may differ by a rounding.)
 //
-// Two levels within 128-bit lanes leave, for each group of four vectors, one vector whose every 128-bit lane holds
-// those four outputs' partial sums.
+// Two levels within 128-bit lanes leave one vector whose every 128-bit lane holds the four outputs' partial sums.
 HERD_AVX512 inline __m512 lane_sums4(__m512 a, __m512 b, __m512 c, __m512 d) {
   const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a b a b per lane
   const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
@@ -69,19 +68,9 @@ HERD_AVX512 inline void reduce_add4(const __m512* v, float* out) {
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1)));
 }
 
-HERD_AVX512 inline void reduce_add16(const __m512* v, float* out) {
-  __m512 s[4];
-  for (int g = 0; g < 4; ++g) s[g] = lane_sums4(v[4 * g], v[4 * g + 1], v[4 * g + 2], v[4 * g + 3]);
-  // Lanes (0, 2) + (1, 3) of two groups side by side, then once more: lane g of the result is group g's sums.
-  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], 0x88), _mm512_shuffle_f32x4(s[0], s[1], 0xDD));
-  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(s[2], s[3], 0x88), _mm512_shuffle_f32x4(s[2], s[3], 0xDD));
-  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD)));
-}
-
-// out[i] = the sum of v[i]'s lanes for n vectors, four or sixteen at a time where it can.
+// out[i] = the sum of v[i]'s lanes for n vectors, four at a time where it can.
 HERD_AVX512 inline void reduce_add(const __m512* v, int n, float* out) {
   int i = 0;
-  for (; i + 16 <= n; i += 16) reduce_add16(v + i, out + i);
   for (; i + 4 <= n; i += 4) reduce_add4(v + i, out + i);
   for (; i < n; ++i) out[i] = _mm512_reduce_add_ps(v[i]);
 }

@@ -83,8 +83,8 @@ class TorchNativeBackend(AttentionBackend):
 
     def opaque_decode(self, layer: PagedAttention, args: list[torch.Tensor]) -> torch.Tensor:
         """A pure decode step's attention for one layer, run by `herd::opaque_call` in a compiled step."""
-        q, k, v, slot_mapping, table, offsets, lengths, *valid = args
-        layout = DecodeLayout(rows=None, table=table, offsets=offsets, lengths=lengths, valid=(valid or [None])[0])
+        q, k, v, slot_mapping, table, offsets, lengths, *mask = args  # the mask only where the kernel does not attend
+        layout = DecodeLayout(rows=None, table=table, offsets=offsets, lengths=lengths, valid=mask[0] if mask else None)
         return self.attend(q, k, v, layer, PoolMetadata(slot_mapping, layout))
 
     def attend(
