@@ -23,6 +23,7 @@ from herd.layers.factory import LayerFactory
 from herd.layers.norm import RMSNorm, add_rms_norm
 from herd.layers.rotary import rope_and_qk_norm, rope_angles, rope_inv_freq
 from herd.layers.vocab import VocabParallelEmbedding, gather_vocab
+from herd.models.llama4_cpu_decode import fused_step
 
 
 class Llama4Attention(nn.Module):
@@ -65,11 +66,13 @@ class Llama4Attention(nn.Module):
         qk = rope_and_qk_norm(qk, rope, self.spec.use_rope, self.spec.use_qk_norm, self.eps)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, n_heads, D], [T, n_kv_heads, D]
         if self.spec.temperature_tuning:
-            # NoPE layers sharpen attention with the query's absolute position (arXiv 2501.19399).
-            scale = torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
-            q = (q * scale[:, None, None]).to(q.dtype)
+            q = (q * self.temperature(positions)[:, None, None]).to(q.dtype)
         out = self.attn(q, k, v, metadata)
         return self.o_proj(out.flatten(-2))
+
+    def temperature(self, positions: torch.Tensor) -> torch.Tensor:
+        """NoPE layers sharpen attention with the query's absolute position (arXiv 2501.19399): fp32 [T]."""
+        return torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
 
 
 class Llama4MLP(nn.Module):
@@ -183,8 +186,11 @@ class Llama4ForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = rope_angles(positions, self.inv_freq)
         aux: dict[int, torch.Tensor] = {}
+        fused = fused_step(self, x)  # a CPU decode step's layers as one op each, where they may be
+        q_scale = self.model.layers[0].self_attn.temperature(positions) if fused is not None else None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, rope, metadata)
+            out = fused[i](x, rope, q_scale, metadata) if fused is not None else None
+            x = layer(x, positions, rope, metadata) if out is None else out
             if i in self.aux_layer_ids:
                 aux[i] = x
         if self.aux_layer_ids:

@@ -7,7 +7,7 @@ AVX-512F/BW/VL; without either, `gemv_ops()` answers None and callers keep PyTor
 PyTorch fallback where VNNI is missing. decode_attention.cpp (one query per sequence over the paged KV cache) and
 argmax.cpp (greedy sampling's argmax per row) and rope_qk_norm.cpp (Llama 4's RoPE and qk-norm in one op) join it
 too, their fakes in herd.kernels.cpu.fake, and so does int4_bf16.cpp (W4A16 on AVX512-BF16; its ops answer
-whether the CPU has it).
+whether the CPU has it). decode_layer.cpp runs a whole decoder layer of a decode step through the others.
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("gemv.cpp", "int8_vnni.cpp", "decode_attention.cpp", "argmax.cpp", "int4_bf16.cpp", "rope_qk_norm.cpp")
+    for name in (
+        "gemv.cpp",
+        "int8_vnni.cpp",
+        "decode_attention.cpp",
+        "argmax.cpp",
+        "int4_bf16.cpp",
+        "rope_qk_norm.cpp",
+        "decode_layer.cpp",
+    )
 ]
 HEADERS = [Path(__file__).with_name("cpu_features.h")]  # included by every source: part of the build's key
 # Rows of x up to which the weight-streaming kernels beat PyTorch's matmuls (benchmarks/gemv_cpu.py): they

@@ -58,6 +58,10 @@ def _w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, g
     return _rows_out(x, packed.shape[0])
 
 
+def _decode_layer_bf16(x: torch.Tensor, *args: object) -> torch.Tensor:
+    return x.new_empty(x.shape)  # the residual stream after the layer
+
+
 def register() -> None:
     fakes = (
         ("gemv_bf16", _gemv_bf16),
@@ -68,6 +72,7 @@ def register() -> None:
         ("argmax_rows", _argmax_rows),
         ("w4a16_linear", _w4a16_linear),
         ("rope_qk_norm", _rope_qk_norm),
+        ("decode_layer_bf16", _decode_layer_bf16),
     )
     for name, fake in fakes:
         torch.library.register_fake(f"herd_cpu::{name}", fake)

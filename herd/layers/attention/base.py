@@ -51,6 +51,11 @@ class AttentionBackend(ABC):
         `herd.layers.opaque` (the CPU's: writing the paged cache inside a compiled graph copies the pool)."""
         raise NotImplementedError(f"attention backend {self.name} runs inside compiled graphs as it is")
 
+    def kernel_decode_args(self, metadata: Any, chunked: bool) -> tuple[torch.Tensor, ...] | None:
+        """Where every query of this step attends through herd's CPU decode kernel, the arguments a fused CPU
+        decoder layer needs for one pool (slots, table, offsets, lengths); None elsewhere."""
+        return None
+
 
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {}
 

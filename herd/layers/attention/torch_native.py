@@ -87,6 +87,13 @@ class TorchNativeBackend(AttentionBackend):
         layout = DecodeLayout(rows=None, table=table, offsets=offsets, lengths=lengths, valid=mask[0] if mask else None)
         return self.attend(q, k, v, layer, PoolMetadata(slot_mapping, layout))
 
+    def kernel_decode_args(self, metadata: TorchNativeMetadata, chunked: bool) -> tuple[torch.Tensor, ...] | None:
+        pool = metadata.pool(chunked)
+        decode = pool.decode
+        if pool.prefills or decode is None or decode.rows is not None or decode.valid is not None:
+            return None
+        return pool.slot_mapping, decode.table, decode.offsets, decode.lengths
+
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: PagedAttention, pool: PoolMetadata
     ) -> torch.Tensor:

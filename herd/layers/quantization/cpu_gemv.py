@@ -83,7 +83,7 @@ class CPUGemvLinearMethod(CPUPackedLinearMethod):
     def swiglu(self, gate_up: LinearBase, down: LinearBase, x: torch.Tensor) -> torch.Tensor | None:
         """A few rows through both layers as one expert of `swiglu_experts_bf16`: the chunk, SiLU, product and
         second matmul in the kernel's call rather than four more ops (the demo model's shared expert)."""
-        weights = _kernel_weight(gate_up), _kernel_weight(down)
+        weights = kernel_weight(gate_up), kernel_weight(down)
         few = x.dtype == torch.bfloat16 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
         if weights[0] is None or weights[1] is None or not few or down.tp_size > 1:
             return None
@@ -102,7 +102,7 @@ class CPUGemvLinearMethod(CPUPackedLinearMethod):
         return out if bias is None else out + bias
 
 
-def _kernel_weight(layer: LinearBase) -> torch.Tensor | None:
+def kernel_weight(layer: LinearBase) -> torch.Tensor | None:
     """The bf16 [out, in] weight the kernel reads for a few rows of this layer, if it takes them; no bias."""
     if not isinstance(layer.method, CPUGemvLinearMethod) or layer.bias is not None:
         return None
