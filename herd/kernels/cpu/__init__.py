@@ -32,9 +32,11 @@ SOURCES = [
         "int4_bf16.cpp",
         "rope_qk_norm.cpp",
         "decode_layer.cpp",
+        "claim_pool.cpp",
     )
 ]
-HEADERS = [Path(__file__).with_name("cpu_features.h")]  # included by every source: part of the build's key
+# Included by the sources: part of the build's key.
+HEADERS = [Path(__file__).with_name(name) for name in ("cpu_features.h", "claim_pool.h")]
 # Rows of x up to which the weight-streaming kernels beat PyTorch's matmuls (benchmarks/gemv_cpu.py): they
 # widen each weight vector once for up to four rows of x, so past a few rows the arithmetic, not the weight's
 # bytes, is the cost.

@@ -8,11 +8,11 @@
 // The visible slots of sequence d are the positions [offsets[d], offsets[d] + lengths[d]) of its block table
 // row laid end to end (slot p is in block table[d][p / block_size], at p % block_size).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
+#include "claim_pool.h"
 #include "cpu_features.h"
 
 #include <algorithm>
@@ -151,7 +151,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     const int64_t kb = k_cache.stride(0), ks = k_cache.stride(1), kh = k_cache.stride(2);
     const int64_t vb = v_cache.stride(0), vs = v_cache.stride(1), vh = v_cache.stride(2);
-    at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    herd_kernels::parallel_rows(d_count, 0, tasks, grain, [&](int64_t begin, int64_t end) {
       std::vector<const scalar_t*> k_rows(longest), v_rows(longest);
       std::vector<float> scores(group * longest);
       for (int64_t t = begin; t < end; ++t) {

@@ -11,12 +11,13 @@
 //
 // CPUs without AVX-512F get `supported() == false` and herd keeps PyTorch's kernels (no slow fallback here).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
+#include "claim_pool.h"
 #include "cpu_features.h"
 
 #include <algorithm>
@@ -52,11 +53,11 @@ void split_even_odd(const float* x, int64_t m, int64_t k, std::vector<float>& ev
 }
 
 template <typename Fn>
-void for_strips(int64_t n, int64_t bytes_per_row, const Fn& fn) {
+void for_strips(int64_t m, int64_t n, int64_t bytes_per_row, const Fn& fn) {
   // A task is a few hundred KiB of weight: big enough to amortise the task, small enough to balance 2-64 cores.
   const int64_t rows_per_task = std::max<int64_t>(kRows, (256 * 1024 / std::max<int64_t>(bytes_per_row, 1)));
   const int64_t strips = (n + kRows - 1) / kRows;
-  at::parallel_for(0, strips, std::max<int64_t>(1, rows_per_task / kRows), [&](int64_t begin, int64_t end) {
+  herd_kernels::parallel_rows(m, 0, strips, std::max<int64_t>(1, rows_per_task / kRows), [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) fn(s * kRows, std::min(kRows, n - s * kRows));
   });
 }
@@ -313,7 +314,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
     const auto* xw = reinterpret_cast<const uint32_t*>(xc.data_ptr<at::BFloat16>());
     // One row of x: a strip of four weight rows, their sums reduced together. Several rows of x: one weight row
     // at a time against runs of four of them, so that it comes from memory once and from L1 after.
-    for_strips(n, 2 * k, [&](int64_t s0, int64_t strip_rows) {
+    for_strips(m, n, 2 * k, [&](int64_t s0, int64_t strip_rows) {
       const auto block = [&](int64_t r0, int64_t rows) {
         over_strip<4>(
             rows, m,
@@ -332,7 +333,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   }
   std::vector<float> even, odd;
   split_even_odd(to_float(x2).data_ptr<float>(), m, k, even, odd);
-  for_strips(n, 2 * k, [&](int64_t r0, int64_t rows) {
+  for_strips(m, n, 2 * k, [&](int64_t r0, int64_t rows) {
     over_strip<4>(
         rows, m,
         [&](auto r, auto c, int64_t c0, float* out) {
@@ -360,7 +361,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const float* sp = s.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   const Output dst(y);
-  for_strips(n, k, [&](int64_t s0, int64_t strip_rows) {
+  for_strips(m, n, k, [&](int64_t s0, int64_t strip_rows) {
     const auto block = [&](int64_t r0, int64_t rows) {
       over_strip<2>(
           rows, m,

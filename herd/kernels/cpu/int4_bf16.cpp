@@ -7,11 +7,11 @@
 // per call) into an fp32 sum per group; each group's sum is scaled by its s and added up in fp32. The weight is
 // read row after row, one stream per thread, and each 32 bytes are expanded once for up to eight rows of x.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
+#include "claim_pool.h"
 #include "cpu_features.h"
 
 #include <algorithm>
@@ -90,7 +90,7 @@ at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at:
   const int64_t groups = k / group;
   // A task is ~256 KiB of weight, as in gemv.cpp.
   const int64_t rows_per_task = std::max<int64_t>(1, 256 * 1024 / std::max<int64_t>(half, 1));
-  at::parallel_for(0, n, rows_per_task, [&](int64_t begin, int64_t end) {
+  herd_kernels::parallel_rows(m, 0, n, rows_per_task, [&](int64_t begin, int64_t end) {
     float out[kMaxC];
     // Weight rows in tiles: with many rows of x (a prefill), each block of x rows meets a tile of weight rows
     // while both sit in L1, rather than every weight row passing over all of x.

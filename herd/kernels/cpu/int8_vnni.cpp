@@ -19,6 +19,7 @@
 
 #include <immintrin.h>
 
+#include "claim_pool.h"
 #include "cpu_features.h"
 
 #include <algorithm>
@@ -90,7 +91,7 @@ void vnni_gemm(const int8_t* q, int64_t n, int64_t k, const uint8_t* xu, int64_t
   const int64_t strips = padded_rows(n) / kRows;
   // A task is a few hundred KiB of weight: big enough to amortise the task, small enough to balance 2-64 cores.
   const int64_t grain = std::max<int64_t>(1, 256 * 1024 / kp / kRows);
-  at::parallel_for(0, strips, grain, [&](int64_t begin, int64_t end) {
+  herd_kernels::parallel_rows(m, 0, strips, grain, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> sums(kRows * std::min(m, kMBlock));
     for (int64_t c0 = 0; c0 < m; c0 += kMBlock) {
       const int64_t cc = std::min(kMBlock, m - c0);
