@@ -23,26 +23,40 @@ from herd.layers.norm import RMSNorm
 from herd.layers.quantization.cpu_gemv import CPUGemvFusedMoEMethod, kernel_weight
 
 if TYPE_CHECKING:
-    from herd.models.llama4_text import Llama4DecoderLayer, Llama4ForCausalLM
+    from herd.layers.attention import PagedAttention
+    from herd.models.llama4_text import Llama4Attention, Llama4DecoderLayer, Llama4ForCausalLM
 
 
 @dataclass
 class FusedLayer:
-    layer: Llama4DecoderLayer
     weights: list[torch.Tensor]  # decode_layer_bf16's, in its order
     dims: list[int]  # heads, kv heads, head_dim, rope, qk-norm
+    attention: Llama4Attention  # its temperature (NoPE layers)
+    paged: PagedAttention  # its KV cache, scale and pool
+    tuned: bool  # whether its queries take the temperature
+    eps: float
 
-    def __call__(self, x: torch.Tensor, rope: torch.Tensor, q_scale: torch.Tensor | None, metadata: Any) -> Any:
-        """The layer's output, or None where this step's attention is not the kernel's (then the modules run)."""
-        attn = self.layer.self_attn.attn
-        args = attn.backend.kernel_decode_args(metadata, attn.chunk_size is not None)
-        if args is None or attn.kv_cache is None:
-            return None
-        k_cache, v_cache = attn.kv_cache
-        q_scale = q_scale if self.layer.self_attn.spec.temperature_tuning else None
+    @property
+    def chunked(self) -> bool:
+        return self.paged.chunk_size is not None
+
+
+class FusedStep:
+    """A step's fused layers and what they read of the step: per pool, the decode kernel's attention arguments."""
+
+    def __init__(
+        self, layers: list[FusedLayer], pools: dict[bool, tuple[torch.Tensor, ...]], q_scale: torch.Tensor | None
+    ) -> None:
+        self.layers, self.pools, self.q_scale = layers, pools, q_scale
+
+    def __call__(self, i: int, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """Layer i's output for the residual stream x (rope: the step's rotation angles)."""
+        layer = self.layers[i]
+        assert layer.paged.kv_cache is not None
         return torch.ops.herd_cpu.decode_layer_bf16(
-            x, rope, q_scale, self.weights, k_cache, v_cache, *args, self.dims, attn.scale, self.layer.self_attn.eps
-        )
+            x, rope, self.q_scale if layer.tuned else None, layer.weights, *layer.paged.kv_cache,
+            *self.pools[layer.chunked], layer.dims, layer.paged.scale, layer.eps,
+        )  # fmt: skip
 
 
 def fused_layers(model: Llama4ForCausalLM) -> list[FusedLayer] | None:
@@ -53,12 +67,21 @@ def fused_layers(model: Llama4ForCausalLM) -> list[FusedLayer] | None:
     return model.__dict__["_fused_layers"]
 
 
-def fused_step(model: Llama4ForCausalLM, x: torch.Tensor) -> list[FusedLayer] | None:
-    """The fused layers if they may serve a step of these hidden states (its attention is checked per layer)."""
-    rows_ok = x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[0] <= GEMV_MAX_ROWS
-    if not rows_ok or torch.compiler.is_compiling():
+def fused_step(model: Llama4ForCausalLM, x: torch.Tensor, positions: torch.Tensor, metadata: Any) -> FusedStep | None:
+    """The fused layers if they serve this step: few bf16 rows on the CPU, eager, every query on the decode kernel."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[0] > GEMV_MAX_ROWS:
         return None
-    return fused_layers(model)
+    layers = None if torch.compiler.is_compiling() else fused_layers(model)
+    if layers is None or any(layer.paged.kv_cache is None for layer in layers):
+        return None
+    pools = {}
+    for chunked in {layer.chunked for layer in layers}:
+        args = layers[0].paged.backend.kernel_decode_args(metadata, chunked)
+        if args is None:
+            return None
+        pools[chunked] = args
+    tuned = [layer.attention for layer in layers if layer.tuned]
+    return FusedStep(layers, pools, tuned[0].temperature(positions) if tuned else None)
 
 
 def _fused(layer: Llama4DecoderLayer) -> FusedLayer | None:
@@ -86,7 +109,7 @@ def _fused(layer: Llama4DecoderLayer) -> FusedLayer | None:
     else:
         weights += [ffn[0][None], ffn[1][None]]
     dims = [attn.num_heads, attn.num_kv_heads, attn.head_dim, int(attn.spec.use_rope), int(attn.spec.use_qk_norm)]
-    return FusedLayer(layer, [w.detach() for w in weights], dims)
+    return FusedLayer([w.detach() for w in weights], dims, attn, attn.attn, attn.spec.temperature_tuning, attn.eps)
 
 
 def _bf16_norm(norm: RMSNorm) -> bool:

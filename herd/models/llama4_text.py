@@ -186,11 +186,9 @@ class Llama4ForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = rope_angles(positions, self.inv_freq)
         aux: dict[int, torch.Tensor] = {}
-        fused = fused_step(self, x)  # a CPU decode step's layers as one op each, where they may be
-        q_scale = self.model.layers[0].self_attn.temperature(positions) if fused is not None else None
+        fused = fused_step(self, x, positions, metadata)  # a CPU decode step's layers as one op each
         for i, layer in enumerate(self.model.layers):
-            out = fused[i](x, rope, q_scale, metadata) if fused is not None else None
-            x = layer(x, positions, rope, metadata) if out is None else out
+            x = layer(x, positions, rope, metadata) if fused is None else fused(i, x, rope)
             if i in self.aux_layer_ids:
                 aux[i] = x
         if self.aux_layer_ids:
