@@ -9,6 +9,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -52,6 +53,48 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return op.call(q, k_cache, v_cache, table, offsets, lengths, scale);
 }
 
+// a + b for bf16 tensors of one shape, rounded as ATen's add rounds (fp32 sum, then bf16): a new contiguous tensor
+// without TensorIterator's setup, which costs more than the add at a decode step's few rows.
+at::Tensor add_bf16(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  at::Tensor out = at::empty(a.sizes(), a.options());
+  const auto* ap = ac.data_ptr<at::BFloat16>();
+  const auto* bp = bc.data_ptr<at::BFloat16>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < out.numel(); ++i) op[i] = at::BFloat16(static_cast<float>(ap[i]) + static_cast<float>(bp[i]));
+  return out;
+}
+
+// x [T, H] times a bf16 or fp32 factor per row [T], rounded to bf16 as ATen rounds the product.
+at::Tensor scale_rows(const at::Tensor& x, const at::Tensor& factor) {
+  const at::Tensor xc = x.contiguous(), f = factor.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t rows = x.size(0), cols = x.numel() / std::max<int64_t>(rows, 1);
+  const auto* xp = xc.data_ptr<at::BFloat16>();
+  const float* fp = f.data_ptr<float>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) op[r * cols + c] = at::BFloat16(static_cast<float>(xp[r * cols + c]) * fp[r]);
+  return out;
+}
+
+// Rows [T, kv_heads, head_dim] (any strides, head_dim dense) into the slots of a [blocks, block_size, kv_heads,
+// head_dim] cache, as index_copy_ over its [slots, kv_heads, head_dim] view.
+void write_slots(const at::Tensor& cache, const at::Tensor& slots, const at::Tensor& rows) {
+  TORCH_CHECK(cache.is_contiguous() && cache.scalar_type() == rows.scalar_type() && rows.stride(2) == 1,
+              "decode_layer_bf16: the KV cache must be contiguous and of the activations' dtype");
+  const int64_t kv_heads = rows.size(1), head_dim = rows.size(2), count = cache.numel() / (kv_heads * head_dim);
+  const at::Tensor ids = slots.to(at::kLong).contiguous();
+  const int64_t* sp = ids.data_ptr<int64_t>();
+  const auto* src = rows.data_ptr<at::BFloat16>();
+  auto* dst = cache.data_ptr<at::BFloat16>();
+  for (int64_t t = 0; t < rows.size(0); ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < count, "decode_layer_bf16: slot ", sp[t], " of a cache of ", count);
+    for (int64_t g = 0; g < kv_heads; ++g)
+      std::copy_n(src + t * rows.stride(0) + g * rows.stride(1), head_dim, dst + (sp[t] * kv_heads + g) * head_dim);
+  }
+}
+
 // x [T, H] bf16, the residual stream before the layer; returns it after the layer.
 // weights: input norm [H], qkv [(nq + 2 nkv) D, H], o [H, nq D], post-attention norm [H], then the feed-forward:
 //   MoE (5): router [E, H], experts' gate_up [E, 2I, H] and down [E, H, I], shared expert's gate_up [1, 2I, H] and
@@ -78,19 +121,19 @@ at::Tensor decode_layer_bf16(const at::Tensor& x, const at::Tensor& angles, cons
   if (rope || qk_norm) qk = rope_qk_norm(qk, angles, rope, qk_norm, eps);
   at::Tensor q = qk.narrow(1, 0, heads);
   const at::Tensor k = qk.narrow(1, heads, kv_heads);
-  if (q_scale.has_value()) q = (q * q_scale->view({tokens, 1, 1})).to(x.scalar_type());
-  k_cache.view({-1, kv_heads, head_dim}).index_copy_(0, slots, k);
-  v_cache.view({-1, kv_heads, head_dim}).index_copy_(0, slots, v);
+  if (q_scale.has_value()) q = scale_rows(q, *q_scale);
+  write_slots(k_cache, slots, k);
+  write_slots(v_cache, slots, v);
   const at::Tensor attn = decode_attention(q, k_cache, v_cache, table, offsets, lengths, scale);
-  const at::Tensor mid = x + gemv(attn.flatten(1), weights[2]);
+  const at::Tensor mid = add_bf16(x, gemv(attn.flatten(1), weights[2]));
   const at::Tensor h = norm(mid, weights[3], eps);
   const at::Tensor first_expert = at::zeros({tokens}, x.options().dtype(at::kLong));
-  if (weights.size() == 6) return mid + swiglu(h, first_expert, weights[4], weights[5]);
+  if (weights.size() == 6) return add_bf16(mid, swiglu(h, first_expert, weights[4], weights[5]));
   // Llama 4's MoE, one expert per token: the router's sigmoid scales the expert's input.
   const auto [top_logits, top_ids] = at::topk(gemv(h, weights[4]), 1, -1);
   const at::Tensor scores = at::sigmoid(top_logits.to(at::kFloat)).to(x.scalar_type());
-  const at::Tensor routed = swiglu(h * scores, top_ids.reshape({-1}), weights[5], weights[6]);
-  return mid + (swiglu(h, first_expert, weights[7], weights[8]) + routed);
+  const at::Tensor routed = swiglu(scale_rows(h, scores), top_ids.reshape({-1}), weights[5], weights[6]);
+  return add_bf16(mid, add_bf16(swiglu(h, first_expert, weights[7], weights[8]), routed));
 }
 
 }  // namespace
