@@ -2,8 +2,9 @@
 
 At one token a sequence, a small model's layer is a few dozen ops that read their weights in microseconds, and
 the Python around them (module calls, views, casts, the router's topk and sigmoid) costs about as much as the
-kernels: tiny's batch-1 step was ~2.3 ms, llama.cpp's whole step ~1.1. The op runs the layer's own ops in the
-same order from C++, so its output equals the modules' bit for bit (tests/test_cpu_decode_layer.py).
+kernels: tiny's batch-1 step took 1.74 ms through the modules and 1.30 through these ops (one process, alternated;
+benchmarks/RESULTS.md). The op runs the layer's own ops in the same order from C++, so its output equals the
+modules' bit for bit (tests/test_cpu_decode_layer.py).
 
 It serves a step only where every part of every layer is what the op computes: bf16 weights on herd's GEMV
 (`CPUGemvLinearMethod` / `CPUGemvFusedMoEMethod`), one GPU-less rank, no biases, one expert per token, at most
