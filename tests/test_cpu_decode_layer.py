@@ -13,7 +13,7 @@ from herd.layers.quantization import cpu_gemv
 from herd.layers.quantization.select import select_quantization
 from herd.layers.quantization.unquantized import UnquantizedConfig
 from herd.models import llama4_text
-from herd.models.llama4_cpu_decode import fused_layers
+from herd.models.llama4_cpu_decode import fused_layers, fused_step
 from herd.models.loader import load_model
 
 from paged import PagedRunner
@@ -101,3 +101,17 @@ def test_the_op_refuses_a_wrong_weight_list() -> None:
             x, torch.ones(1, 8, dtype=torch.complex64), None, [x[0]] * 3, cache, cache.clone(), ids,
             torch.zeros(1, 2, dtype=torch.long), ids, ids + 1, [4, 2, 16, 1, 1], 0.25, 1e-5,
         )  # fmt: skip
+
+
+def test_a_cache_the_op_cannot_write_keeps_the_modules(scout_ckpt, monkeypatch) -> None:
+    monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
+    model = load_model(scout_ckpt[0], dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
+    layers = fused_layers(model)
+    assert layers is not None
+    x, positions = torch.zeros(1, model.config.hidden_size, dtype=torch.bfloat16), torch.tensor([0])
+    assert fused_step(model, x, positions, None) is None  # no KV cache bound yet
+    runner = PagedRunner(model, max_seqs=1, max_len=16)
+    runner.step([(0, [3, 4, 5])])
+    k, v = layers[0].paged.kv_cache
+    layers[0].paged.kv_cache = (k.transpose(1, 2).contiguous().transpose(1, 2), v)  # same values, other strides
+    assert fused_step(model, x, positions, None) is None

@@ -73,7 +73,7 @@ def fused_step(model: Llama4ForCausalLM, x: torch.Tensor, positions: torch.Tenso
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[0] > GEMV_MAX_ROWS:
         return None
     layers = None if torch.compiler.is_compiling() else fused_layers(model)
-    if layers is None or any(layer.paged.kv_cache is None for layer in layers):
+    if layers is None or any(not _writable(layer.paged.kv_cache) for layer in layers):
         return None
     pools = {}
     for chunked in {layer.chunked for layer in layers}:
@@ -111,6 +111,11 @@ def _fused(layer: Llama4DecoderLayer) -> FusedLayer | None:
         weights += [ffn[0][None], ffn[1][None]]
     dims = [attn.num_heads, attn.num_kv_heads, attn.head_dim, int(attn.spec.use_rope), int(attn.spec.use_qk_norm)]
     return FusedLayer([w.detach() for w in weights], dims, attn, attn.attn, attn.spec.temperature_tuning, attn.eps)
+
+
+def _writable(kv_cache: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+    """Whether the op can write this step's K and V into the layer's cache (it writes contiguous caches)."""
+    return kv_cache is not None and kv_cache[0].is_contiguous() and kv_cache[1].is_contiguous()
 
 
 def _bf16_norm(norm: RMSNorm) -> bool:

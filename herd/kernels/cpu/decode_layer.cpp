@@ -2,16 +2,16 @@
 //
 // At one token a step, the demo model's and tiny's layers are a few dozen small ops each; their weights are read in
 // microseconds, and Python around each op (module calls, views, casts, the router's topk and sigmoid) cost about as
-// much as the kernels. This op runs the same ops in the same order from C++: herd's kernels through the dispatcher
-// and ATen for the glue, so every result is rounded where the Python layer rounds it (the test compares the two bit
-// for bit). It serves bf16 weights on herd's GEMV, one row per sequence, attention on herd's paged decode kernel.
+// much as the kernels. This op runs the same ops in the same order from C++: herd's kernels through the dispatcher,
+// ATen's topk and sigmoid for the router, plain loops for the adds, scalings and the KV write, every result rounded
+// where the Python layer rounds it (the test compares the two bit for bit). It serves bf16 weights on herd's GEMV,
+// a few rows that each attend through herd's paged decode kernel, and contiguous KV caches.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 namespace {
 
