@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class FusedLayer:
+    # Plain fields, though `paged`, `tuned` and `eps` are the attention module's: the step reads them every layer,
+    # and through nn.Module's attribute lookup that costs more than the values are worth.
     weights: list[torch.Tensor]  # decode_layer_bf16's, in its order
     dims: list[int]  # heads, kv heads, head_dim, rope, qk-norm
     attention: Llama4Attention  # its temperature (NoPE layers)
@@ -89,7 +91,8 @@ def _fused(layer: Llama4DecoderLayer) -> FusedLayer | None:
     attn, ff = layer.self_attn, layer.feed_forward
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
     linears = [attn.qkv_proj, attn.o_proj]
-    if hasattr(ff, "experts"):  # Llama4MoE
+    moe = hasattr(ff, "experts")  # Llama4MoE, else Llama4MLP
+    if moe:
         if ff.top_k != 1 or ff.tp_size > 1 or ff.experts.ep_size > 1:
             return None
         if not isinstance(ff.experts.method, CPUGemvFusedMoEMethod) or not hasattr(ff.experts, "gate_up_proj_t"):
@@ -104,7 +107,7 @@ def _fused(layer: Llama4DecoderLayer) -> FusedLayer | None:
         return None
     qkv, o, *ffn = kernel
     weights = [norms[0].weight, qkv, o, norms[1].weight]
-    if hasattr(ff, "experts"):
+    if moe:
         router, shared_gate_up, shared_down = ffn
         weights += [router, ff.experts.gate_up_proj_t, ff.experts.down_proj_t, shared_gate_up[None], shared_down[None]]
     else:

@@ -11,8 +11,8 @@
 //
 // CPUs without AVX-512F get `supported() == false` and herd keeps PyTorch's kernels (no slow fallback here).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <immintrin.h>

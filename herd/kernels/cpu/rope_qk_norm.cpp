@@ -5,8 +5,8 @@
 // pair in fp32 and rounded to the row's dtype, as the reference rounds after RoPE, then normalised from those
 // rounded values in fp32 and rounded once more, as the norm after it does (herd's rms_norm op's own row code).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu_features.h"
