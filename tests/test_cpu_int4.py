@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
 @pytest.mark.parametrize(("n", "k", "group"), [(1, 64, 64), (37, 256, 128), (130, 512, 256), (64, 384, 128)])
 def test_w4a16_matches_the_dequantized_matmul(m: int, n: int, k: int, group: int) -> None:
     gen = torch.Generator().manual_seed(m * 100 + n + k)
@@ -36,6 +36,37 @@ def test_w4a16_matches_the_dequantized_matmul(m: int, n: int, k: int, group: int
     assert got.dtype == torch.bfloat16 and got.shape == (2, m, n)
     # Exact products, fp32 sums in another order: within a bf16 rounding step.
     torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2 * k**0.5)
+
+
+@pytest.mark.parametrize("m", [1, 2])  # the int16 path (VNNI)
+@pytest.mark.parametrize(("k", "group"), [(2048, 128), (1024, 256), (1024, 512)])
+def test_decode_rows_are_the_exact_products_rounded_once(m: int, k: int, group: int) -> None:
+    """One or two rows of x, with outliers 300 times the rest (as real activations have): the bf16 rounding of the
+    exact product but for fp32's summation error, as the bf16 path gives."""
+    gen = torch.Generator().manual_seed(k + group + m)
+    q, scales = quantize_int4_groups(torch.randn(512, k, generator=gen), group)
+    packed, kernel_scales = pack_for_kernel(q, scales, torch.bfloat16)
+    x = torch.randn(m, k, generator=gen)
+    x[:, ::97] *= 300
+    x = x.bfloat16()
+    weight = dequantize_packed(packed, kernel_scales, group).double()
+
+    got = torch.ops.herd_cpu.w4a16_linear(x, packed, kernel_scales, group).double()
+
+    exact = x.double() @ weight.t()
+    bound = 2**-8 * exact.abs() + 1e-6 * (x.double().abs() @ weight.abs().t())  # a bf16 rounding + fp32 sums
+    assert ((got - exact).abs() <= bound).all()
+    assert (got == exact.bfloat16().double()).float().mean() > 0.999
+
+
+def test_decode_rows_carry_infinities_as_the_bf16_path_does() -> None:
+    q, scales = quantize_int4_groups(torch.randn(64, 256), 128)
+    packed, kernel_scales = pack_for_kernel(q, scales, torch.bfloat16)
+    x = torch.randn(3, 256).bfloat16()
+    x[0, 5] = float("inf")
+    three = torch.ops.herd_cpu.w4a16_linear(x, packed, kernel_scales, 128)  # the bf16 path
+    one = torch.ops.herd_cpu.w4a16_linear(x[:1], packed, kernel_scales, 128)
+    assert torch.equal(one.isfinite(), three[:1].isfinite()) and not one.isfinite().all()
 
 
 def test_float32_models_keep_pytorchs_layout_and_float32_rows_meet_herds_dequantized() -> None:

@@ -6,9 +6,11 @@ kernels: tiny's batch-1 step took 1.74 ms through the modules and 1.30 through t
 benchmarks/RESULTS.md). The op runs the layer's own ops in the same order from C++, so its output equals the
 modules' bit for bit (tests/test_cpu_decode_layer.py).
 
-It serves a step only where every part of every layer is what the op computes: bf16 weights on herd's GEMV
-(`CPUGemvLinearMethod` / `CPUGemvFusedMoEMethod`), one GPU-less rank, no biases, one expert per token, at most
-`GEMV_MAX_ROWS` rows that all attend through herd's paged decode kernel; anything else runs the modules.
+It serves a step only where every part of every layer is what the op computes: each linear layer's and expert
+block's method names the kernel it runs for a few bf16 rows (`decode_weights`: herd's bf16 GEMV, W4A16, W8A8 and
+W8A16 kernels), one GPU-less rank, no biases, one expert per token, at most `GEMV_MAX_ROWS` rows that all attend
+through herd's paged decode kernel; anything else runs the modules. Scout-mini's INT4 step, replayed in one process,
+took 22.7 ms through the modules and 18.6-19.3 through these ops (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import torch
 from herd.kernels.cpu import GEMV_MAX_ROWS
 from herd.kernels.cpu import enabled as cpu_kernels_enabled
 from herd.layers.norm import RMSNorm
-from herd.layers.quantization.cpu_gemv import CPUGemvFusedMoEMethod, kernel_weight
+from herd.layers.quantization.base import DecodeWeights
 
 if TYPE_CHECKING:
     from herd.layers.attention import PagedAttention
+    from herd.layers.linear import LinearBase
     from herd.models.llama4_text import Llama4Attention, Llama4DecoderLayer, Llama4ForCausalLM
 
 
@@ -33,6 +36,7 @@ class FusedLayer:
     # Plain fields, though `paged`, `tuned` and `eps` are the attention module's: the step reads them every layer,
     # and through nn.Module's attribute lookup that costs more than the values are worth.
     weights: list[torch.Tensor]  # decode_layer_bf16's, in its order
+    kernels: list[int]  # each linear layer's (DecodeKernel)
     dims: list[int]  # heads, kv heads, head_dim, rope, qk-norm
     attention: Llama4Attention  # its temperature (NoPE layers)
     paged: PagedAttention  # its KV cache, scale and pool
@@ -57,7 +61,7 @@ class FusedStep:
         layer = self.layers[i]
         assert layer.paged.kv_cache is not None
         return torch.ops.herd_cpu.decode_layer_bf16(
-            x, rope, self.q_scale if layer.tuned else None, layer.weights, *layer.paged.kv_cache,
+            x, rope, self.q_scale if layer.tuned else None, layer.weights, layer.kernels, *layer.paged.kv_cache,
             *self.pools[layer.chunked], layer.dims, layer.paged.scale, layer.eps,
         )  # fmt: skip
 
@@ -90,30 +94,37 @@ def fused_step(model: Llama4ForCausalLM, x: torch.Tensor, positions: torch.Tenso
 def _fused(layer: Llama4DecoderLayer) -> FusedLayer | None:
     attn, ff = layer.self_attn, layer.feed_forward
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
-    linears = [attn.qkv_proj, attn.o_proj]
-    moe = hasattr(ff, "experts")  # Llama4MoE, else Llama4MLP
-    if moe:
+    linears = [_linear(attn.qkv_proj), _linear(attn.o_proj)]
+    if hasattr(ff, "experts"):  # Llama4MoE, else Llama4MLP
         if ff.top_k != 1 or ff.tp_size > 1 or ff.experts.ep_size > 1:
             return None
-        if not isinstance(ff.experts.method, CPUGemvFusedMoEMethod) or not hasattr(ff.experts, "gate_up_proj_t"):
-            return None
-        linears += [ff.router, ff.shared_expert.gate_up_proj, ff.shared_expert.down_proj]
+        experts = ff.experts.method.decode_weights(ff.experts)
+        linears += [_linear(ff.router), *(experts or [None]), *_mlp(ff.shared_expert)]
     else:
-        linears += [ff.gate_up_proj, ff.down_proj]
-    if any(linear.tp_size > 1 for linear in linears) or any(not _bf16_norm(n) for n in norms):
+        linears += _mlp(ff)
+    if any(linear is None for linear in linears) or any(not _bf16_norm(n) for n in norms):
         return None
-    kernel = [kernel_weight(linear) for linear in linears]
-    if any(w is None for w in kernel):
-        return None
-    qkv, o, *ffn = kernel
-    weights = [norms[0].weight, qkv, o, norms[1].weight]
-    if moe:
-        router, shared_gate_up, shared_down = ffn
-        weights += [router, ff.experts.gate_up_proj_t, ff.experts.down_proj_t, shared_gate_up[None], shared_down[None]]
-    else:
-        weights += [ffn[0][None], ffn[1][None]]
+    weights = [norms[0].weight, norms[1].weight]
+    for _, tensors in linears:  # type: ignore[misc]
+        weights += tensors
     dims = [attn.num_heads, attn.num_kv_heads, attn.head_dim, int(attn.spec.use_rope), int(attn.spec.use_qk_norm)]
-    return FusedLayer([w.detach() for w in weights], dims, attn, attn.attn, attn.spec.temperature_tuning, attn.eps)
+    kernels = [int(kernel) for kernel, _ in linears]  # type: ignore[misc]
+    fused = FusedLayer(
+        [w.detach() for w in weights], kernels, dims, attn, attn.attn, attn.spec.temperature_tuning, attn.eps
+    )
+    return fused
+
+
+def _linear(layer: LinearBase) -> DecodeWeights | None:
+    if layer.tp_size > 1 or layer.bias is not None:
+        return None
+    return layer.method.decode_weights(layer)
+
+
+def _mlp(mlp: torch.nn.Module) -> list[DecodeWeights | None]:
+    """A dense MLP (or the shared expert) as the op's one-expert block: each tensor with a leading dimension of 1."""
+    parts = [_linear(mlp.gate_up_proj), _linear(mlp.down_proj)]
+    return [None if p is None else (p[0], [t[None] for t in p[1]]) for p in parts]
 
 
 def _writable(kv_cache: tuple[torch.Tensor, torch.Tensor] | None) -> bool:

@@ -1,17 +1,19 @@
 // One Llama 4 decoder layer for a CPU decode step of a few sequences, as one op.
 //
-// At one token a step, the demo model's and tiny's layers are a few dozen small ops each; their weights are read in
-// microseconds, and Python around each op (module calls, views, casts, the router's topk and sigmoid) cost about as
-// much as the kernels. This op runs the same ops in the same order from C++: herd's kernels through the dispatcher,
-// ATen's topk and sigmoid for the router, plain loops for the adds, scalings and the KV write, every result rounded
-// where the Python layer rounds it (the test compares the two bit for bit). It serves bf16 weights on herd's GEMV,
-// a few rows that each attend through herd's paged decode kernel, and contiguous KV caches.
+// At one token a step, a layer is a few dozen small ops; at the demo model's and tiny's sizes their weights are read
+// in microseconds, and at scout-mini's in INT4 the Python around them still cost a quarter of a step. This op runs
+// the modules' ops in the same order from C++: herd's kernels through the dispatcher, ATen for the router's topk and
+// sigmoid and the quantized experts' SiLU product, plain loops for the adds, scalings and the KV write, every result
+// rounded where the Python layer rounds it (the test compares the two bit for bit). Each linear layer is read by the
+// kernel its method names (herd.layers.quantization.base.DecodeKernel: the codes below); activations are bf16, a few
+// rows that each attend through herd's paged decode kernel, and the KV caches contiguous.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -20,9 +22,39 @@ c10::TypedOperatorHandle<Signature> herd_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// herd.layers.quantization.base.DecodeKernel, and how many tensors each reads.
+enum Kernel : int64_t { kBf16 = 0, kInt4 = 1, kW8A8 = 2, kW8A16 = 3 };
+constexpr int64_t kTensors[] = {1, 2, 3, 2};
+
+// A linear layer's kernel and its tensors (a leading expert dimension on the experts').
+struct Linear {
+  int64_t kernel;
+  at::ArrayRef<at::Tensor> tensors;
+};
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w) {
   static const auto op = herd_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("herd_cpu::gemv_bf16");
   return op.call(x, w);
+}
+
+// x [T, in] through the layer (expert `expert` of stacked weights, or -1), as the layer's method calls its kernel.
+at::Tensor linear(const at::Tensor& x, const Linear& layer, int64_t expert = -1) {
+  using Tensor2 = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+  static const auto int8 = herd_op<Tensor2>("herd_cpu::gemv_int8");
+  static const auto w8a8 = herd_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&)>("herd_cpu::w8a8_int8_linear");
+  static const auto int4 =
+      herd_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>("herd_cpu::w4a16_linear");
+  const auto part = [&](size_t i) { return expert < 0 ? layer.tensors[i] : layer.tensors[i].select(0, expert); };
+  switch (layer.kernel) {
+    case kBf16: return gemv(x, part(0));
+    case kInt4: {
+      const at::Tensor packed = part(0), scales = part(1);
+      return int4.call(x, packed, scales, packed.size(1) * 2 / scales.size(1));
+    }
+    case kW8A8: return w8a8.call(x, part(0), part(1), part(2));
+    default: return int8.call(x, part(0), part(1));
+  }
 }
 
 at::Tensor norm(const at::Tensor& x, const at::Tensor& w, double eps) {
@@ -31,11 +63,34 @@ at::Tensor norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return op.call(x, w, eps);
 }
 
-at::Tensor swiglu(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& gate_up, const at::Tensor& down) {
-  static const auto op =
+// Rows x [T, H] each through expert ids[t] of the stacked gate_up and down layers: down(silu(gate) * up).
+at::Tensor experts(const at::Tensor& x, const at::Tensor& ids, const Linear& gate_up, const Linear& down) {
+  static const auto bf16 =
       herd_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
           "herd_cpu::swiglu_experts_bf16");
-  return op.call(x, ids, gate_up, down);
+  if (gate_up.kernel == kBf16 && down.kernel == kBf16) return bf16.call(x, ids, gate_up.tensors[0], down.tensors[0]);
+  // As herd.layers.moe.grouped_experts: each expert once, on the rows that chose it. Every kernel computes a row
+  // independently of the others, so the grouping leaves each row's result as it is.
+  const auto mlp = [&](const at::Tensor& rows, int64_t e) {
+    const at::Tensor both = linear(rows, gate_up, e);
+    const int64_t inter = both.size(1) / 2;
+    return linear(at::silu(both.narrow(1, 0, inter)) * both.narrow(1, inter, inter), down, e);
+  };
+  const int64_t tokens = x.size(0);
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  if (std::all_of(idp, idp + tokens, [&](int64_t e) { return e == idp[0]; })) return mlp(x, idp[0]);
+  at::Tensor out = at::empty_like(x);
+  std::vector<int64_t> done;
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (std::find(done.begin(), done.end(), idp[t]) != done.end()) continue;
+    done.push_back(idp[t]);
+    std::vector<int64_t> rows;
+    for (int64_t u = t; u < tokens; ++u)
+      if (idp[u] == idp[t]) rows.push_back(u);
+    const at::Tensor index = at::tensor(rows, ids.options());
+    out.index_copy_(0, index, mlp(x.index_select(0, index), idp[t]));
+  }
+  return out;
 }
 
 at::Tensor rope_qk_norm(const at::Tensor& qk, const at::Tensor& angles, bool rope, bool qk_norm, double eps) {
@@ -96,23 +151,35 @@ void write_slots(const at::Tensor& cache, const at::Tensor& slots, const at::Ten
 }
 
 // x [T, H] bf16, the residual stream before the layer; returns it after the layer.
-// weights: input norm [H], qkv [(nq + 2 nkv) D, H], o [H, nq D], post-attention norm [H], then the feed-forward:
-//   MoE (5): router [E, H], experts' gate_up [E, 2I, H] and down [E, H, I], shared expert's gate_up [1, 2I, H] and
-//   down [1, H, I]; dense (2): gate_up [1, 2I, H], down [1, H, I].
+// weights: the input norm [H] and the post-attention norm [H], then each linear layer's tensors, their kernels in
+// `kernels`, in this order: qkv [(nq + 2 nkv) D, H], o [H, nq D], then the feed-forward: MoE (5): router [E, H],
+// the experts' gate_up [E, 2I, H] and down [E, H, I], the shared expert's gate_up [1, 2I, H] and down [1, H, I];
+// dense (2): gate_up [1, 2I, H], down [1, H, I].
 // dims: heads, kv heads, head_dim, rope, qk-norm (0/1). q_scale: NoPE layers' temperature per token, fp32 [T].
 // The attention arguments are the paged decode kernel's, and `slots` where this step's K and V go.
 at::Tensor decode_layer_bf16(const at::Tensor& x, const at::Tensor& angles, const std::optional<at::Tensor>& q_scale,
-                             at::TensorList weights, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& slots, const at::Tensor& table, const at::Tensor& offsets,
-                             const at::Tensor& lengths, at::IntArrayRef dims, double scale, double eps) {
+                             at::TensorList weights, at::IntArrayRef kernels, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& table,
+                             const at::Tensor& offsets, const at::Tensor& lengths, at::IntArrayRef dims,
+                             double scale, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "decode_layer_bf16: x must be a bf16 [T, H]");
-  TORCH_CHECK(weights.size() == 9 || weights.size() == 6,
-              "decode_layer_bf16: 4 attention weights and 5 (MoE) or 2 (dense) feed-forward ones, got ",
-              weights.size());
+  TORCH_CHECK(kernels.size() == 7 || kernels.size() == 4,
+              "decode_layer_bf16: 2 attention layers and 5 (MoE) or 2 (dense) feed-forward ones, got ",
+              kernels.size());
   TORCH_CHECK(dims.size() == 5, "decode_layer_bf16: dims must be heads, kv_heads, head_dim, rope, qk_norm");
+  std::vector<Linear> layers;
+  size_t next = 2;  // after the norms
+  for (const int64_t kernel : kernels) {
+    TORCH_CHECK(kernel >= kBf16 && kernel <= kW8A16, "decode_layer_bf16: unknown kernel ", kernel);
+    TORCH_CHECK(next + kTensors[kernel] <= weights.size(), "decode_layer_bf16: ", weights.size(),
+                " weights for kernels ", kernels);
+    layers.push_back({kernel, weights.slice(next, kTensors[kernel])});
+    next += kTensors[kernel];
+  }
+  TORCH_CHECK(next == weights.size(), "decode_layer_bf16: ", weights.size(), " weights for kernels ", kernels);
   const int64_t tokens = x.size(0), heads = dims[0], kv_heads = dims[1], head_dim = dims[2];
   const bool rope = dims[3] != 0, qk_norm = dims[4] != 0;
-  const at::Tensor qkv = gemv(norm(x, weights[0], eps), weights[1]);
+  const at::Tensor qkv = linear(norm(x, weights[0], eps), layers[0]);
   const int64_t q_kv = (heads + kv_heads) * head_dim;
   TORCH_CHECK(qkv.size(1) == q_kv + kv_heads * head_dim, "decode_layer_bf16: qkv has ", qkv.size(1),
               " outputs, the heads need ", q_kv + kv_heads * head_dim);
@@ -125,22 +192,23 @@ at::Tensor decode_layer_bf16(const at::Tensor& x, const at::Tensor& angles, cons
   write_slots(k_cache, slots, k);
   write_slots(v_cache, slots, v);
   const at::Tensor attn = decode_attention(q, k_cache, v_cache, table, offsets, lengths, scale);
-  const at::Tensor mid = add_bf16(x, gemv(attn.flatten(1), weights[2]));
-  const at::Tensor h = norm(mid, weights[3], eps);
+  const at::Tensor mid = add_bf16(x, linear(attn.flatten(1), layers[1]));
+  const at::Tensor h = norm(mid, weights[1], eps);
   const at::Tensor first_expert = at::zeros({tokens}, x.options().dtype(at::kLong));
-  if (weights.size() == 6) return add_bf16(mid, swiglu(h, first_expert, weights[4], weights[5]));
+  if (layers.size() == 4) return add_bf16(mid, experts(h, first_expert, layers[2], layers[3]));
   // Llama 4's MoE, one expert per token: the router's sigmoid scales the expert's input.
-  const auto [top_logits, top_ids] = at::topk(gemv(h, weights[4]), 1, -1);
+  const auto [top_logits, top_ids] = at::topk(linear(h, layers[2]), 1, -1);
   const at::Tensor scores = at::sigmoid(top_logits.to(at::kFloat)).to(x.scalar_type());
-  const at::Tensor routed = swiglu(scale_rows(h, scores), top_ids.reshape({-1}), weights[5], weights[6]);
-  return add_bf16(mid, add_bf16(swiglu(h, first_expert, weights[7], weights[8]), routed));
+  const at::Tensor routed = experts(scale_rows(h, scores), top_ids.reshape({-1}), layers[3], layers[4]);
+  return add_bf16(mid, add_bf16(experts(h, first_expert, layers[5], layers[6]), routed));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(herd_cpu, m) {
   m.def(
-      "decode_layer_bf16(Tensor x, Tensor angles, Tensor? q_scale, Tensor[] weights, Tensor(a!) k_cache, "
+      "decode_layer_bf16(Tensor x, Tensor angles, Tensor? q_scale, Tensor[] weights, int[] kernels, "
+      "Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor slots, Tensor table, Tensor offsets, Tensor lengths, int[] dims, float scale, "
       "float eps) -> Tensor");
 }

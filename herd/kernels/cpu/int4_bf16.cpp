@@ -6,6 +6,14 @@
 // -> the bf16 of nibble - 8, exact), which `vdpbf16ps` multiplies with x's even and odd inputs (x is split once
 // per call) into an fp32 sum per group; each group's sum is scaled by its s and added up in fp32. The weight is
 // read row after row, one stream per thread, and each 32 bytes are expanded once for up to eight rows of x.
+//
+// At one or two rows of x (a decode step) with groups of 128 to 512 inputs, the int16 path runs instead: on the
+// AVX512-BF16 cores measured here `vdpbf16ps` takes ~2 cycles of both vector ports and the table lookups compete for
+// one of them, which held row_dot to ~12 GB/s a thread from cache; int16 VNNI (`vpdpwssd`, ~0.75 cycle) on the
+// nibbles as they lie (masks and shifts, no lookup) reads ~17. x is written once per call as two int16 parts per
+// group, hi + lo / 2^15 times a power of two: hi holds every input within 2^7 of the group's largest exactly (all
+// of bf16's 8 bits), lo the rest to 2^-22 of it, so the products are those of row_dot but for inputs below that;
+// each group's integer sums are exact and the -8 of the nibbles an exact integer correction.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -15,15 +23,150 @@
 #include "cpu_features.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
 constexpr int64_t kTileRows = 16;  // weight rows per tile
 constexpr int64_t kMaxC = 8;  // rows of x per pass over a weight row (16 accumulators in registers)
+constexpr int64_t kInt16MaxRows = 2;  // rows of x up to which the int16 path runs (more: the registers run out)
+constexpr int64_t kChunk = 128;  // inputs per 64 weight bytes
+constexpr int64_t kLanes = 16;  // int32 sums per vector: lane l sums inputs 8l..8l+7 of each chunk
+// Bytes ahead of a weight row's read: with 2048 inputs, four rows ahead. Scout-mini's INT4 decode step, engine alone:
+// 512 bytes ahead 22.6 ms, 2048 17.9-19.4, 4096 16.4-18.8 (the host's noise is as large as the last difference).
+constexpr int64_t kPrefetch = 4096;
 
 bool int4_bf16_supported() { return herd_kernels::has_avx512_bf16(); }
+
+// x for the int16 path: per row and group, x = (hi + lo / 2^15) * unit with unit a power of two.
+struct Int16X {
+  // [m][k], each row in the order the nibbles lie: input 4j + r of a row at r * k / 4 + j (a 64-byte chunk of the
+  // weight read as 32 int16 words holds inputs 4j..4j+3 of the chunk in word j's four nibbles).
+  std::vector<int16_t> hi, lo;
+  std::vector<float> unit;  // [m][groups]
+  std::vector<int32_t> hi_fix, lo_fix;  // [m][groups][kLanes]: -8 * each lane's sum of hi (lo) over the group
+};
+
+// x's parts, or false where a group holds an infinity or NaN (row_dot then carries it to the output).
+HERD_AVX512_VNNI bool split_int16(const uint16_t* x, int64_t m, int64_t k, int64_t group, Int16X& out) {
+  const int64_t groups = k / group, quarter = k / 4;
+  out.hi.resize(m * k);
+  out.lo.resize(m * k);
+  out.unit.resize(m * groups);
+  out.hi_fix.resize(m * groups * kLanes);
+  out.lo_fix.resize(m * groups * kLanes);
+  // 16 inputs 4j + r (j < 4) as r-major: four runs of four, one per nibble position.
+  const __m512i by_nibble = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512 fine = _mm512_set1_ps(32768.0f);
+  for (int64_t c = 0; c < m; ++c) {
+    int16_t* hi = out.hi.data() + c * k;
+    int16_t* lo = out.lo.data() + c * k;
+    for (int64_t g = 0; g < groups; ++g) {
+      const auto* xg = reinterpret_cast<const c10::BFloat16*>(x + c * k + g * group);
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t i = 0; i < group; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(herd_kernels::load16(xg + i)));
+      const float largest = _mm512_reduce_max_ps(amax);
+      if (!std::isfinite(largest)) return false;
+      int exponent = 0;  // largest < 2^exponent
+      std::frexp(largest, &exponent);
+      // |x| * 2^shift < 2^15, and at most 2^15 - 2^7 (8 significant bits): hi fits an int16. Capped where 2^shift
+      // would overflow (a group of values below 2^-111, read as zeros).
+      const int shift = largest > 0 ? std::min(15 - exponent, 126) : 0;
+      const __m512 up = _mm512_set1_ps(std::ldexp(1.0f, shift));
+      out.unit[c * groups + g] = std::ldexp(1.0f, -shift);
+      for (int64_t i = 0; i < group; i += 16) {
+        const __m512 v = _mm512_mul_ps(herd_kernels::load16(xg + i), up);  // exact: a power of two
+        const __m512i h = _mm512_cvtps_epi32(v);  // to nearest, ties to even
+        const __m512i l = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(h)), fine));
+        alignas(32) int16_t hs[16], ls[16];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(hs), _mm512_cvtepi32_epi16(_mm512_permutexvar_epi32(by_nibble, h)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ls), _mm512_cvtepi32_epi16(_mm512_permutexvar_epi32(by_nibble, l)));
+        const int64_t j = (g * group + i) / 4;
+        for (int r = 0; r < 4; ++r) {
+          std::memcpy(hi + r * quarter + j, hs + 4 * r, 4 * sizeof(int16_t));
+          std::memcpy(lo + r * quarter + j, ls + 4 * r, 4 * sizeof(int16_t));
+        }
+      }
+      // The nibbles are q + 8: -8 times each lane's sum of x over the group, as the kernel's lanes add it up.
+      const __m512i ones = _mm512_set1_epi16(1);
+      __m512i hi_sum = _mm512_setzero_si512(), lo_sum = _mm512_setzero_si512();
+      for (int64_t t = g * group / 4; t < (g + 1) * group / 4; t += 32)
+        for (int r = 0; r < 4; ++r) {
+          hi_sum = _mm512_dpwssd_epi32(hi_sum, ones, _mm512_loadu_si512(hi + r * quarter + t));
+          lo_sum = _mm512_dpwssd_epi32(lo_sum, ones, _mm512_loadu_si512(lo + r * quarter + t));
+        }
+      const __m512i minus8 = _mm512_set1_epi32(-8);
+      _mm512_storeu_si512(out.hi_fix.data() + (c * groups + g) * kLanes, _mm512_mullo_epi32(hi_sum, minus8));
+      _mm512_storeu_si512(out.lo_fix.data() + (c * groups + g) * kLanes, _mm512_mullo_epi32(lo_sum, minus8));
+    }
+  }
+  return true;
+}
+
+// R weight rows (rows `stride` bytes apart, their scales `groups` apart) against C rows of x's int16 parts:
+// out[i * C + c] = row i times x row c.
+template <int R, int C>
+HERD_AVX512_VNNI void rows_dot_int16(const uint8_t* w, int64_t stride, const float* scale, int64_t k, int64_t group,
+                                     const Int16X& x, float* out) {
+  const __m512i nibble = _mm512_set1_epi16(0x000F);
+  const __m512 fine = _mm512_set1_ps(1.0f / 32768.0f);
+  const int64_t bytes_per_group = group / 2, quarter = k / 4, groups = k / group;
+  __m512 total[R][C];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) total[i][c] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i hi[R][C], lo[R][C];
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < C; ++c) {
+        hi[i][c] = _mm512_loadu_si512(x.hi_fix.data() + (c * groups + g) * kLanes);
+        lo[i][c] = _mm512_loadu_si512(x.lo_fix.data() + (c * groups + g) * kLanes);
+      }
+    for (int64_t t = g * bytes_per_group; t < (g + 1) * bytes_per_group; t += 64) {
+      for (int i = 0; i < R; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + i * stride + t + kPrefetch), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(w + i * stride + t);
+        const __m512i n[4] = {_mm512_and_si512(v, nibble), _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble),
+                              _mm512_and_si512(_mm512_srli_epi16(v, 8), nibble), _mm512_srli_epi16(v, 12)};
+        for (int c = 0; c < C; ++c)
+          for (int r = 0; r < 4; ++r) {
+            const int64_t at = c * k + r * quarter + t / 2;
+            hi[i][c] = _mm512_dpwssd_epi32(hi[i][c], n[r], _mm512_loadu_si512(x.hi.data() + at));
+            lo[i][c] = _mm512_dpwssd_epi32(lo[i][c], n[r], _mm512_loadu_si512(x.lo.data() + at));
+          }
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < C; ++c) {
+        // |each lane| < 2^24: exact in fp32; s * unit is exact (unit is a power of two).
+        const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[i][c]), fine, _mm512_cvtepi32_ps(hi[i][c]));
+        const __m512 s = _mm512_set1_ps(scale[i * groups + g] * x.unit[c * groups + g]);
+        total[i][c] = _mm512_fmadd_ps(s, sum, total[i][c]);
+      }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) out[i * C + c] = _mm512_reduce_add_ps(total[i][c]);
+}
+
+// Weight rows [begin, end) against the C rows of x, two weight rows at a time: y [C, n] in bf16.
+template <int C>
+void int16_rows(const uint8_t* w, const float* scales, int64_t n, int64_t k, int64_t group, const Int16X& x,
+                int64_t begin, int64_t end, at::BFloat16* y) {
+  const int64_t half = k / 2, groups = k / group;
+  float out[2 * C];
+  int64_t r = begin;
+  for (; r + 2 <= end; r += 2) {
+    rows_dot_int16<2, C>(w + r * half, half, scales + r * groups, k, group, x, out);
+    for (int i = 0; i < 2; ++i)
+      for (int c = 0; c < C; ++c) y[c * n + r + i] = at::BFloat16(out[i * C + c]);
+  }
+  if (r < end) {
+    rows_dot_int16<1, C>(w + r * half, half, scales + r * groups, k, group, x, out);
+    for (int c = 0; c < C; ++c) y[c * n + r] = at::BFloat16(out[c]);
+  }
+}
 
 uint16_t bf16_bits(float v) {
   uint32_t bits;
@@ -72,24 +215,41 @@ at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at:
               "w4a16_linear: scales must be [N, K / group] = [", n, ", ", k / group, "]");
   auto shape = x.sizes().vec();
   shape.back() = n;
-  const at::Tensor x2 = x.reshape({-1, k});
+  const at::Tensor x2 = x.reshape({-1, k}).contiguous();
   const int64_t m = x2.size(0), half = k / 2;
-  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  if (m == 0 || n == 0) return y.to(x.scalar_type()).view(shape);
-  // x's even and odd inputs, each row [k / 2] bf16, matching the low and high nibbles.
-  const at::Tensor pairs = x2.contiguous().view({m, half, 2});
-  const at::Tensor even_t = pairs.select(2, 0).contiguous(), odd_t = pairs.select(2, 1).contiguous();
-  const auto* even = reinterpret_cast<const uint16_t*>(even_t.data_ptr<at::BFloat16>());
-  const auto* odd = reinterpret_cast<const uint16_t*>(odd_t.data_ptr<at::BFloat16>());
+  // bf16 out, each fp32 sum rounded once as a conversion of an fp32 result would; no TensorIterator call per
+  // step (a decode step makes dozens of these calls, each a few microseconds of setup around a short read).
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y.view(shape);
+  const auto* xp = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
   const at::Tensor s = scales.to(at::kFloat).contiguous();
   const float* sp = s.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  alignas(64) uint16_t entries[32] = {};
-  for (int v = 0; v < 16; ++v) entries[v] = bf16_bits(static_cast<float>(v - 8));
+  auto* yp = y.data_ptr<at::BFloat16>();
   const int64_t groups = k / group;
   // A task is ~256 KiB of weight, as in gemv.cpp.
   const int64_t rows_per_task = std::max<int64_t>(1, 256 * 1024 / std::max<int64_t>(half, 1));
+  Int16X parts;
+  if (m <= kInt16MaxRows && group % kChunk == 0 && group <= 4 * kChunk && herd_kernels::has_avx512_vnni() &&
+      split_int16(xp, m, k, group, parts)) {
+    herd_kernels::parallel_rows(m, 0, n, rows_per_task, [&](int64_t begin, int64_t end) {
+      if (m == 1)
+        int16_rows<1>(wp, sp, n, k, group, parts, begin, end, yp);
+      else
+        int16_rows<2>(wp, sp, n, k, group, parts, begin, end, yp);
+    });
+    return y.view(shape);
+  }
+  // x's even and odd inputs, each row [k / 2] bf16, matching the low and high nibbles.
+  std::vector<uint16_t> split(2 * m * half);
+  uint16_t* even = split.data();
+  uint16_t* odd = even + m * half;
+  for (int64_t i = 0; i < m * half; ++i) {
+    even[i] = xp[2 * i];
+    odd[i] = xp[2 * i + 1];
+  }
+  alignas(64) uint16_t entries[32] = {};
+  for (int v = 0; v < 16; ++v) entries[v] = bf16_bits(static_cast<float>(v - 8));
   herd_kernels::parallel_rows(m, 0, n, rows_per_task, [&](int64_t begin, int64_t end) {
     float out[kMaxC];
     // Weight rows in tiles: with many rows of x (a prefill), each block of x rows meets a tile of weight rows
@@ -113,12 +273,12 @@ at::Tensor w4a16_linear(const at::Tensor& x, const at::Tensor& packed, const at:
             case 2: row_dot<2>(w, scale, k, group, e, o, half, entries, out); break;
             default: row_dot<1>(w, scale, k, group, e, o, half, entries, out); break;
           }
-          for (int64_t c = 0; c < cc; ++c) yp[(c0 + c) * n + r] = out[c];
+          for (int64_t c = 0; c < cc; ++c) yp[(c0 + c) * n + r] = at::BFloat16(out[c]);
         }
       }
     }
   });
-  return y.to(x.scalar_type()).view(shape);
+  return y.view(shape);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@ of each layer it builds.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from enum import IntEnum
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -18,6 +19,19 @@ from herd.layers.parameters import new_parameter
 if TYPE_CHECKING:
     from herd.layers.linear import LinearBase
     from herd.layers.moe import FusedMoE
+
+
+class DecodeKernel(IntEnum):
+    """The kernels through which herd's fused CPU decode layer (herd/kernels/cpu/decode_layer.cpp, the same codes)
+    computes a layer for a few bf16 rows, and the tensors each reads, in this order."""
+
+    BF16 = 0  # weight [out, in] bf16: herd_cpu::gemv_bf16
+    INT4 = 1  # uint8 [out, in / 2] (herd's INT4 layout), fp32 scales [out, groups]: herd_cpu::w4a16_linear
+    W8A8 = 2  # VNNI-packed int8, fp32 scales [out], int32 row sums [out]: herd_cpu::w8a8_int8_linear
+    W8A16 = 3  # int8 [out, in], scales [out]: herd_cpu::gemv_int8
+
+
+DecodeWeights = tuple[DecodeKernel, list[torch.Tensor]]
 
 
 class LinearMethodBase(ABC):
@@ -38,6 +52,11 @@ class LinearMethodBase(ABC):
         one for these rows; None: the caller runs the two layers."""
         return None
 
+    def decode_weights(self, layer: LinearBase) -> DecodeWeights | None:
+        """The kernel and tensors with which the fused CPU decode layer computes this layer for a few bf16 rows
+        exactly as apply() does; None where it cannot (the layer then keeps its modules)."""
+        return None
+
 
 class FusedMoEMethodBase(ABC):
     @abstractmethod
@@ -54,6 +73,12 @@ class FusedMoEMethodBase(ABC):
 
     def process_weights_after_loading(self, layer: FusedMoE) -> None:  # noqa: B027  (optional hook)
         """Repack loaded weights for the kernel (called once, after every tensor is loaded)."""
+
+    def decode_weights(self, layer: FusedMoE) -> tuple[DecodeWeights, DecodeWeights] | None:
+        """As `LinearMethodBase.decode_weights`, for the experts' gate_up and down projections, each tensor with
+        a leading expert dimension; apply() must run each expert as down(silu(gate) * up) on the rows that chose
+        it, rows independent of each other."""
+        return None
 
 
 class QuantizationConfig(ABC):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from herd.kernels.cpu import GEMV_MAX_ROWS, enabled
 from herd.layers.moe import grouped_experts
+from herd.layers.quantization.base import DecodeKernel, DecodeWeights
 from herd.layers.quantization.unquantized import (
     SMALL_EXPERTS_BYTES,
     CPUPackedFusedMoEMethod,
@@ -92,6 +93,10 @@ class CPUGemvLinearMethod(CPUPackedLinearMethod):
         out = torch.ops.herd_cpu.swiglu_experts_bf16(rows, one_expert, weights[0][None], weights[1][None])
         return out.view(*x.shape[:-1], out.shape[-1])
 
+    def decode_weights(self, layer: LinearBase) -> DecodeWeights | None:
+        weight = kernel_weight(layer)
+        return None if weight is None else (DecodeKernel.BF16, [weight])
+
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if "weight" in layer._parameters:
             out = bf16_linear(x, layer.weight)
@@ -149,3 +154,8 @@ class CPUGemvFusedMoEMethod(CPUPackedFusedMoEMethod):
             return bf16_linear(F.silu(gate) * up, layer.down_proj_t[e])
 
         return grouped_experts(x, expert_ids, expert)
+
+    def decode_weights(self, layer: FusedMoE) -> tuple[DecodeWeights, DecodeWeights] | None:
+        if not hasattr(layer, "gate_up_proj_t"):
+            return None
+        return (DecodeKernel.BF16, [layer.gate_up_proj_t]), (DecodeKernel.BF16, [layer.down_proj_t])

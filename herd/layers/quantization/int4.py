@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from herd.kernels.cpu import enabled as cpu_kernels_enabled
 from herd.layers.moe import grouped_experts
 from herd.layers.parameters import WeightShapeError, new_parameter
-from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase
+from herd.layers.quantization.base import DecodeKernel, DecodeWeights, FusedMoEMethodBase, LinearMethodBase
 from herd.layers.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
 
 if TYPE_CHECKING:
@@ -137,6 +137,12 @@ class _Int4Linear:
         out = int4_linear(x, layer.weight_int4, layer.weight_int4_scale, layer.group_size)
         return out if bias is None else out + bias
 
+    @staticmethod
+    def decode_weights(layer: LinearBase) -> DecodeWeights | None:
+        if layer.weight_int4.device.type != "cpu" or layer.weight_int4_scale.dim() != 2:  # not herd's CPU layout
+            return None
+        return DecodeKernel.INT4, [layer.weight_int4, layer.weight_int4_scale]
+
 
 def load_linear_shape(
     layer: LinearBase, param: torch.nn.Parameter, loaded: torch.Tensor, shard_id: object = None
@@ -172,6 +178,9 @@ class Int4CheckpointLinearMethod(LinearMethodBase):
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _Int4Linear.apply(layer, x, bias)
 
+    def decode_weights(self, layer: LinearBase) -> DecodeWeights | None:
+        return _Int4Linear.decode_weights(layer)
+
 
 class Int4OnlineLinearMethod(UnquantizedLinearMethod):
     """--quantization w4a16: loads as the unquantized method does, then quantizes per group."""
@@ -190,6 +199,9 @@ class Int4OnlineLinearMethod(UnquantizedLinearMethod):
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _Int4Linear.apply(layer, x, bias)
+
+    def decode_weights(self, layer: LinearBase) -> DecodeWeights | None:
+        return _Int4Linear.decode_weights(layer)
 
 
 def _finish_experts(layer: FusedMoE, name: str, parts: list[tuple[torch.Tensor, torch.Tensor]], group: int,
@@ -217,6 +229,14 @@ def _int4_experts(layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) ->
         return int4_linear(F.silu(gate) * up, layer.down_int4[e], layer.down_int4_scale[e], layer.down_group)
 
     return grouped_experts(x, expert_ids, expert)
+
+
+def _int4_decode_weights(layer: FusedMoE) -> tuple[DecodeWeights, DecodeWeights] | None:
+    herd_layout = layer.gate_up_int4_scale.dim() == 3 and layer.down_int4_scale.dim() == 3  # each part chose its own
+    if layer.gate_up_int4.device.type != "cpu" or not herd_layout:
+        return None
+    gate_up = DecodeKernel.INT4, [layer.gate_up_int4, layer.gate_up_int4_scale]
+    return gate_up, (DecodeKernel.INT4, [layer.down_int4, layer.down_int4_scale])
 
 
 def load_expert_shape(
@@ -262,6 +282,9 @@ class Int4CheckpointMoEMethod(FusedMoEMethodBase):
     def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         return _int4_experts(layer, x, expert_ids)
 
+    def decode_weights(self, layer: FusedMoE) -> tuple[DecodeWeights, DecodeWeights] | None:
+        return _int4_decode_weights(layer)
+
 
 class Int4OnlineMoEMethod(UnquantizedFusedMoEMethod):
     """--quantization w4a16 for experts loaded in HF's fused layout (gate_up [E, H, 2I], down [E, I, H])."""
@@ -281,3 +304,6 @@ class Int4OnlineMoEMethod(UnquantizedFusedMoEMethod):
 
     def apply(self, layer: FusedMoE, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         return _int4_experts(layer, x, expert_ids)
+
+    def decode_weights(self, layer: FusedMoE) -> tuple[DecodeWeights, DecodeWeights] | None:
+        return _int4_decode_weights(layer)

@@ -19,7 +19,13 @@ import torch.nn.functional as F
 
 from herd.kernels.cpu import GEMV_MAX_ROWS, enabled
 from herd.layers.moe import grouped_experts
-from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase, QuantizationConfig
+from herd.layers.quantization.base import (
+    DecodeKernel,
+    DecodeWeights,
+    FusedMoEMethodBase,
+    LinearMethodBase,
+    QuantizationConfig,
+)
 from herd.layers.quantization.unquantized import UnquantizedFusedMoEMethod, UnquantizedLinearMethod
 
 if TYPE_CHECKING:
@@ -66,6 +72,11 @@ class Int8LinearMethod(UnquantizedLinearMethod):
         out = int8_linear(x, layer.weight_int8, layer.weight_scale)
         return out if bias is None else out + bias
 
+    def decode_weights(self, layer: LinearBase) -> DecodeWeights | None:
+        if layer.weight_int8.device.type != "cpu" or not enabled():
+            return None
+        return DecodeKernel.W8A16, [layer.weight_int8, layer.weight_scale]
+
 
 class Int8FusedMoEMethod(UnquantizedFusedMoEMethod):
     """Each expert's two projections as INT8 linear weights: gate_up [2I, H], down [H, I]."""
@@ -86,6 +97,12 @@ class Int8FusedMoEMethod(UnquantizedFusedMoEMethod):
             return int8_linear(F.silu(gate) * up, layer.down_int8[e], layer.down_scale[e])
 
         return grouped_experts(x, expert_ids, expert)
+
+    def decode_weights(self, layer: FusedMoE) -> tuple[DecodeWeights, DecodeWeights] | None:
+        if layer.gate_up_int8.device.type != "cpu" or not enabled():
+            return None
+        gate_up = DecodeKernel.W8A16, [layer.gate_up_int8, layer.gate_up_scale]
+        return gate_up, (DecodeKernel.W8A16, [layer.down_int8, layer.down_scale])
 
 
 class Int8Config(QuantizationConfig):

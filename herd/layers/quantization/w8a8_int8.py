@@ -19,10 +19,16 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from herd.kernels.cpu.int8_vnni import prepare_weight, w8a8_linear
+from herd.kernels.cpu.int8_vnni import prepare_weight, vnni_enabled, w8a8_linear
 from herd.layers.moe import grouped_experts
 from herd.layers.parameters import new_parameter
-from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase, create_per_channel_expert_weights
+from herd.layers.quantization.base import (
+    DecodeKernel,
+    DecodeWeights,
+    FusedMoEMethodBase,
+    LinearMethodBase,
+    create_per_channel_expert_weights,
+)
 from herd.layers.quantization.int8 import Int8Config
 from herd.layers.quantization.unquantized import (
     UnquantizedFusedMoEMethod,
@@ -63,6 +69,11 @@ class W8A8Int8LinearMethod(UnquantizedLinearMethod):
         out = w8a8_linear(x, layer.weight_int8, layer.weight_scale, layer.weight_sum)
         return out if bias is None else out + bias
 
+    def decode_weights(self, layer: LinearBase) -> DecodeWeights | None:
+        if layer.weight_int8.device.type != "cpu" or not vnni_enabled():  # the weight as is, for torch._int_mm
+            return None
+        return DecodeKernel.W8A8, [layer.weight_int8, layer.weight_scale, layer.weight_sum]
+
 
 class W8A8Int8FusedMoEMethod(UnquantizedFusedMoEMethod):
     """Each expert's two projections as W8A8 linear weights: gate_up [E, 2I, H], down [E, H, I]."""
@@ -83,6 +94,12 @@ class W8A8Int8FusedMoEMethod(UnquantizedFusedMoEMethod):
             return w8a8_linear(F.silu(gate) * up, layer.down_int8[e], layer.down_scale[e], layer.down_sum[e])
 
         return grouped_experts(x, expert_ids, expert)
+
+    def decode_weights(self, layer: FusedMoE) -> tuple[DecodeWeights, DecodeWeights] | None:
+        if layer.gate_up_int8.device.type != "cpu" or not vnni_enabled():
+            return None
+        gate_up = DecodeKernel.W8A8, [layer.gate_up_int8, layer.gate_up_scale, layer.gate_up_sum]
+        return gate_up, (DecodeKernel.W8A8, [layer.down_int8, layer.down_scale, layer.down_sum])
 
 
 def _register(layer: torch.nn.Module, prefix: str, q: torch.Tensor, scales: torch.Tensor) -> None:
@@ -128,6 +145,7 @@ class W8A8Int8CheckpointLinearMethod(LinearMethodBase):
         _register(layer, "weight_", q, scales)
 
     apply = W8A8Int8LinearMethod.apply
+    decode_weights = W8A8Int8LinearMethod.decode_weights
 
 
 class W8A8Int8CheckpointMoEMethod(FusedMoEMethodBase):
@@ -145,6 +163,7 @@ class W8A8Int8CheckpointMoEMethod(FusedMoEMethodBase):
             _register_experts(layer, f"{name}_", q.shape[0], lambda e, q=q, s=scales: (q[e], s[e, :, 0]))
 
     apply = W8A8Int8FusedMoEMethod.apply
+    decode_weights = W8A8Int8FusedMoEMethod.decode_weights
 
 
 class W8A8Int8Config(Int8Config):
