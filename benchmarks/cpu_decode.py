@@ -6,8 +6,8 @@ same checkpoint, alternating, e.g.
 
     for v in 1 0 1 0; do HERD_CPU_GEMV=$v python benchmarks/cpu_decode.py /tmp/herd-peers/scout-mini; done
 
-and the compiled decode step with eager the same way (`--enable-torch-compile`; `slowest_warmup_step_s` is
-about the compilation, `load_s` the engine's start).
+weights in huge pages with 4 KiB ones the same way (HERD_CPU_HUGE_PAGES=0), and the compiled decode step with
+eager (`--enable-torch-compile`; `slowest_warmup_step_s` is about the compilation, `load_s` the engine's start).
 """
 
 from __future__ import annotations

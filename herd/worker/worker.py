@@ -32,6 +32,7 @@ from herd.sampling import Sampler, SampleResult, SamplingState
 from herd.speculative import make_proposer
 from herd.worker.cpu_malloc import keep_freed_memory
 from herd.worker.cuda_graphs import DecodeGraphRunner, build_decode_graphs, graphs_enabled
+from herd.worker.huge_pages import move_to_huge_pages
 from herd.worker.images import release_finished_images, step_image_features
 from herd.worker.inputs import build_step_inputs
 from herd.worker.kv_sizing import KVPlan, plan_kv_cache
@@ -87,6 +88,7 @@ class Worker:
             ),
         )
         if self.device.type == "cpu":
+            move_to_huge_pages(self.model)
             # From here on a step's temporaries stay in the process instead of faulting in each step; set after
             # loading, whose one-off transients should go back to the system.
             keep_freed_memory()
