@@ -3,8 +3,12 @@ carries only each step's new tokens."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import queue
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -143,3 +147,50 @@ def test_the_pipe_carries_only_new_tokens(scout_ckpt) -> None:
     finally:
         client.close()
     assert 0 < size_at[4000] <= 2 * size_at[10]
+
+
+def test_messages_on_the_event_loop_and_the_death_of_the_process(scout_ckpt) -> None:
+    """With a loop, the client reads the pipe on that loop (no thread of its own), and a killed engine process
+    arrives as a last message naming the signal."""
+    args = ServerArgs(model_path=str(scout_ckpt[0]), dtype="float32", max_total_tokens=64, page_size=4)
+    client = ProcessCoreClient(args.to_config().engine)
+
+    async def run() -> tuple[list[int], set[int], CoreMessage]:
+        loop = asyncio.get_running_loop()
+        messages: asyncio.Queue[CoreMessage] = asyncio.Queue()
+        threads: set[int] = set()
+
+        def on_message(message: CoreMessage) -> None:
+            threads.add(threading.get_ident())
+            messages.put_nowait(message)
+
+        client.start(on_message, loop)
+        config = args.to_config()
+        processor = InputProcessor(config.frontend, config.engine.model, None, 64, client.info)
+        request = processor.process("1", [5, 6, 7], GREEDY)
+        client.add_requests(request.core_requests)
+        tokens: list[int] = []
+        while len(tokens) < GREEDY.max_tokens:
+            message = await asyncio.wait_for(messages.get(), 120)
+            tokens += [t for out in message.outputs for t in out.new_token_ids]
+        os.kill(client._process.pid, signal.SIGKILL)
+        while (message := await asyncio.wait_for(messages.get(), 60)).dead is None:
+            pass
+        return tokens, threads, message
+
+    try:
+        tokens, threads, last = asyncio.run(run())
+    finally:
+        client.close()
+    assert threads == {threading.get_ident()}  # asyncio.run's loop runs on this thread
+    assert tokens == in_process_tokens(args, [5, 6, 7])
+    assert "killed by SIGKILL" in str(last.dead)
+    assert not client.alive
+
+
+def in_process_tokens(args: ServerArgs, prompt: list[int]) -> list[int]:
+    local = in_process(args)
+    try:
+        return next(iter(local.run([prompt]).values()))
+    finally:
+        local.client.close()

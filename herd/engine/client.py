@@ -2,7 +2,8 @@
 
 Both clients run the same loop (`run_core_loop`): take the queued commands (waiting for one while there is
 no work), run a step when there is work, send one `CoreMessage` back. The caller sends requests and aborts
-without waiting, and gets every message through the callback it gave `start`, on the client's thread.
+without waiting, and gets every message through the callback it gave `start`: on the asyncio loop it names, or
+else on the client's thread.
 
 `ProcessCoreClient` is what the server uses: the core gets its own interpreter and all of torch's threads,
 so the HTTP side never competes with it for the GIL. Messages cross the pipe pickled, and hold only the
@@ -11,6 +12,7 @@ step's new tokens: their size does not grow with how long the outputs are.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -21,6 +23,7 @@ import queue
 import signal
 import threading
 from collections.abc import Callable
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -81,9 +84,11 @@ class InprocCoreClient:
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def start(self, on_message: OnMessage) -> None:
+    def start(self, on_message: OnMessage, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Run the core on a thread; `on_message` is called on `loop` if given, else on that thread."""
+        deliver = on_message if loop is None else partial(_call_soon, loop, on_message)
         self._thread = threading.Thread(
-            target=run_core_loop, args=(self.core, self._next_commands, on_message), name="herd-engine", daemon=True
+            target=run_core_loop, args=(self.core, self._next_commands, deliver), name="herd-engine", daemon=True
         )
         self._thread.start()
 
@@ -151,9 +156,34 @@ class ProcessCoreClient:
         self.info: CoreInfo = payload
         logger.info("the engine core runs in process %d", self._process.pid)
 
-    def start(self, on_message: OnMessage) -> None:
-        self._reader = threading.Thread(target=self._read, args=(on_message,), name="herd-engine-reader", daemon=True)
-        self._reader.start()
+    def start(self, on_message: OnMessage, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Read the core's messages: on `loop` whenever the pipe is readable (the server: no thread to hand each
+        message over, whose wake-up and GIL hand-off cost every streamed token), or on a reader thread."""
+        if loop is None:
+            self._reader = threading.Thread(
+                target=self._read, args=(on_message,), name="herd-engine-reader", daemon=True
+            )
+            self._reader.start()
+        else:
+            loop.add_reader(self._messages.fileno(), self._read_ready, loop, on_message)
+
+    def _read_ready(self, loop: asyncio.AbstractEventLoop, on_message: OnMessage) -> None:
+        """One message (the loop calls again while more are in the pipe: asking it costs more than another turn).
+        The core writes a message whole, so a readable pipe never leaves the loop waiting long."""
+        try:
+            data = self._messages.recv_bytes()
+        except (EOFError, OSError):
+            loop.remove_reader(self._messages.fileno())
+            # Off the loop: the exit status can take a moment (joining the process) to be known.
+            with contextlib.suppress(RuntimeError):  # the loop is shutting down: nobody is left to tell
+                cause = loop.run_in_executor(None, self._exit_cause)
+                cause.add_done_callback(lambda done: on_message(CoreMessage(dead=RuntimeError(done.result()))))
+            return
+        message: CoreMessage = pickle.loads(data)
+        message.nbytes = len(data)
+        on_message(message)
+        if message.dead is not None:
+            loop.remove_reader(self._messages.fileno())
 
     def _read(self, on_message: OnMessage) -> None:
         while True:
@@ -221,6 +251,11 @@ class ProcessCoreClient:
             if self._process.is_alive():
                 self._process.kill()
                 self._process.join(timeout)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, on_message: OnMessage, message: CoreMessage) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
+        loop.call_soon_threadsafe(on_message, message)
 
 
 def _child_main(config: EngineConfig, log_level: str, commands: Connection, messages: Connection) -> None:

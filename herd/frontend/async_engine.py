@@ -9,7 +9,6 @@ only hands each message over (`loop.call_soon_threadsafe`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -174,7 +173,7 @@ class AsyncEngine:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.client.start(self._from_client_thread)
+        self.client.start(self._on_message, self._loop)
 
     async def shutdown(self) -> None:
         if self.error is None:
@@ -245,11 +244,6 @@ class AsyncEngine:
             self.client.abort_requests(core_ids)
 
     # -- messages from the core ------------------------------------------------------------------------------
-
-    def _from_client_thread(self, message: CoreMessage) -> None:
-        assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
-            self._loop.call_soon_threadsafe(self._on_message, message)
 
     def _on_message(self, message: CoreMessage) -> None:
         self.stats = message.stats
