@@ -2,8 +2,8 @@
 
 Everything here runs on the event loop: checking and tokenizing requests (images off the loop), sending
 them to the core, and turning the core's messages (new token ids per sequence) into one stream of deltas
-per request, with text, stop strings and `n` handled by the `OutputProcessor`. The core client's thread
-only hands each message over (`loop.call_soon_threadsafe`).
+per request, with text, stop strings and `n` handled by the `OutputProcessor`. The core's messages arrive on
+the loop too: the process client reads its pipe there, the in-process core's thread hands them over.
 """
 
 from __future__ import annotations
