@@ -101,3 +101,15 @@ def test_the_engine_reads_its_weights_from_huge_pages(real_vocab_ckpt: tuple[Pat
     assert large
     for t in large:
         assert huge_kib_at(t.data_ptr()) >= 2048
+
+
+@needs_thp
+def test_no_mapping_for_the_copy_leaves_the_weights_where_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(huge_pages.mmap, "mmap", refuse)
+    model = Layer()
+    ptr = model.weight.data_ptr()
+    assert move_to_huge_pages(model) == 0
+    assert model.weight.data_ptr() == ptr

@@ -109,7 +109,11 @@ def move_to_huge_pages(model: nn.Module) -> int:
         return 0
     sizes = [group[0][2].untyped_storage().nbytes() for group in groups]
     spans = [-(-size // 4096) * 4096 for size in sizes]  # each storage on pages of its own
-    mm = mmap.mmap(-1, sum(spans) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mm = mmap.mmap(-1, sum(spans) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:  # e.g. strict overcommit accounting: the copy would briefly hold a storage twice
+        logger.warning("weights stay in 4 KiB pages: no mapping of %d bytes for them (%s)", sum(spans), e)
+        return 0
     mm.madvise(mmap.MADV_HUGEPAGE)
     offset = -_address(mm) % HUGE_PAGE
     with torch.no_grad():
