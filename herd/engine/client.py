@@ -170,33 +170,37 @@ class ProcessCoreClient:
     def _read_ready(self, loop: asyncio.AbstractEventLoop, on_message: OnMessage) -> None:
         """One message (the loop calls again while more are in the pipe: asking it costs more than another turn).
         The core writes a message whole, so a readable pipe never leaves the loop waiting long."""
-        try:
-            data = self._messages.recv_bytes()
-        except (EOFError, OSError):
+        message = self._receive()
+        if message is None:
             loop.remove_reader(self._messages.fileno())
             # Off the loop: the exit status can take a moment (joining the process) to be known.
             with contextlib.suppress(RuntimeError):  # the loop is shutting down: nobody is left to tell
                 cause = loop.run_in_executor(None, self._exit_cause)
                 cause.add_done_callback(lambda done: on_message(CoreMessage(dead=RuntimeError(done.result()))))
             return
-        message: CoreMessage = pickle.loads(data)
-        message.nbytes = len(data)
         on_message(message)
         if message.dead is not None:
             loop.remove_reader(self._messages.fileno())
 
     def _read(self, on_message: OnMessage) -> None:
         while True:
-            try:
-                data = self._messages.recv_bytes()
-            except (EOFError, OSError):
+            message = self._receive()
+            if message is None:
                 on_message(CoreMessage(dead=RuntimeError(self._exit_cause())))
                 return
-            message: CoreMessage = pickle.loads(data)
-            message.nbytes = len(data)
             on_message(message)
             if message.dead is not None:
                 return
+
+    def _receive(self) -> CoreMessage | None:
+        """The next message from the pipe (waiting for it), None once the pipe is closed."""
+        try:
+            data = self._messages.recv_bytes()
+        except (EOFError, OSError):
+            return None
+        message: CoreMessage = pickle.loads(data)
+        message.nbytes = len(data)
+        return message
 
     def _exit_cause(self) -> str:
         with self._process_lock:
