@@ -100,3 +100,15 @@ def test_triton_backend_on_the_cpu_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ArgumentError, match="--attention-backend triton needs a CUDA GPU.*torch_native"):
         ServerArgs(model_path="x", attention_backend="triton", device="cpu")
+
+
+def test_zero_blocks_clears_the_named_blocks_of_every_layer_and_no_other() -> None:
+    storage = PagedKVStorage(CONFIG, num_full_blocks=12, num_local_blocks=10, block_size=4, dtype=torch.bfloat16)
+    storage.full.fill_(float("nan"))
+    storage.local.fill_(float("nan"))
+    full, local = [7, 2, 3, 4, 11], [0, 9, 5]  # unsorted, with a run (2-4) and lone blocks
+    storage.zero_blocks(full, local)
+    for pool, zeroed in ((storage.full, set(full)), (storage.local, set(local))):
+        for block in range(pool.shape[2]):
+            values = pool[:, :, block]
+            assert bool((values == 0).all()) if block in zeroed else bool(values.isnan().all()), block

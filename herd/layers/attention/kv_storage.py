@@ -39,10 +39,17 @@ class PagedKVStorage:
     def zero_blocks(self, full: list[int], local: list[int]) -> None:
         """Clear blocks used for the first time: attention may read (masked) slots nobody wrote yet,
         and uninitialised memory can hold NaN, which a mask does not neutralise."""
-        if full:
-            self.full[:, :, full] = 0
-        if local:
-            self.local[:, :, local] = 0
+        for pool, blocks in ((self.full, full), (self.local, local)):
+            if not blocks:
+                continue
+            if pool.device.type != "cpu":
+                pool[:, :, blocks] = 0
+                continue
+            # On the CPU, a block at a time (a run of consecutive ones at once): ATen's index_put runs an OpenMP
+            # region even for one small block, and OpenMP's idle threads then spin for a while on the cores a decode
+            # step's kernels run on (tiny's batch-1 decode: 5-12% slower; benchmarks/RESULTS.md).
+            for start, end in _runs(sorted(blocks)):
+                pool[:, :, start:end].zero_()
 
     def move_slots(self, full: tuple[list[int], list[int]], local: tuple[list[int], list[int]]) -> None:
         """Copy every layer's K/V from slots src to slots dst ((src, dst) per pool; slot = block * block_size +
@@ -64,6 +71,17 @@ class PagedKVStorage:
         layers = sum(spec.chunked == chunked for spec in config.layers)
         heads = kv_heads_per_rank(config.num_kv_heads, tp_size)
         return layers * 2 * heads * config.head_dim * torch.finfo(dtype).bits // 8
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """Sorted block ids as [start, end) ranges of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs
 
 
 def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
