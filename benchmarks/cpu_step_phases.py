@@ -2,7 +2,8 @@
 
 Wraps the engine's phase functions (scheduling, step inputs, attention metadata, the forward and its parts, the LM
 head, sampling) with timers, decodes one greedy request and prints microseconds per step of each, slowest first.
-The timers cost ~1 us a call, and the phases nest (`forward` holds `layer_op`, `rope_angles`, ...).
+The timers cost ~1 us a call, and the phases nest (`forward` holds `model op` or, where it does not serve, the
+modules' `rope angles`, `embedding`, ...).
 
     python benchmarks/cpu_step_phases.py /tmp/herd-peers/tiny-llama4 --output-len 1024
 """
@@ -65,11 +66,12 @@ def main() -> None:
         (worker_module, "sample_chunks", "sampling"),
         (text_module.Llama4ForCausalLM, "forward", "forward"),
         (text_module.Llama4ForCausalLM, "compute_logits", "LM head"),
-        (text_module, "rope_angles", "rope angles"),
         (text_module, "fused_step", "fused step setup"),
-        (fused_module.FusedStep, "__call__", "layer op"),
+        (fused_module.FusedStep, "__call__", "model op"),
+        # The modules' steps only (prefills; decode steps where the model op does not serve):
+        (text_module, "rope_angles", "rope angles"),
         (vocab_module.VocabParallelEmbedding, "forward", "embedding"),
-        (norm_module.RMSNorm, "forward", "final norm"),
+        (norm_module.RMSNorm, "forward", "norms"),
     ]:
         timed(owner, name, label)
     llm = LLM(args.checkpoint, dtype="bfloat16")

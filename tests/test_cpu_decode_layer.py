@@ -1,6 +1,5 @@
-"""A CPU decode step's decoder layers as one op each (herd/kernels/cpu/decode_layer.cpp,
-herd/models/llama4_cpu_decode.py): the same logits as the modules, bit for bit, where it serves a step; the
-modules where it does not."""
+"""A CPU decode step's text model as one op (herd/kernels/cpu/decode_layer.cpp, herd/models/llama4_cpu_decode.py):
+the same logits as the modules, bit for bit, where it serves a step; the modules where it does not."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from herd.layers.quantization import cpu_gemv
 from herd.layers.quantization.select import select_quantization
 from herd.layers.quantization.unquantized import UnquantizedConfig
 from herd.models import llama4_text
-from herd.models.llama4_cpu_decode import fused_layers, fused_step
+from herd.models.llama4_cpu_decode import fused_model, fused_step
 from herd.models.loader import load_model
 
 from checkpoints import MAVERICK_LIKE, make_text_checkpoint
@@ -40,32 +39,34 @@ STEPS = [
 
 def _count_fused(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls = [0]
-    op = torch.ops.herd_cpu.decode_layer_bf16
+    op = torch.ops.herd_cpu.decode_model_bf16
 
-    def counted(*args: object) -> torch.Tensor:
+    def counted(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
         calls[0] += 1
         return op(*args)
 
-    monkeypatch.setattr(torch.ops.herd_cpu, "decode_layer_bf16", counted)
+    monkeypatch.setattr(torch.ops.herd_cpu, "decode_model_bf16", counted)
     return calls
 
 
 def _assert_fused_equals_modules(path, factory: LayerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two copies of the model over STEPS: the fused layers where they serve, against the modules every step."""
     models = [load_model(path, dtype="bfloat16", factory=factory) for _ in range(2)]
-    assert fused_layers(models[0]) is not None
+    assert fused_model(models[0]) is not None
+    for model in models:  # EAGLE-3's auxiliary hidden states come out of the op as well
+        model.aux_layer_ids = (0, len(model.model.layers) - 1)
     runners = [PagedRunner(model, max_seqs=3, max_len=40) for model in models]
     calls = _count_fused(monkeypatch)
-    layers = len(models[0].model.layers)
     for step in STEPS:
         before = calls[0]
         fused = runners[0].step(step)
         decoding = all(len(tokens) <= 8 for _, tokens in step) and sum(len(t) for _, t in step) <= 8
-        assert calls[0] - before == (layers if decoding else 0), step
+        assert calls[0] - before == int(decoding), step
         with monkeypatch.context() as m:
             m.setattr(llama4_text, "fused_step", lambda *args: None)
             modules = runners[1].step(step)
         assert torch.equal(fused, modules), step
+        assert torch.equal(models[0].aux_hidden, models[1].aux_hidden), step
         for pool in ("full", "local"):  # released local blocks hold NaN in both
             torch.testing.assert_close(
                 getattr(runners[0].kv, pool), getattr(runners[1].kv, pool), rtol=0, atol=0, equal_nan=True
@@ -132,7 +133,7 @@ def test_other_methods_and_dtypes_keep_the_modules(scout_ckpt, monkeypatch) -> N
     base = UnquantizedConfig(cpu_packed=True)
     for quantization in ("w4a16", "fp8"):  # tiny's experts: 32 inputs, PyTorch's INT4 layout
         factory = LayerFactory(select_quantization(None, "", quantization, base))
-        assert fused_layers(load_model(path, dtype="bfloat16", factory=factory)) is None, quantization
+        assert fused_model(load_model(path, dtype="bfloat16", factory=factory)) is None, quantization
     fp32 = load_model(path, dtype="float32", factory=LayerFactory(base))
     runner = PagedRunner(fp32, max_seqs=1, max_len=16)
     calls = _count_fused(monkeypatch)
@@ -141,32 +142,40 @@ def test_other_methods_and_dtypes_keep_the_modules(scout_ckpt, monkeypatch) -> N
     assert calls[0] == 0
     monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: False)
     packed = load_model(path, dtype="bfloat16", factory=LayerFactory(base))
-    assert fused_layers(packed) is None
+    assert fused_model(packed) is None
 
 
 def test_the_op_refuses_a_wrong_weight_list() -> None:
-    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    embed = torch.zeros(10, 64, dtype=torch.bfloat16)
     cache = torch.zeros(2, 4, 2, 16, dtype=torch.bfloat16)
     ids = torch.zeros(1, dtype=torch.long)
-    args = [torch.ones(1, 8, dtype=torch.complex64), None]
-    attention = [cache, cache.clone(), ids, torch.zeros(1, 2, dtype=torch.long), ids, ids + 1, [4, 2, 16, 1, 1]]
+    pool = [ids, torch.zeros(1, 2, dtype=torch.long), ids, ids + 1]
+
+    def call(weights: int, kernels: list[int], layer_kernels: list[int]) -> None:
+        torch.ops.herd_cpu.decode_model_bf16(
+            ids, ids, embed, torch.ones(8), [embed[0]] * weights, kernels, layer_kernels, [cache, cache.clone()],
+            pool, [0], [4, 2, 16, 1, 1, 0], [0.25], [], embed[0], 1e-5, [],
+        )  # fmt: skip
+
     with pytest.raises(RuntimeError, match="5 \\(MoE\\) or 2 \\(dense\\)"):
-        torch.ops.herd_cpu.decode_layer_bf16(x, *args, [x[0]] * 5, [0, 0, 0], *attention, 0.25, 1e-5)
+        call(5, [0, 0, 0], [3])
     with pytest.raises(RuntimeError, match="5 weights for kernels \\[0, 0, 1, 0\\]"):
-        torch.ops.herd_cpu.decode_layer_bf16(x, *args, [x[0]] * 5, [0, 0, 1, 0], *attention, 0.25, 1e-5)
+        call(5, [0, 0, 1, 0], [4])
     with pytest.raises(RuntimeError, match="unknown kernel 7"):
-        torch.ops.herd_cpu.decode_layer_bf16(x, *args, [x[0]] * 6, [0, 0, 7, 0], *attention, 0.25, 1e-5)
+        call(6, [0, 0, 7, 0], [4])
+    with pytest.raises(RuntimeError, match="4 kernels for layers of \\[5\\]"):
+        call(6, [0, 0, 0, 0], [5])
 
 
 def test_a_cache_the_op_cannot_write_keeps_the_modules(scout_ckpt, monkeypatch) -> None:
     monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
     model = load_model(scout_ckpt[0], dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
-    layers = fused_layers(model)
-    assert layers is not None
-    x, positions = torch.zeros(1, model.config.hidden_size, dtype=torch.bfloat16), torch.tensor([0])
-    assert fused_step(model, x, positions, None) is None  # no KV cache bound yet
+    fused = fused_model(model)
+    assert fused is not None
+    layers, input_ids = fused.layers, torch.tensor([0])
+    assert fused_step(model, input_ids, None) is None  # no KV cache bound yet
     runner = PagedRunner(model, max_seqs=1, max_len=16)
     runner.step([(0, [3, 4, 5])])
     k, v = layers[0].paged.kv_cache
     layers[0].paged.kv_cache = (k.transpose(1, 2).contiguous().transpose(1, 2), v)  # same values, other strides
-    assert fused_step(model, x, positions, None) is None
+    assert fused_step(model, input_ids, None) is None

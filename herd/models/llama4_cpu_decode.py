@@ -1,16 +1,17 @@
-"""A CPU decode step's Llama 4 decoder layers, each as one op (`herd_cpu::decode_layer_bf16`).
+"""A CPU decode step's Llama 4 text model as one op (`herd_cpu::decode_model_bf16`).
 
 At one token a sequence, a small model's layer is a few dozen ops that read their weights in microseconds, and
 the Python around them (module calls, views, casts, the router's topk and sigmoid) costs about as much as the
-kernels: tiny's batch-1 step took 1.74 ms through the modules and 1.30 through these ops (one process, alternated;
-benchmarks/RESULTS.md). The op runs the layer's own ops in the same order from C++, so its output equals the
-modules' bit for bit (tests/test_cpu_decode_layer.py).
+kernels: tiny's batch-1 step took 1.74 ms through the modules and 1.30 with a layer as one op (one process,
+alternated; benchmarks/RESULTS.md). The op runs the modules' own ops in the same order from C++, from the embedding
+to the final norm (each layer as decode_layer.cpp's `decode_layer`), so its output equals the modules' bit
+for bit (tests/test_cpu_decode_layer.py); the LM head and the sampler stay outside, where every step's logits go.
 
 It serves a step only where every part of every layer is what the op computes: each linear layer's and expert
 block's method names the kernel it runs for a few bf16 rows (`decode_weights`: herd's bf16 GEMV, W4A16, W8A8 and
 W8A16 kernels), one GPU-less rank, no biases, one expert per token, at most `GEMV_MAX_ROWS` rows that all attend
 through herd's paged decode kernel; anything else runs the modules. Scout-mini's INT4 step, replayed in one process,
-took 22.7 ms through the modules and 18.6-19.3 through these ops (benchmarks/RESULTS.md).
+took 22.7 ms through the modules and 18.6-19.3 through the per-layer ops (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -28,67 +29,107 @@ from herd.layers.quantization.base import DecodeWeights
 if TYPE_CHECKING:
     from herd.layers.attention import PagedAttention
     from herd.layers.linear import LinearBase
-    from herd.models.llama4_text import Llama4Attention, Llama4DecoderLayer, Llama4ForCausalLM
+    from herd.models.llama4_text import Llama4DecoderLayer, Llama4ForCausalLM
 
 
 @dataclass
 class FusedLayer:
-    # Plain fields, though `paged`, `tuned` and `eps` are the attention module's: the step reads them every layer,
-    # and through nn.Module's attribute lookup that costs more than the values are worth.
-    weights: list[torch.Tensor]  # decode_layer_bf16's, in its order
+    weights: list[torch.Tensor]  # the norms', then each linear layer's, in decode_layer.cpp's order
     kernels: list[int]  # each linear layer's (DecodeKernel)
-    dims: list[int]  # heads, kv heads, head_dim, rope, qk-norm
-    attention: Llama4Attention  # its temperature (NoPE layers)
+    dims: list[int]  # heads, kv heads, head_dim, rope, qk-norm, temperature (NoPE layers' queries)
     paged: PagedAttention  # its KV cache, scale and pool
-    tuned: bool  # whether its queries take the temperature
-    eps: float
 
     @property
     def chunked(self) -> bool:
         return self.paged.chunk_size is not None
 
 
+@dataclass
+class FusedModel:
+    """The text model's decode-step arguments of `decode_model_bf16` that do not change between steps."""
+
+    layers: list[FusedLayer]
+    weights: list[torch.Tensor]  # every layer's, in layer order
+    kernels: list[int]
+    layer_kernels: list[int]  # how many of `kernels` each layer has
+    layer_pools: list[int]  # which pool's attention arguments each layer reads: its index in `pool_kinds`
+    pool_kinds: list[bool]  # chunked or not, per pool in use
+    dims: list[int]
+    scales: list[float]
+    temperature: list[float]  # floor_scale and attn_scale, or empty where no layer takes them
+    embed: torch.Tensor
+    inv_freq: torch.Tensor
+    norm: torch.Tensor
+    eps: float
+
+
 class FusedStep:
-    """A step's fused layers and what they read of the step: per pool, the decode kernel's attention arguments."""
+    """A step's fused model and what it reads of the step: per pool, the decode kernel's attention arguments."""
 
-    def __init__(
-        self, layers: list[FusedLayer], pools: dict[bool, tuple[torch.Tensor, ...]], q_scale: torch.Tensor | None
-    ) -> None:
-        self.layers, self.pools, self.q_scale = layers, pools, q_scale
+    def __init__(self, fused: FusedModel, pools: list[torch.Tensor], aux_layer_ids: tuple[int, ...]) -> None:
+        self.fused, self.pools, self.aux_layer_ids = fused, pools, aux_layer_ids
 
-    def __call__(self, i: int, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """Layer i's output for the residual stream x (rope: the step's rotation angles)."""
-        layer = self.layers[i]
-        assert layer.paged.kv_cache is not None
-        return torch.ops.herd_cpu.decode_layer_bf16(
-            x, rope, self.q_scale if layer.tuned else None, layer.weights, layer.kernels, *layer.paged.kv_cache,
-            *self.pools[layer.chunked], layer.dims, layer.paged.scale, layer.eps,
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final norm's output for these tokens, and the auxiliary layers' outputs side by side."""
+        f = self.fused
+        caches = [t for layer in f.layers for t in layer.paged.kv_cache]  # type: ignore[union-attr]
+        return torch.ops.herd_cpu.decode_model_bf16(
+            input_ids, positions, f.embed, f.inv_freq, f.weights, f.kernels, f.layer_kernels, caches, self.pools,
+            f.layer_pools, f.dims, f.scales, f.temperature, f.norm, f.eps, self.aux_layer_ids,
         )  # fmt: skip
 
 
-def fused_layers(model: Llama4ForCausalLM) -> list[FusedLayer] | None:
-    """The model's layers as fused ops, or None where any part is not what the op computes (built once)."""
-    if "_fused_layers" not in model.__dict__:
-        layers = [_fused(layer) for layer in model.model.layers] if cpu_kernels_enabled() else []
-        model.__dict__["_fused_layers"] = layers if layers and all(layers) else None
-    return model.__dict__["_fused_layers"]
+def fused_model(model: Llama4ForCausalLM) -> FusedModel | None:
+    """The model as the fused op's arguments, or None where any part is not what the op computes (built once)."""
+    if "_fused_model" not in model.__dict__:
+        model.__dict__["_fused_model"] = _fused_model(model) if cpu_kernels_enabled() else None
+    return model.__dict__["_fused_model"]
 
 
-def fused_step(model: Llama4ForCausalLM, x: torch.Tensor, positions: torch.Tensor, metadata: Any) -> FusedStep | None:
-    """The fused layers if they serve this step: few bf16 rows on the CPU, eager, every query on the decode kernel."""
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[0] > GEMV_MAX_ROWS:
+def fused_step(model: Llama4ForCausalLM, input_ids: torch.Tensor, metadata: Any) -> FusedStep | None:
+    """The fused model if it serves this step: few rows on the CPU, eager, every query on the decode kernel."""
+    if input_ids.device.type != "cpu" or input_ids.shape[0] > GEMV_MAX_ROWS or torch.compiler.is_compiling():
         return None
-    layers = None if torch.compiler.is_compiling() else fused_layers(model)
-    if layers is None or any(not _writable(layer.paged.kv_cache) for layer in layers):
+    fused = fused_model(model)
+    if fused is None or any(not _writable(layer.paged.kv_cache) for layer in fused.layers):
         return None
-    pools = {}
-    for chunked in {layer.chunked for layer in layers}:
-        args = layers[0].paged.backend.kernel_decode_args(metadata, chunked)
+    pools: list[torch.Tensor] = []
+    for chunked in fused.pool_kinds:
+        args = fused.layers[0].paged.backend.kernel_decode_args(metadata, chunked)
         if args is None:
             return None
-        pools[chunked] = args
-    tuned = [layer.attention for layer in layers if layer.tuned]
-    return FusedStep(layers, pools, tuned[0].temperature(positions) if tuned else None)
+        pools += args
+    return FusedStep(fused, pools, model.aux_layer_ids)
+
+
+def _fused_model(model: Llama4ForCausalLM) -> FusedModel | None:
+    embed, norm = model.model.embed_tokens, model.model.norm
+    if embed.tp_size > 1 or embed.weight.dtype != torch.bfloat16 or not _bf16_norm(norm):
+        return None
+    layers = [_fused(layer) for layer in model.model.layers]
+    if not layers or not all(layers):
+        return None
+    fused: list[FusedLayer] = layers  # type: ignore[assignment]
+    attentions = [layer.self_attn for layer in model.model.layers]
+    if any(a.eps != norm.eps for a in attentions):
+        return None  # the op normalises every layer with one epsilon
+    pool_kinds = sorted({layer.chunked for layer in fused})
+    tuned = [a for a in attentions if a.spec.temperature_tuning]
+    return FusedModel(
+        layers=fused,
+        weights=[w for layer in fused for w in layer.weights],
+        kernels=[k for layer in fused for k in layer.kernels],
+        layer_kernels=[len(layer.kernels) for layer in fused],
+        layer_pools=[pool_kinds.index(layer.chunked) for layer in fused],
+        pool_kinds=pool_kinds,
+        dims=[d for layer in fused for d in layer.dims],
+        scales=[layer.paged.scale for layer in fused],
+        temperature=[float(tuned[0].floor_scale), float(tuned[0].attn_scale)] if tuned else [],
+        embed=embed.weight.detach(),
+        inv_freq=model.inv_freq,
+        norm=norm.weight.detach(),
+        eps=norm.eps,
+    )
 
 
 def _fused(layer: Llama4DecoderLayer) -> FusedLayer | None:
@@ -107,12 +148,10 @@ def _fused(layer: Llama4DecoderLayer) -> FusedLayer | None:
     weights = [norms[0].weight, norms[1].weight]
     for _, tensors in linears:  # type: ignore[misc]
         weights += tensors
-    dims = [attn.num_heads, attn.num_kv_heads, attn.head_dim, int(attn.spec.use_rope), int(attn.spec.use_qk_norm)]
+    spec = attn.spec
+    dims = [attn.num_heads, attn.num_kv_heads, attn.head_dim, spec.use_rope, spec.use_qk_norm, spec.temperature_tuning]
     kernels = [int(kernel) for kernel, _ in linears]  # type: ignore[misc]
-    fused = FusedLayer(
-        [w.detach() for w in weights], kernels, dims, attn, attn.attn, attn.spec.temperature_tuning, attn.eps
-    )
-    return fused
+    return FusedLayer([w.detach() for w in weights], kernels, [int(d) for d in dims], attn.attn)
 
 
 def _linear(layer: LinearBase) -> DecodeWeights | None:

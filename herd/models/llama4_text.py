@@ -183,12 +183,17 @@ class Llama4ForCausalLM(nn.Module):
         metadata: Any,  # the attention backend's metadata of this step
         inputs_embeds: torch.Tensor | None = None,  # [T, H], replaces the embedding lookup (images)
     ) -> torch.Tensor:  # [T, H]
+        fused = fused_step(self, input_ids, metadata) if inputs_embeds is None else None
+        if fused is not None:  # a CPU decode step: the whole model as one op
+            hidden, aux_hidden = fused(input_ids, positions)
+            if self.aux_layer_ids:
+                self.aux_hidden = aux_hidden
+            return hidden
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = rope_angles(positions, self.inv_freq)
         aux: dict[int, torch.Tensor] = {}
-        fused = fused_step(self, x, positions, metadata)  # a CPU decode step's layers as one op each
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, rope, metadata) if fused is None else fused(i, x, rope)
+            x = layer(x, positions, rope, metadata)
             if i in self.aux_layer_ids:
                 aux[i] = x
         if self.aux_layer_ids:

@@ -7,7 +7,7 @@ AVX-512F/BW/VL; without either, `gemv_ops()` answers None and callers keep PyTor
 PyTorch fallback where VNNI is missing. decode_attention.cpp (one query per sequence over the paged KV cache) and
 argmax.cpp (greedy sampling's argmax per row) and rope_qk_norm.cpp (Llama 4's RoPE and qk-norm in one op) join it
 too, their fakes in herd.kernels.cpu.fake, and so does int4_bf16.cpp (W4A16 on AVX512-BF16; its ops answer
-whether the CPU has it). decode_layer.cpp runs a whole decoder layer of a decode step through the others.
+whether the CPU has it). decode_layer.cpp runs a decode step's whole text model through the others.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// One Llama 4 decoder layer for a CPU decode step of a few sequences, as one op.
+// A CPU decode step of a few sequences through the Llama 4 text model, from the embedding to the final norm, as one op.
 //
 // At one token a step, a layer is a few dozen small ops; at the demo model's and tiny's sizes their weights are read
 // in microseconds, and at scout-mini's in INT4 the Python around them still cost a quarter of a step. This op runs
@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -137,14 +139,14 @@ at::Tensor scale_rows(const at::Tensor& x, const at::Tensor& factor) {
 // head_dim] cache, as index_copy_ over its [slots, kv_heads, head_dim] view.
 void write_slots(const at::Tensor& cache, const at::Tensor& slots, const at::Tensor& rows) {
   TORCH_CHECK(cache.is_contiguous() && cache.scalar_type() == rows.scalar_type() && rows.stride(2) == 1,
-              "decode_layer_bf16: the KV cache must be contiguous and of the activations' dtype");
+              "decode_model_bf16: the KV cache must be contiguous and of the activations' dtype");
   const int64_t kv_heads = rows.size(1), head_dim = rows.size(2), count = cache.numel() / (kv_heads * head_dim);
   const at::Tensor ids = slots.to(at::kLong).contiguous();
   const int64_t* sp = ids.data_ptr<int64_t>();
   const auto* src = rows.data_ptr<at::BFloat16>();
   auto* dst = cache.data_ptr<at::BFloat16>();
   for (int64_t t = 0; t < rows.size(0); ++t) {
-    TORCH_CHECK(sp[t] >= 0 && sp[t] < count, "decode_layer_bf16: slot ", sp[t], " of a cache of ", count);
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < count, "decode_model_bf16: slot ", sp[t], " of a cache of ", count);
     for (int64_t g = 0; g < kv_heads; ++g)
       std::copy_n(src + t * rows.stride(0) + g * rows.stride(1), head_dim, dst + (sp[t] * kv_heads + g) * head_dim);
   }
@@ -157,31 +159,31 @@ void write_slots(const at::Tensor& cache, const at::Tensor& slots, const at::Ten
 // dense (2): gate_up [1, 2I, H], down [1, H, I].
 // dims: heads, kv heads, head_dim, rope, qk-norm (0/1). q_scale: NoPE layers' temperature per token, fp32 [T].
 // The attention arguments are the paged decode kernel's, and `slots` where this step's K and V go.
-at::Tensor decode_layer_bf16(const at::Tensor& x, const at::Tensor& angles, const std::optional<at::Tensor>& q_scale,
-                             at::TensorList weights, at::IntArrayRef kernels, const at::Tensor& k_cache,
-                             const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& table,
-                             const at::Tensor& offsets, const at::Tensor& lengths, at::IntArrayRef dims,
-                             double scale, double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "decode_layer_bf16: x must be a bf16 [T, H]");
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& angles, const std::optional<at::Tensor>& q_scale,
+                        at::TensorList weights, at::IntArrayRef kernels, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& table,
+                        const at::Tensor& offsets, const at::Tensor& lengths, at::IntArrayRef dims, double scale,
+                        double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2, "decode_model_bf16: x must be a bf16 [T, H]");
   TORCH_CHECK(kernels.size() == 7 || kernels.size() == 4,
-              "decode_layer_bf16: 2 attention layers and 5 (MoE) or 2 (dense) feed-forward ones, got ",
+              "decode_model_bf16: 2 attention layers and 5 (MoE) or 2 (dense) feed-forward ones, got ",
               kernels.size());
-  TORCH_CHECK(dims.size() == 5, "decode_layer_bf16: dims must be heads, kv_heads, head_dim, rope, qk_norm");
+  TORCH_CHECK(dims.size() == 5, "decode_model_bf16: dims must be heads, kv_heads, head_dim, rope, qk_norm");
   std::vector<Linear> layers;
   size_t next = 2;  // after the norms
   for (const int64_t kernel : kernels) {
-    TORCH_CHECK(kernel >= kBf16 && kernel <= kW8A16, "decode_layer_bf16: unknown kernel ", kernel);
-    TORCH_CHECK(next + kTensors[kernel] <= weights.size(), "decode_layer_bf16: ", weights.size(),
+    TORCH_CHECK(kernel >= kBf16 && kernel <= kW8A16, "decode_model_bf16: unknown kernel ", kernel);
+    TORCH_CHECK(next + kTensors[kernel] <= weights.size(), "decode_model_bf16: ", weights.size(),
                 " weights for kernels ", kernels);
     layers.push_back({kernel, weights.slice(next, kTensors[kernel])});
     next += kTensors[kernel];
   }
-  TORCH_CHECK(next == weights.size(), "decode_layer_bf16: ", weights.size(), " weights for kernels ", kernels);
+  TORCH_CHECK(next == weights.size(), "decode_model_bf16: ", weights.size(), " weights for kernels ", kernels);
   const int64_t tokens = x.size(0), heads = dims[0], kv_heads = dims[1], head_dim = dims[2];
   const bool rope = dims[3] != 0, qk_norm = dims[4] != 0;
   const at::Tensor qkv = linear(norm(x, weights[0], eps), layers[0]);
   const int64_t q_kv = (heads + kv_heads) * head_dim;
-  TORCH_CHECK(qkv.size(1) == q_kv + kv_heads * head_dim, "decode_layer_bf16: qkv has ", qkv.size(1),
+  TORCH_CHECK(qkv.size(1) == q_kv + kv_heads * head_dim, "decode_model_bf16: qkv has ", qkv.size(1),
               " outputs, the heads need ", q_kv + kv_heads * head_dim);
   at::Tensor qk = qkv.narrow(1, 0, q_kv).view({tokens, heads + kv_heads, head_dim});
   const at::Tensor v = qkv.narrow(1, q_kv, kv_heads * head_dim).view({tokens, kv_heads, head_dim});
@@ -203,14 +205,73 @@ at::Tensor decode_layer_bf16(const at::Tensor& x, const at::Tensor& angles, cons
   return add_bf16(mid, add_bf16(experts(h, first_expert, layers[5], layers[6]), routed));
 }
 
+// A decode step's whole text model on a few rows, as the modules compute it: the embedding, RoPE's angles and the
+// NoPE layers' temperature (by the ATen ops herd.layers.rotary and Llama4Attention.temperature use), each layer as
+// decode_layer, the final norm. Returns the normed hidden states and the outputs of the layers in `aux_layers`
+// side by side (EAGLE-3's auxiliary hidden states; [T, 0] without any).
+// Per layer: `layer_kernels` says how many of `kernels` are its own (7 MoE, 4 dense), which fixes how many of
+// `weights` are; its K and V caches are kv_caches[2i], kv_caches[2i + 1]; `layer_pools` names the 4 attention
+// arguments of `pools` it reads (slots, table, offsets, lengths of its kind of pool); dims[6i, 6i + 6) are heads,
+// kv heads, head_dim, rope, qk-norm and whether its queries take the temperature; scales[i] its attention scale.
+// temperature: floor_scale and attn_scale, or empty where no layer is tuned.
+std::tuple<at::Tensor, at::Tensor> decode_model_bf16(
+    const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& embed, const at::Tensor& inv_freq,
+    at::TensorList weights, at::IntArrayRef kernels, at::IntArrayRef layer_kernels, at::TensorList kv_caches,
+    at::TensorList pools, at::IntArrayRef layer_pools, at::IntArrayRef dims, at::ArrayRef<double> scales,
+    at::ArrayRef<double> temperature, const at::Tensor& norm_weight, double eps, at::IntArrayRef aux_layers) {
+  const size_t layers = layer_kernels.size();
+  TORCH_CHECK(kv_caches.size() == 2 * layers && layer_pools.size() == layers && dims.size() == 6 * layers &&
+                  scales.size() == layers,
+              "decode_model_bf16: per layer 2 caches, a pool, 6 dims and a scale; got ", kv_caches.size(), ", ",
+              layer_pools.size(), ", ", dims.size(), ", ", scales.size(), " for ", layers, " layers");
+  TORCH_CHECK(temperature.empty() || temperature.size() == 2,
+              "decode_model_bf16: temperature is floor_scale and attn_scale, or empty");
+  at::Tensor x = at::embedding(embed, input_ids);
+  const at::Tensor pos = positions.to(at::kFloat);
+  const at::Tensor freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);
+  const at::Tensor angles = at::polar(at::ones_like(freqs), freqs);
+  std::optional<at::Tensor> q_scale;
+  if (!temperature.empty()) q_scale = at::log1p(at::floor((pos + 1.0) / temperature[0])) * temperature[1] + 1.0;
+  std::vector<at::Tensor> aux;
+  size_t next_weight = 0, next_kernel = 0;
+  for (size_t i = 0; i < layers; ++i) {
+    TORCH_CHECK(next_kernel + layer_kernels[i] <= kernels.size(), "decode_model_bf16: ", kernels.size(),
+                " kernels for layers of ", layer_kernels);
+    const at::IntArrayRef own = kernels.slice(next_kernel, layer_kernels[i]);
+    size_t count = 2;  // the norms
+    for (const int64_t kernel : own) {
+      TORCH_CHECK(kernel >= kBf16 && kernel <= kW8A16, "decode_model_bf16: unknown kernel ", kernel);
+      count += kTensors[kernel];
+    }
+    TORCH_CHECK(next_weight + count <= weights.size(), "decode_model_bf16: ", weights.size(), " weights for kernels ",
+                kernels);
+    const size_t pool = 4 * layer_pools[i];
+    TORCH_CHECK(pool + 4 <= pools.size(), "decode_model_bf16: layer ", i, " reads pool ", layer_pools[i], " of ",
+                pools.size() / 4);
+    const at::IntArrayRef d = dims.slice(6 * i, 6);
+    x = decode_layer(x, angles, d[5] ? q_scale : std::nullopt, weights.slice(next_weight, count), own,
+                          kv_caches[2 * i], kv_caches[2 * i + 1], pools[pool], pools[pool + 1], pools[pool + 2],
+                          pools[pool + 3], d.slice(0, 5), scales[i], eps);
+    if (std::find(aux_layers.begin(), aux_layers.end(), static_cast<int64_t>(i)) != aux_layers.end())
+      aux.push_back(x);
+    next_weight += count;
+    next_kernel += layer_kernels[i];
+  }
+  TORCH_CHECK(next_weight == weights.size() && next_kernel == kernels.size(), "decode_model_bf16: ", weights.size(),
+              " weights and ", kernels.size(), " kernels for layers of ", layer_kernels);
+  at::Tensor aux_hidden = aux.empty() ? x.new_empty({x.size(0), 0}) : at::cat(aux, -1);
+  return {norm(x, norm_weight, eps), aux_hidden};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(herd_cpu, m) {
   m.def(
-      "decode_layer_bf16(Tensor x, Tensor angles, Tensor? q_scale, Tensor[] weights, int[] kernels, "
-      "Tensor(a!) k_cache, "
-      "Tensor(b!) v_cache, Tensor slots, Tensor table, Tensor offsets, Tensor lengths, int[] dims, float scale, "
-      "float eps) -> Tensor");
+      "decode_model_bf16(Tensor input_ids, Tensor positions, Tensor embed, Tensor inv_freq, Tensor[] weights, "
+      "int[] kernels, int[] layer_kernels, Tensor(a!)[] kv_caches, Tensor[] pools, int[] layer_pools, int[] dims, "
+      "float[] scales, float[] temperature, Tensor norm, float eps, int[] aux_layers) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(herd_cpu, CPU, m) { m.impl("decode_layer_bf16", &decode_layer_bf16); }
+TORCH_LIBRARY_IMPL(herd_cpu, CPU, m) {
+  m.impl("decode_model_bf16", &decode_model_bf16);
+}

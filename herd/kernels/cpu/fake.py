@@ -58,8 +58,13 @@ def _w4a16_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, g
     return _rows_out(x, packed.shape[0])
 
 
-def _decode_layer_bf16(x: torch.Tensor, *args: object) -> torch.Tensor:
-    return x.new_empty(x.shape)  # the residual stream after the layer
+def _decode_model_bf16(
+    input_ids: torch.Tensor, positions: torch.Tensor, embed: torch.Tensor, *args: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    aux_layers = args[-1]
+    assert isinstance(aux_layers, list)
+    hidden = embed.new_empty((input_ids.shape[0], embed.shape[1]))
+    return hidden, embed.new_empty((input_ids.shape[0], embed.shape[1] * len(aux_layers)))
 
 
 def register() -> None:
@@ -72,7 +77,7 @@ def register() -> None:
         ("argmax_rows", _argmax_rows),
         ("w4a16_linear", _w4a16_linear),
         ("rope_qk_norm", _rope_qk_norm),
-        ("decode_layer_bf16", _decode_layer_bf16),
+        ("decode_model_bf16", _decode_model_bf16),
     )
     for name, fake in fakes:
         torch.library.register_fake(f"herd_cpu::{name}", fake)
