@@ -74,7 +74,6 @@ class Sampler:
     def __init__(self) -> None:
         self.masker = GrammarMasker()
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> list[SampleResult]:
         _check_shape(logits, states)
         if all(map(_plain_greedy, states)):
@@ -99,7 +98,6 @@ class Sampler:
                     _sample(logits, tokens, whole, states, mask)
         return _results(logits, tokens, states)
 
-    @torch.inference_mode()
     def probs(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
         """[B, V]: the distribution each row's token is drawn from, normalised; one-hot for greedy rows.
 

@@ -238,7 +238,9 @@ class Worker:
         else:
             # In the model's dtype: the sampler widens what it adjusts or draws from; a greedy batch's argmax needs
             # no fp32 copy.
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])  # every rank: it gathers the vocab
+            # Every rank: it gathers the vocabulary. Sample rows ascend, so as many as the step's rows are all of them.
+            sampled = hidden if inputs.sample_rows.shape[0] == hidden.shape[0] else hidden[inputs.sample_rows]
+            logits = self.model.compute_logits(sampled)
             if self.rank != 0:  # rank 0 samples; the next plan brings every rank the tokens it chose
                 return []
             results = sample_chunks(self.sampler, logits, plan.chunks, states, paths)
