@@ -6,11 +6,12 @@ The suite pins one thread (conftest), where the pool runs every call inline: the
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
 
-from herd.kernels.cpu import gemv_ops
+from herd.kernels.cpu import gemv_ops, set_idle_poll
 
 pytestmark = pytest.mark.skipif(gemv_ops() is None, reason="herd's CPU kernels did not build here (or no AVX-512)")
 
@@ -69,3 +70,23 @@ def test_calls_from_two_python_threads_at_once(two_threads) -> None:
     for t in threads:
         t.join()
     assert not failures
+
+
+@pytest.mark.parametrize("poll_us", [0, 200])
+def test_workers_that_sleep_between_calls_give_the_same_results(two_threads, poll_us: int) -> None:
+    """A short idle poll (the server's engine process sets 200 us) has workers sleep between calls and be woken by
+    the next: every call still runs each task once."""
+    calls = _calls(torch.Generator().manual_seed(2))
+    torch.set_num_threads(1)
+    expected = [op(*args) for op, args in calls]
+    torch.set_num_threads(2)
+    set_idle_poll(poll_us)
+    try:
+        for _ in range(10):
+            for (op, args), want in zip(calls, expected, strict=True):
+                assert torch.equal(op(*args), want), op
+            time.sleep(0.002)  # past the poll: the workers sleep
+    finally:
+        set_idle_poll(2000)
+    with pytest.raises(RuntimeError, match="microseconds must be >= 0, got -1"):
+        set_idle_poll(-1)

@@ -31,8 +31,17 @@ from typing import Any
 from herd.config.engine import LOG_FORMAT, EngineConfig
 from herd.engine.core import EngineCore
 from herd.engine.protocol import CoreInfo, CoreMessage, EngineCoreRequest
+from herd.kernels import cpu as cpu_kernels
 
 logger = logging.getLogger(__name__)
+
+# The server's engine process shares the cores with the HTTP process, which wakes for every streamed token right
+# after a step. A kernel pool worker that polls through the gap between two steps keeps its core looking busy, so the
+# HTTP process queues behind the engine's own thread; polling for 200 us (longer than the gaps between a step's
+# calls, shorter than the Python between steps) leaves that core idle for it. tiny at one stream over HTTP: 1.79
+# against 1.97 ms a token (llama-server 1.88); the engine alone is 5-9% faster with the default 2 ms, which offline
+# use keeps (benchmarks/RESULTS.md).
+SERVER_IDLE_POLL_US = 200
 
 # ("add", [EngineCoreRequest, ...]) | ("abort", [request id, ...]) | ("call", call id, method name) | ("stop",)
 Command = tuple[Any, ...]
@@ -273,6 +282,8 @@ def _child_main(config: EngineConfig, log_level: str, commands: Connection, mess
     except Exception as e:  # a bad checkpoint or flag: the parent reports it and exits
         messages.send_bytes(pickle.dumps(("error", e)))
         return
+    if config.device.torch_device.type == "cpu":
+        cpu_kernels.set_idle_poll(SERVER_IDLE_POLL_US)
     messages.send_bytes(pickle.dumps(("ready", core.info)))
 
     # One poll object for the process: Connection.poll() builds a selector each call, tens of microseconds of a

@@ -93,3 +93,10 @@ def enabled() -> bool:
     if _enabled is None:
         _enabled = os.environ.get("HERD_CPU_GEMV", "1") != "0" and gemv_ops() is not None
     return _enabled
+
+
+def set_idle_poll(microseconds: int) -> None:
+    """How long the kernels' idle pool workers poll for the next call before they sleep (claim_pool.cpp; 2 ms unless
+    set), where the kernels are in use."""
+    if enabled():
+        torch.ops.herd_cpu.set_idle_poll(microseconds)

@@ -27,6 +27,9 @@ constexpr int64_t kClaimRows = 8;
 // task, runs inline. Tasks must not throw.
 void parallel_claim(int64_t tasks, const std::function<void(int64_t)>& task);
 
+// How long an idle worker polls for the next call before it sleeps (2 ms unless set; the op herd_cpu::set_idle_poll).
+void set_idle_poll(int64_t microseconds);
+
 // ATen's parallel_for shape: fn(begin, end) over [begin, end) in tasks of `grain` (the last may be shorter).
 template <typename Fn>
 void parallel_ranges(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
