@@ -250,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor> decode_model_bf16(
                 pools.size() / 4);
     const at::IntArrayRef d = dims.slice(6 * i, 6);
     x = decode_layer(x, angles, d[5] ? q_scale : std::nullopt, weights.slice(next_weight, count), own,
-                          kv_caches[2 * i], kv_caches[2 * i + 1], pools[pool], pools[pool + 1], pools[pool + 2],
-                          pools[pool + 3], d.slice(0, 5), scales[i], eps);
+                     kv_caches[2 * i], kv_caches[2 * i + 1], pools[pool], pools[pool + 1], pools[pool + 2],
+                     pools[pool + 3], d.slice(0, 5), scales[i], eps);
     if (std::find(aux_layers.begin(), aux_layers.end(), static_cast<int64_t>(i)) != aux_layers.end())
       aux.push_back(x);
     next_weight += count;
