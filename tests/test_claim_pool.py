@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from herd.kernels.cpu import gemv_ops, set_idle_poll
+from herd.kernels.cpu import gemv_ops, rest_pool
 
 pytestmark = pytest.mark.skipif(gemv_ops() is None, reason="herd's CPU kernels did not build here (or no AVX-512)")
 
@@ -72,21 +72,15 @@ def test_calls_from_two_python_threads_at_once(two_threads) -> None:
     assert not failures
 
 
-@pytest.mark.parametrize("poll_us", [0, 200])
-def test_workers_that_sleep_between_calls_give_the_same_results(two_threads, poll_us: int) -> None:
-    """A short idle poll (the server's engine process sets 200 us) has workers sleep between calls and be woken by
-    the next: every call still runs each task once."""
+def test_workers_put_to_rest_between_calls_give_the_same_results(two_threads) -> None:
+    """The server's engine process sends its workers to sleep after each step (rest_pool); the next call wakes them,
+    and every call still runs each task once."""
     calls = _calls(torch.Generator().manual_seed(2))
     torch.set_num_threads(1)
     expected = [op(*args) for op, args in calls]
     torch.set_num_threads(2)
-    set_idle_poll(poll_us)
-    try:
-        for _ in range(10):
-            for (op, args), want in zip(calls, expected, strict=True):
-                assert torch.equal(op(*args), want), op
-            time.sleep(0.002)  # past the poll: the workers sleep
-    finally:
-        set_idle_poll(2000)
-    with pytest.raises(RuntimeError, match="microseconds must be >= 0, got -1"):
-        set_idle_poll(-1)
+    for _ in range(10):
+        for (op, args), want in zip(calls, expected, strict=True):
+            assert torch.equal(op(*args), want), op
+            rest_pool()
+        time.sleep(0.001)  # the workers are asleep by now

@@ -35,14 +35,6 @@ from herd.kernels import cpu as cpu_kernels
 
 logger = logging.getLogger(__name__)
 
-# The server's engine process shares the cores with the HTTP process, which wakes for every streamed token right
-# after a step. A kernel pool worker that polls through the gap between two steps keeps its core looking busy, so the
-# HTTP process queues behind the engine's own thread; polling for 200 us (longer than the gaps between a step's
-# calls, shorter than the Python between steps) leaves that core idle for it. tiny at one stream over HTTP: 1.79
-# against 1.97 ms a token (llama-server 1.88); the engine alone is 5-9% faster with the default 2 ms, which offline
-# use keeps (benchmarks/RESULTS.md).
-SERVER_IDLE_POLL_US = 200
-
 # ("add", [EngineCoreRequest, ...]) | ("abort", [request id, ...]) | ("call", call id, method name) | ("stop",)
 Command = tuple[Any, ...]
 OnMessage = Callable[[CoreMessage], None]
@@ -282,9 +274,12 @@ def _child_main(config: EngineConfig, log_level: str, commands: Connection, mess
     except Exception as e:  # a bad checkpoint or flag: the parent reports it and exits
         messages.send_bytes(pickle.dumps(("error", e)))
         return
-    if config.device.torch_device.type == "cpu":
-        cpu_kernels.set_idle_poll(SERVER_IDLE_POLL_US)
     messages.send_bytes(pickle.dumps(("ready", core.info)))
+    # The HTTP process shares the cores and wakes for every message: a kernel pool worker that polls for the next
+    # step's first call (for up to 2 ms) would keep its core looking busy, and the HTTP process would queue behind
+    # the engine's own thread. Sent a message, the workers sleep instead; the next step wakes them (tiny at one
+    # stream over HTTP: benchmarks/RESULTS.md). Offline, without an HTTP process, they keep polling.
+    rest = config.device.torch_device.type == "cpu"
 
     # One poll object for the process: Connection.poll() builds a selector each call, tens of microseconds of a
     # decode step that asks before every step whether a command came.
@@ -303,6 +298,8 @@ def _child_main(config: EngineConfig, log_level: str, commands: Connection, mess
         return received
 
     def send(message: CoreMessage) -> None:
+        if rest:
+            cpu_kernels.rest_pool()
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the parent is gone: stop at next read
             messages.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
 

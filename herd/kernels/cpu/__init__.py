@@ -95,8 +95,8 @@ def enabled() -> bool:
     return _enabled
 
 
-def set_idle_poll(microseconds: int) -> None:
-    """How long the kernels' idle pool workers poll for the next call before they sleep (claim_pool.cpp; 2 ms unless
-    set), where the kernels are in use."""
+def rest_pool() -> None:
+    """The kernels' idle pool workers sleep now instead of polling for the next call (claim_pool.cpp), where the
+    kernels are in use."""
     if enabled():
-        torch.ops.herd_cpu.set_idle_poll(microseconds)
+        torch.ops.herd_cpu.rest_pool()

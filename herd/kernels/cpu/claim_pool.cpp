@@ -2,7 +2,6 @@
 #include "claim_pool.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -22,9 +21,11 @@ namespace {
 // tens of microseconds apart, the next step's after the engine's Python (~0.2-0.5 ms), and a sleeping worker takes a
 // futex call and tens of microseconds to wake (tiny's batch-1 step: 1.75 ms at a 50 us poll, 1.51 at 200, 1.46 at
 // 2 ms). It polls with sched_yield, which gives its core to any other thread that wants it (1.42 against 1.47 ms with
-// a pause loop). set_idle_poll changes it (the server's engine process: herd.kernels.cpu.set_idle_poll).
-constexpr int64_t kDefaultPollMicroseconds = 2000;
-std::atomic<int64_t> poll_microseconds{kDefaultPollMicroseconds};
+// a pause loop).
+constexpr auto kSpin = std::chrono::milliseconds(2);
+
+// Bumped by rest(): a polling worker that sees it change sleeps at once (until the next call wakes it).
+std::atomic<uint32_t> rests{0};
 
 class Pool {
  public:
@@ -79,12 +80,14 @@ class Pool {
     uint32_t seen = call_.load(std::memory_order_acquire);
     while (true) {
       uint32_t call = seen;
-      const auto until = std::chrono::steady_clock::now() +
-                         std::chrono::microseconds(poll_microseconds.load(std::memory_order_relaxed));
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      const uint32_t rest = rests.load(std::memory_order_relaxed);
       for (int i = 0; call == seen; ++i) {
         std::this_thread::yield();
         call = call_.load(std::memory_order_acquire);
-        if (call == seen && (i & 15) == 15 && std::chrono::steady_clock::now() > until) break;
+        if (call != seen) break;
+        if (rests.load(std::memory_order_relaxed) != rest) break;
+        if ((i & 15) == 15 && std::chrono::steady_clock::now() > until) break;
       }
       if (call == seen) {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -149,13 +152,10 @@ void parallel_claim(int64_t tasks, const std::function<void(int64_t)>& task) {
   in_task = false;
 }
 
-void set_idle_poll(int64_t microseconds) {
-  TORCH_CHECK(microseconds >= 0, "set_idle_poll: microseconds must be >= 0, got ", microseconds);
-  poll_microseconds.store(microseconds, std::memory_order_relaxed);
-}
+void rest() { rests.fetch_add(1, std::memory_order_relaxed); }
 
 }  // namespace herd_kernels
 
 TORCH_LIBRARY_FRAGMENT(herd_cpu, m) {
-  m.def("set_idle_poll(int microseconds) -> ()", &herd_kernels::set_idle_poll);  // a catch-all: no tensor
+  m.def("rest_pool() -> ()", &herd_kernels::rest);  // a catch-all: no tensor
 }

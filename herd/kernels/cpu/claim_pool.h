@@ -27,8 +27,9 @@ constexpr int64_t kClaimRows = 8;
 // task, runs inline. Tasks must not throw.
 void parallel_claim(int64_t tasks, const std::function<void(int64_t)>& task);
 
-// How long an idle worker polls for the next call before it sleeps (2 ms unless set; the op herd_cpu::set_idle_poll).
-void set_idle_poll(int64_t microseconds);
+// Idle workers stop polling for the next call and sleep now (the op herd_cpu::rest_pool): the caller knows that no
+// call will come for a while, and another process wants the cores meanwhile.
+void rest();
 
 // ATen's parallel_for shape: fn(begin, end) over [begin, end) in tasks of `grain` (the last may be shorter).
 template <typename Fn>
