@@ -11,7 +11,7 @@ import torch
 from herd.llm import LLM
 from herd.sampling import SamplingParams
 from herd.worker import thread_tuner, worker
-from herd.worker.thread_tuner import FIRST_PERIOD, MAX_PERIOD, WINDOW, ThreadTuner
+from herd.worker.thread_tuner import FIRST_PERIOD, FIRST_TRIAL, MAX_PERIOD, WINDOW, ThreadTuner
 
 
 def run(tuner: ThreadTuner, batch: int, steps: int, cost: dict[int, float]) -> list[int]:
@@ -27,9 +27,9 @@ def run(tuner: ThreadTuner, batch: int, steps: int, cost: dict[int, float]) -> l
 def test_a_faster_count_takes_over_after_one_trial(caplog: pytest.LogCaptureFixture) -> None:
     tuner = ThreadTuner(2)
     with caplog.at_level(logging.INFO, logger=thread_tuner.__name__):
-        used = run(tuner, 64, FIRST_PERIOD + WINDOW + 10, {2: 0.019, 1: 0.014})
-    assert used[:FIRST_PERIOD] == [2] * FIRST_PERIOD  # all cores first
-    assert used[FIRST_PERIOD:] == [1] * (WINDOW + 10)  # the trial, then kept
+        used = run(tuner, 64, FIRST_TRIAL + WINDOW + 10, {2: 0.019, 1: 0.014})
+    assert used[:FIRST_TRIAL] == [2] * FIRST_TRIAL  # all cores first, for a window of steps
+    assert used[FIRST_TRIAL:] == [1] * (WINDOW + 10)  # the trial, then kept
     assert "decode steps of 64-127 sequences: 1 threads (14.00 ms a step against 19.00 with 2)" in caplog.text
 
 
@@ -38,6 +38,7 @@ def test_a_count_that_is_not_clearly_faster_is_tried_ever_more_rarely() -> None:
     used = run(tuner, 1, 6000, {4: 0.010, 3: 0.0099})  # 1% faster: within the margin
     trials = [i for i in range(1, len(used)) if used[i] == 3 and used[i - 1] == 4]
     assert used[0] == 4 and used.count(3) == WINDOW * len(trials)
+    assert trials[0] == FIRST_TRIAL
     gaps = [b - a - WINDOW for a, b in itertools.pairwise(trials)]
     assert gaps[:4] == [2 * FIRST_PERIOD, 4 * FIRST_PERIOD, 8 * FIRST_PERIOD, 16 * FIRST_PERIOD]
     assert max(gaps) == MAX_PERIOD
@@ -72,7 +73,7 @@ def test_the_engine_moves_to_the_faster_count_and_decodes_the_same_tokens(
     """An engine whose decode steps are slow at two threads (a clock that says so) runs them at one after a
     trial; the tokens are those of an engine that never changed its threads."""
     path, _ = scout_ckpt
-    params = SamplingParams(temperature=0.0, max_tokens=FIRST_PERIOD + 3 * WINDOW, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=FIRST_TRIAL + 3 * WINDOW, ignore_eos=True)  # not in a 2nd trial
     prompt = [{"prompt_token_ids": list(range(3, 40))}]
     expected = LLM(str(path), dtype="float32").generate(prompt, params)[0].outputs[0].token_ids  # OMP_NUM_THREADS set
 

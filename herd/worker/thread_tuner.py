@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 # Steps timed with each count per comparison, and the share by which the other count must be faster to win.
 WINDOW = 6
 MARGIN = 0.05
+# Steps before a batch size's first comparison: as soon as a window of them is timed. Waiting longer ran the first
+# requests at 64 streams with the slower count for 30 steps of each size (benchmarks/RESULTS.md: a fresh server's
+# first 128 requests 20-25% slower than its next ones); a first trial misled by warm-up is undone by the next.
+FIRST_TRIAL = WINDOW
 # Steps between comparisons: short after a change (it may have been noise), doubling while the count keeps
 # winning, so that a settled server spends under 1% of its steps on the other count.
 FIRST_PERIOD = 24
@@ -32,7 +36,7 @@ class _Bucket:
     current: int  # the thread count these steps run with
     other: int  # the count tried against it
     period: int = FIRST_PERIOD
-    until_trial: int = FIRST_PERIOD
+    until_trial: int = FIRST_TRIAL
     current_times: list[float] = field(default_factory=list)  # the last WINDOW steps with `current`
     trial_times: list[float] = field(default_factory=list)  # the trial under way, with `other`
 
