@@ -43,11 +43,17 @@ def _calls(gen: torch.Generator) -> list:
     return calls
 
 
-def test_two_threads_give_the_one_thread_results(two_threads) -> None:
-    calls = _calls(torch.Generator().manual_seed(0))
+def _one_thread_results(calls: list) -> list:
+    """Each call's output with the pool's work all on the calling thread; two threads again after."""
     torch.set_num_threads(1)
     expected = [op(*args) for op, args in calls]
     torch.set_num_threads(2)
+    return expected
+
+
+def test_two_threads_give_the_one_thread_results(two_threads) -> None:
+    calls = _calls(torch.Generator().manual_seed(0))
+    expected = _one_thread_results(calls)
     for _ in range(50):
         for (op, args), want in zip(calls, expected, strict=True):
             assert torch.equal(op(*args), want), op
@@ -76,9 +82,7 @@ def test_workers_put_to_rest_between_calls_give_the_same_results(two_threads) ->
     """The server's engine process sends its workers to sleep after each step (rest_pool); the next call wakes them,
     and every call still runs each task once."""
     calls = _calls(torch.Generator().manual_seed(2))
-    torch.set_num_threads(1)
-    expected = [op(*args) for op, args in calls]
-    torch.set_num_threads(2)
+    expected = _one_thread_results(calls)
     for _ in range(10):
         for (op, args), want in zip(calls, expected, strict=True):
             assert torch.equal(op(*args), want), op

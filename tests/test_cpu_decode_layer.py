@@ -172,10 +172,10 @@ def test_a_cache_the_op_cannot_write_keeps_the_modules(scout_ckpt, monkeypatch) 
     model = load_model(scout_ckpt[0], dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
     fused = fused_model(model)
     assert fused is not None
-    layers, input_ids = fused.layers, torch.tensor([0])
+    attention, input_ids = fused.attention, torch.tensor([0])
     assert fused_step(model, input_ids, None) is None  # no KV cache bound yet
     runner = PagedRunner(model, max_seqs=1, max_len=16)
     runner.step([(0, [3, 4, 5])])
-    k, v = layers[0].paged.kv_cache
-    layers[0].paged.kv_cache = (k.transpose(1, 2).contiguous().transpose(1, 2), v)  # same values, other strides
+    k, v = attention[0].kv_cache
+    attention[0].kv_cache = (k.transpose(1, 2).contiguous().transpose(1, 2), v)  # same values, other strides
     assert fused_step(model, input_ids, None) is None

@@ -48,7 +48,7 @@ class FusedLayer:
 class FusedModel:
     """The text model's decode-step arguments of `decode_model_bf16` that do not change between steps."""
 
-    layers: list[FusedLayer]
+    attention: list[PagedAttention]  # each layer's: its KV cache, and the backend that lays out a step
     weights: list[torch.Tensor]  # every layer's, in layer order
     kernels: list[int]
     layer_kernels: list[int]  # how many of `kernels` each layer has
@@ -64,17 +64,19 @@ class FusedModel:
 
 
 class FusedStep:
-    """A step's fused model and what it reads of the step: per pool, the decode kernel's attention arguments."""
+    """A step's fused model and what it reads of the step: the layers' KV caches and, per pool, the decode kernel's
+    attention arguments."""
 
-    def __init__(self, fused: FusedModel, pools: list[torch.Tensor], aux_layer_ids: tuple[int, ...]) -> None:
-        self.fused, self.pools, self.aux_layer_ids = fused, pools, aux_layer_ids
+    def __init__(
+        self, fused: FusedModel, caches: list[torch.Tensor], pools: list[torch.Tensor], aux_layer_ids: tuple[int, ...]
+    ) -> None:
+        self.fused, self.caches, self.pools, self.aux_layer_ids = fused, caches, pools, aux_layer_ids
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The final norm's output for these tokens, and the auxiliary layers' outputs side by side."""
         f = self.fused
-        caches = [t for layer in f.layers for t in layer.paged.kv_cache]  # type: ignore[union-attr]
         return torch.ops.herd_cpu.decode_model_bf16(
-            input_ids, positions, f.embed, f.inv_freq, f.weights, f.kernels, f.layer_kernels, caches, self.pools,
+            input_ids, positions, f.embed, f.inv_freq, f.weights, f.kernels, f.layer_kernels, self.caches, self.pools,
             f.layer_pools, f.dims, f.scales, f.temperature, f.norm, f.eps, self.aux_layer_ids,
         )  # fmt: skip
 
@@ -91,15 +93,20 @@ def fused_step(model: Llama4ForCausalLM, input_ids: torch.Tensor, metadata: Any)
     if input_ids.device.type != "cpu" or input_ids.shape[0] > GEMV_MAX_ROWS or torch.compiler.is_compiling():
         return None
     fused = fused_model(model)
-    if fused is None or any(not _writable(layer.paged.kv_cache) for layer in fused.layers):
+    if fused is None:
         return None
+    caches: list[torch.Tensor] = []
+    for attention in fused.attention:
+        if not _writable(attention.kv_cache):
+            return None
+        caches += attention.kv_cache  # type: ignore[arg-type]
     pools: list[torch.Tensor] = []
     for chunked in fused.pool_kinds:
-        args = fused.layers[0].paged.backend.kernel_decode_args(metadata, chunked)
+        args = fused.attention[0].backend.kernel_decode_args(metadata, chunked)
         if args is None:
             return None
         pools += args
-    return FusedStep(fused, pools, model.aux_layer_ids)
+    return FusedStep(fused, caches, pools, model.aux_layer_ids)
 
 
 def _fused_model(model: Llama4ForCausalLM) -> FusedModel | None:
@@ -116,7 +123,7 @@ def _fused_model(model: Llama4ForCausalLM) -> FusedModel | None:
     pool_kinds = sorted({layer.chunked for layer in fused})
     tuned = [a for a in attentions if a.spec.temperature_tuning]
     return FusedModel(
-        layers=fused,
+        attention=[layer.paged for layer in fused],
         weights=[w for layer in fused for w in layer.weights],
         kernels=[k for layer in fused for k in layer.kernels],
         layer_kernels=[len(layer.kernels) for layer in fused],

@@ -17,11 +17,11 @@
 namespace herd_kernels {
 namespace {
 
-// How long an idle worker polls for the next call before it sleeps, by default: a decode step's calls come a few to
-// tens of microseconds apart, the next step's after the engine's Python (~0.2-0.5 ms), and a sleeping worker takes a
-// futex call and tens of microseconds to wake (tiny's batch-1 step: 1.75 ms at a 50 us poll, 1.51 at 200, 1.46 at
-// 2 ms). It polls with sched_yield, which gives its core to any other thread that wants it (1.42 against 1.47 ms with
-// a pause loop).
+// How long an idle worker polls for the next call before it sleeps: a decode step's calls come a few to tens of
+// microseconds apart, the next step's after the engine's Python (~0.2-0.5 ms), and a sleeping worker takes a futex
+// call and tens of microseconds to wake (tiny's batch-1 step: 1.75 ms at a 50 us poll, 1.51 at 200, 1.46 at 2 ms).
+// It polls with sched_yield, which gives its core to any other thread that wants it (1.42 against 1.47 ms with a
+// pause loop).
 constexpr auto kSpin = std::chrono::milliseconds(2);
 
 // Bumped by rest(): a polling worker that sees it change sleeps at once (until the next call wakes it).

@@ -152,6 +152,16 @@ void write_slots(const at::Tensor& cache, const at::Tensor& slots, const at::Ten
   }
 }
 
+// How many weights a layer of these kernels has: its two norms' and each linear layer's tensors.
+size_t layer_weights(at::IntArrayRef kernels) {
+  size_t count = 2;
+  for (const int64_t kernel : kernels) {
+    TORCH_CHECK(kernel >= kBf16 && kernel <= kW8A16, "decode_model_bf16: unknown kernel ", kernel);
+    count += kTensors[kernel];
+  }
+  return count;
+}
+
 // x [T, H] bf16, the residual stream before the layer; returns it after the layer.
 // weights: the input norm [H] and the post-attention norm [H], then each linear layer's tensors, their kernels in
 // `kernels`, in this order: qkv [(nq + 2 nkv) D, H], o [H, nq D], then the feed-forward: MoE (5): router [E, H],
@@ -169,16 +179,14 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& angles, const std
               "decode_model_bf16: 2 attention layers and 5 (MoE) or 2 (dense) feed-forward ones, got ",
               kernels.size());
   TORCH_CHECK(dims.size() == 5, "decode_model_bf16: dims must be heads, kv_heads, head_dim, rope, qk_norm");
+  TORCH_CHECK(layer_weights(kernels) == weights.size(), "decode_model_bf16: ", weights.size(),
+              " weights for kernels ", kernels);
   std::vector<Linear> layers;
   size_t next = 2;  // after the norms
   for (const int64_t kernel : kernels) {
-    TORCH_CHECK(kernel >= kBf16 && kernel <= kW8A16, "decode_model_bf16: unknown kernel ", kernel);
-    TORCH_CHECK(next + kTensors[kernel] <= weights.size(), "decode_model_bf16: ", weights.size(),
-                " weights for kernels ", kernels);
     layers.push_back({kernel, weights.slice(next, kTensors[kernel])});
     next += kTensors[kernel];
   }
-  TORCH_CHECK(next == weights.size(), "decode_model_bf16: ", weights.size(), " weights for kernels ", kernels);
   const int64_t tokens = x.size(0), heads = dims[0], kv_heads = dims[1], head_dim = dims[2];
   const bool rope = dims[3] != 0, qk_norm = dims[4] != 0;
   const at::Tensor qkv = linear(norm(x, weights[0], eps), layers[0]);
@@ -238,11 +246,7 @@ std::tuple<at::Tensor, at::Tensor> decode_model_bf16(
     TORCH_CHECK(next_kernel + layer_kernels[i] <= kernels.size(), "decode_model_bf16: ", kernels.size(),
                 " kernels for layers of ", layer_kernels);
     const at::IntArrayRef own = kernels.slice(next_kernel, layer_kernels[i]);
-    size_t count = 2;  // the norms
-    for (const int64_t kernel : own) {
-      TORCH_CHECK(kernel >= kBf16 && kernel <= kW8A16, "decode_model_bf16: unknown kernel ", kernel);
-      count += kTensors[kernel];
-    }
+    const size_t count = layer_weights(own);
     TORCH_CHECK(next_weight + count <= weights.size(), "decode_model_bf16: ", weights.size(), " weights for kernels ",
                 kernels);
     const size_t pool = 4 * layer_pools[i];
