@@ -81,6 +81,7 @@ def test_fused_layers_give_the_modules_logits(ckpt: str, small: bool, request, m
     if not small:
         monkeypatch.setattr(cpu_gemv, "SMALL_EXPERTS_BYTES", 0)
         monkeypatch.setattr(cpu_gemv, "SMALL_LINEAR_BYTES", 0)
+        monkeypatch.setattr(cpu_gemv, "NARROW_LINEAR_BYTES", 0)
     _assert_fused_equals_modules(path, LayerFactory(UnquantizedConfig(cpu_packed=True)), monkeypatch)
 
 

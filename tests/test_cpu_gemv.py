@@ -93,6 +93,7 @@ def test_gemv_model_decodes_as_the_packed_one(scout_ckpt, monkeypatch: pytest.Mo
     assert hasattr(qkv, "packed_weight") and hasattr(qkv, "row_weight")  # tiny linear layers: both, by rows
     monkeypatch.setattr(cpu_gemv, "SMALL_EXPERTS_BYTES", 0)
     monkeypatch.setattr(cpu_gemv, "SMALL_LINEAR_BYTES", 0)
+    monkeypatch.setattr(cpu_gemv, "NARROW_LINEAR_BYTES", 0)
     fast = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
     assert hasattr(fast.model.layers[0].feed_forward.experts, "gate_up_proj_t")
     assert "weight" in fast.model.layers[0].self_attn.qkv_proj._parameters
@@ -130,6 +131,7 @@ def test_gemv_model_follows_transformers(scout_ckpt, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
     monkeypatch.setattr(cpu_gemv, "SMALL_EXPERTS_BYTES", 0)
     monkeypatch.setattr(cpu_gemv, "SMALL_LINEAR_BYTES", 0)
+    monkeypatch.setattr(cpu_gemv, "NARROW_LINEAR_BYTES", 0)
     if weight_first:
         monkeypatch.setattr(cpu_gemv, "WEIGHT_FIRST_MIN_INPUTS", 1)
     model = load_model(path, dtype="bfloat16", factory=LayerFactory(UnquantizedConfig(cpu_packed=True)))
@@ -182,6 +184,7 @@ def test_mlp_swiglu_in_one_call_for_a_few_rows(small: bool, monkeypatch: pytest.
     monkeypatch.setattr(cpu_gemv, "gemv_enabled", lambda: True)
     if not small:
         monkeypatch.setattr(cpu_gemv, "SMALL_LINEAR_BYTES", 0)
+        monkeypatch.setattr(cpu_gemv, "NARROW_LINEAR_BYTES", 0)
     factory = LayerFactory(UnquantizedConfig(cpu_packed=True))
     gate_up, down = (
         factory.column("mlp.gate_up_proj", 64, [48, 48], shard_ids=(0, 1)),

@@ -59,6 +59,10 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # weights the one-row steps keep in cache (with the experts alike, the demo model's 8-token NGRAM verify step took
 # 4.0 ms instead of 5.2).
 SMALL_LINEAR_BYTES = 4 * 2**20
+# Layers with fewer inputs than WEIGHT_FIRST_MIN_INPUTS, where the weight-first matmul does not serve, keep the
+# packed copy up to this size: tiny's LM head [32000, 256] at 64 rows took 1.4 ms packed against 2.1 through
+# F.linear, which reorders the whole weight on every call (1 thread, the AMX Xeon of benchmarks/RESULTS.md).
+NARROW_LINEAR_BYTES = 64 * 2**20
 
 
 class CPUGemvLinearMethod(CPUPackedLinearMethod):
@@ -74,7 +78,8 @@ class CPUGemvLinearMethod(CPUPackedLinearMethod):
             if not self.compiled:
                 super().process_weights_after_loading(layer)
             return
-        if weight.numel() * weight.element_size() < SMALL_LINEAR_BYTES:
+        size = weight.numel() * weight.element_size()
+        if size < SMALL_LINEAR_BYTES or (weight.shape[1] < WEIGHT_FIRST_MIN_INPUTS and size <= NARROW_LINEAR_BYTES):
             # Both: a few rows through the kernel (oneDNN's call costs ~15-110 us whatever the size, 3-10x the
             # kernel's at one row on a router's [16, 2048]), more through the packed copy.
             row_weight = weight.detach()
