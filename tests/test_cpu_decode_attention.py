@@ -83,8 +83,9 @@ def test_decode_attention_refuses_slots_outside_the_table() -> None:
 
 def test_short_chunks_attend_as_decode_queries_as_spans_would(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch_native serves each token of a short chain (a verify step, a short prompt) as a decode query through the
-    kernel: the same output as the causal, chunked span it replaces, in both pools, with local blocks released
-    before the first query's window; a draft tree and a long prefill keep their spans."""
+    kernel, and a longer prefill too while the step's block table stays small: the same output as the causal,
+    chunked span it replaces, in both pools, with local blocks released before the first query's window; a draft
+    tree keeps its span."""
     chunk, block, kv_heads, heads, head_dim = 8, 4, 2, 4, 16
     # (context length after the step, new tokens): a decode, a chain across a chunk boundary inside a block, a fresh
     # prompt, a long prefill, a draft tree of 3 after its root.
@@ -97,19 +98,24 @@ def test_short_chunks_attend_as_decode_queries_as_spans_would(monkeypatch: pytes
     v = torch.randn(starts[-1], kv_heads, head_dim, generator=gen)
     backend = get_attention_backend("torch_native")
     metadata = backend.build_metadata(batch)
-    decode_rows = metadata.full.decode.rows.tolist()
-    assert decode_rows == list(range(0, 12)) and len(metadata.full.prefills) == 2  # the long prefill and the tree
+    assert metadata.full.decode.rows.tolist() == list(range(0, 32)) and len(metadata.full.prefills) == 1  # the tree
+    monkeypatch.setattr(torch_native, "DECODE_TABLE_MAX", 32 * 7)  # the long prefill's 20 rows make 32 rows x 8 blocks
+    metadata = backend.build_metadata(batch)
+    assert metadata.full.decode.rows.tolist() == list(range(0, 12)) and len(metadata.full.prefills) == 2
+    monkeypatch.undo()
     for chunked, pool_blocks in ((False, n_blocks), (True, n_local)):
         cache = torch.randn(2, pool_blocks, block, kv_heads, head_dim, generator=gen)
         outs = []
         # As decode queries through the kernel, as spans, and without the kernel (spans, and the one-token decodes
         # through SDPA under the mask the kernel does without).
-        for few, kernel in (
-            (torch_native.DECODE_QUERIES_MAX, True),
-            (1, True),
-            (torch_native.DECODE_QUERIES_MAX, False),
+        for few, table, kernel in (
+            (torch_native.DECODE_QUERIES_MAX, torch_native.DECODE_TABLE_MAX, True),
+            (torch_native.DECODE_QUERIES_MAX, 0, True),
+            (1, 0, True),
+            (torch_native.DECODE_QUERIES_MAX, torch_native.DECODE_TABLE_MAX, False),
         ):
             monkeypatch.setattr(torch_native, "DECODE_QUERIES_MAX", few)
+            monkeypatch.setattr(torch_native, "DECODE_TABLE_MAX", table)
             monkeypatch.setattr(torch_native, "cpu_kernels_enabled", lambda kernel=kernel: kernel)
             layer = PagedAttention(0, head_dim, head_dim**-0.5, chunk if chunked else None, backend)
             kv = cache.clone()

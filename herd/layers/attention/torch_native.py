@@ -166,22 +166,49 @@ def _decode(
 # to itself: the kernel reads the blocks in place, where a span gathers them and builds a mask (the demo model's
 # 8-token verify: ~25 against ~110 us a layer). Elsewhere each such query would gather the context again.
 DECODE_QUERIES_MAX = 16
+# Longer prefills (no tree) also attend as decode queries through the kernel while the step's padded block table
+# stays within this many entries (every decode query's row is as wide as the widest): tiny's prefill of 64 prompts of
+# 32 tokens took 95 instead of 125 ms on 1 thread, 65 instead of 100 on 2, and a 4,096-token prompt as long either
+# way (benchmarks/RESULTS.md). The bound keeps the table (and the Python that builds it) small beside the step.
+DECODE_TABLE_MAX = 1 << 16
 
 
 def _pool_metadata(batch: AttentionBatch, tables: PoolTables, chunk: int | None) -> PoolMetadata:
     decode: list[tuple[int, int, int]] = []  # (sequence, its context length as the query sees it, token-axis row)
     prefills = []
+    longer: list[int] = []  # prefills that may attend as decode queries after all
     starts = batch.query_start_loc
     kernel = batch.device.type == "cpu" and cpu_kernels_enabled()
     few = DECODE_QUERIES_MAX if kernel else 1
     for i in range(batch.num_seqs):
         n = starts[i + 1] - starts[i]
         if n == 1 or (n <= few and batch.tree(i) is None):
-            decode.extend((i, batch.context_lens[i] - n + j + 1, starts[i] + j) for j in range(n))
+            decode.extend(_queries(batch, i))
+        elif kernel and batch.tree(i) is None:
+            longer.append(i)
         else:
             prefills.append(prefill_span(batch, tables.block_tables[i], i, chunk))
+    if longer:
+        rows = len(decode) + sum(starts[i + 1] - starts[i] for i in longer)
+        width = max(_blocks_seen(batch, i, chunk) for i in range(batch.num_seqs) if batch.tree(i) is None)
+        if rows * width <= DECODE_TABLE_MAX:
+            decode = sorted(decode + [q for i in longer for q in _queries(batch, i)], key=lambda q: q[2])
+        else:
+            prefills += [prefill_span(batch, tables.block_tables[i], i, chunk) for i in longer]
     layout = _decode_layout(batch, tables, decode, chunk, not prefills, kernel) if decode else None
     return PoolMetadata(slot_mapping=tables.slot_mapping, decode=layout, prefills=prefills)
+
+
+def _queries(batch: AttentionBatch, i: int) -> list[tuple[int, int, int]]:
+    """Sequence i's new tokens as decode queries: (i, context length up to the token, token-axis row)."""
+    start, end = batch.query_start_loc[i], batch.query_start_loc[i + 1]
+    return [(i, batch.context_lens[i] - (end - start) + j + 1, start + j) for j in range(end - start)]
+
+
+def _blocks_seen(batch: AttentionBatch, i: int, chunk: int | None) -> int:
+    """Blocks in the decode table row of sequence i's last query (its widest)."""
+    ctx, bs = batch.context_lens[i], batch.block_size
+    return (ctx + bs - 1) // bs - _visible_start(ctx - 1, chunk) // bs
 
 
 def _visible_start(first_query: int, chunk: int | None) -> int:
