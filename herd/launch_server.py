@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import socket
 import sys
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None, prog: str = "herd serve") -> int:
         logger.error("cannot load the model at --model-path %s: %s", args.model_path, e)
         return 1
     server = make_server(config.server, engine, sock, exit_on_engine_death=True)
+    # The app, its libraries and the tokenizer live as long as the process: out of the collector's generations, a
+    # full collection does not walk them while tokens stream (as in the engine process, herd.engine.client).
+    gc.collect()
+    gc.freeze()
     # uvicorn re-raises a Ctrl-C that forced the stop once it has shut down: that is a normal exit.
     try:
         with contextlib.suppress(KeyboardInterrupt):
