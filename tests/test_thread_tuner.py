@@ -11,7 +11,7 @@ import torch
 from herd.llm import LLM
 from herd.sampling import SamplingParams
 from herd.worker import thread_tuner, worker
-from herd.worker.thread_tuner import FIRST_PERIOD, FIRST_TRIAL, MAX_PERIOD, WINDOW, ThreadTuner
+from herd.worker.thread_tuner import EARLY_LOSS, FIRST_PERIOD, FIRST_TRIAL, MAX_PERIOD, WINDOW, ThreadTuner
 
 
 def run(tuner: ThreadTuner, batch: int, steps: int, cost: dict[int, float]) -> list[int]:
@@ -43,6 +43,18 @@ def test_a_count_that_is_not_clearly_faster_is_tried_ever_more_rarely() -> None:
     assert gaps[:4] == [2 * FIRST_PERIOD, 4 * FIRST_PERIOD, 8 * FIRST_PERIOD, 16 * FIRST_PERIOD]
     assert max(gaps) == MAX_PERIOD
     assert used.count(3) / len(used) < 0.02
+
+
+def test_a_trial_clearly_slower_than_every_current_step_ends_early() -> None:
+    tuner = ThreadTuner(2)
+    run(tuner, 64, FIRST_TRIAL + WINDOW, {2: 0.019, 1: 0.014})  # settled on 1 thread
+    used = run(tuner, 64, FIRST_PERIOD + EARLY_LOSS + 2 * FIRST_PERIOD + EARLY_LOSS, {2: 0.029, 1: 0.014})
+    assert used == ([1] * FIRST_PERIOD + [2] * EARLY_LOSS) + ([1] * 2 * FIRST_PERIOD + [2] * EARLY_LOSS)
+    # A trial step within the current steps' spread is not judged early: the trial runs its whole window.
+    tuner = ThreadTuner(2)
+    for seconds in (0.010, 0.020, 0.010, 0.020, 0.010, 0.020):
+        tuner.record(64, seconds)
+    assert run(tuner, 64, WINDOW, {1: 0.0205}) == [1] * WINDOW
 
 
 def test_batch_sizes_are_judged_apart_and_a_change_of_load_is_followed() -> None:

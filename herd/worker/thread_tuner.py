@@ -29,6 +29,10 @@ FIRST_TRIAL = WINDOW
 # winning, so that a settled server spends under 1% of its steps on the other count.
 FIRST_PERIOD = 24
 MAX_PERIOD = 1536
+# A trial whose first steps are each slower than every step of the current window (by the margin) has lost: it ends
+# there. Tiny at 64 streams over HTTP took 28.6 ms a step on 2 threads against 18 on 1, and a server's first minutes
+# hold several trials.
+EARLY_LOSS = 2
 
 
 @dataclass
@@ -69,10 +73,13 @@ class ThreadTuner:
             bucket.until_trial -= 1
             return
         bucket.trial_times.append(seconds)
-        if len(bucket.trial_times) < WINDOW:
+        lost = len(bucket.trial_times) >= EARLY_LOSS and min(bucket.trial_times) > max(bucket.current_times) * (
+            1 + MARGIN
+        )
+        if len(bucket.trial_times) < WINDOW and not lost:
             return
         trial, current = statistics.median(bucket.trial_times), statistics.median(bucket.current_times)
-        if trial < current * (1 - MARGIN):
+        if not lost and trial < current * (1 - MARGIN):
             logger.info(
                 "decode steps of %d-%d sequences: %d threads (%.2f ms a step against %.2f with %d)",
                 *_bounds(batch), bucket.other, 1e3 * trial, 1e3 * current, bucket.current,
