@@ -190,7 +190,7 @@ def _pool_metadata(batch: AttentionBatch, tables: PoolTables, chunk: int | None)
             prefills.append(prefill_span(batch, tables.block_tables[i], i, chunk))
     if longer:
         rows = len(decode) + sum(starts[i + 1] - starts[i] for i in longer)
-        width = max(_blocks_seen(batch, i, chunk) for i in range(batch.num_seqs) if batch.tree(i) is None)
+        width = max(_blocks_seen(batch, i, chunk) for i in {*(q[0] for q in decode), *longer})
         if rows * width <= DECODE_TABLE_MAX:
             decode = sorted(decode + [q for i in longer for q in _queries(batch, i)], key=lambda q: q[2])
         else:
@@ -206,9 +206,11 @@ def _queries(batch: AttentionBatch, i: int) -> list[tuple[int, int, int]]:
 
 
 def _blocks_seen(batch: AttentionBatch, i: int, chunk: int | None) -> int:
-    """Blocks in the decode table row of sequence i's last query (its widest)."""
+    """At least as many blocks as the widest decode table row of sequence i's new tokens: from the first one's
+    window to the last one's end."""
     ctx, bs = batch.context_lens[i], batch.block_size
-    return (ctx + bs - 1) // bs - _visible_start(ctx - 1, chunk) // bs
+    first_query = ctx - (batch.query_start_loc[i + 1] - batch.query_start_loc[i])
+    return (ctx + bs - 1) // bs - _visible_start(first_query, chunk) // bs
 
 
 def _visible_start(first_query: int, chunk: int | None) -> int:
