@@ -166,7 +166,7 @@ size_t layer_weights(at::IntArrayRef kernels) {
 // weights: the input norm [H] and the post-attention norm [H], then each linear layer's tensors, their kernels in
 // `kernels`, in this order: qkv [(nq + 2 nkv) D, H], o [H, nq D], then the feed-forward: MoE (5): router [E, H],
 // the experts' gate_up [E, 2I, H] and down [E, H, I], the shared expert's gate_up [1, 2I, H] and down [1, H, I];
-// dense (2): gate_up [1, 2I, H], down [1, H, I].
+// dense (2): gate_up [1, 2I, H], down [1, H, I]; the caller, decode_model_bf16, sliced them by layer_weights.
 // dims: heads, kv heads, head_dim, rope, qk-norm (0/1). q_scale: NoPE layers' temperature per token, fp32 [T].
 // The attention arguments are the paged decode kernel's, and `slots` where this step's K and V go.
 at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& angles, const std::optional<at::Tensor>& q_scale,
@@ -179,8 +179,6 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& angles, const std
               "decode_model_bf16: 2 attention layers and 5 (MoE) or 2 (dense) feed-forward ones, got ",
               kernels.size());
   TORCH_CHECK(dims.size() == 5, "decode_model_bf16: dims must be heads, kv_heads, head_dim, rope, qk_norm");
-  TORCH_CHECK(layer_weights(kernels) == weights.size(), "decode_model_bf16: ", weights.size(),
-              " weights for kernels ", kernels);
   std::vector<Linear> layers;
   size_t next = 2;  // after the norms
   for (const int64_t kernel : kernels) {
