@@ -29,7 +29,24 @@ def main() -> None:
         help="make up this share (0-1) of the training tool calls' arguments (default: a quarter of the cities, "
         "half of the rest); the held-out split always uses the default",
     )
+    parser.add_argument(
+        "--place-styles",
+        type=float,
+        nargs=2,
+        default=(0.1, 0.0),
+        metavar=("RANDOM_LETTERS", "GLUED"),
+        help="shares of the training split's made-up place words of random letters and of glued pieces "
+        "(default: 0.1 0; the rest from letter clusters); the held-out split always uses the default",
+    )
+    parser.add_argument(
+        "--place-pieces",
+        type=Path,
+        help="glue place words from the lowercase pieces of 2-5 letters of this tokenizer.json, drawn evenly "
+        "(default: pieces of the pools' words)",
+    )
     args = parser.parse_args()
+    if not (min(args.place_styles) >= 0 and sum(args.place_styles) <= 1):
+        parser.error(f"--place-styles takes two shares that add up to at most 1; got {args.place_styles}")
     if args.made_up_share is not None and not 0 <= args.made_up_share <= 1:
         parser.error(f"--made-up-share is a share between 0 and 1; got {args.made_up_share}")
 
@@ -41,8 +58,14 @@ def main() -> None:
         wanted[task] = int(n)
     args.out.mkdir(parents=True, exist_ok=True)
     train_counts = {task: max(1, round(n * args.scale)) if n else 0 for task, n in wanted.items()}
-    for split, counts, share in [("train", train_counts, args.made_up_share), ("heldout", HELDOUT_COUNTS, None)]:
-        records = generate(split, counts, seed=args.seed, made_up_share=share)
+    pieces = None
+    if args.place_pieces:
+        vocab = json.loads(args.place_pieces.read_text(encoding="utf-8"))["model"]["vocab"]
+        pieces = sorted(p for p in vocab if p.isascii() and p.isalpha() and p.islower() and 2 <= len(p) <= 5)
+    splits = [("train", train_counts, args.made_up_share, tuple(args.place_styles), pieces),
+              ("heldout", HELDOUT_COUNTS, None, (0.1, 0.0), None)]  # fmt: skip
+    for split, counts, share, styles, glue in splits:
+        records = generate(split, counts, seed=args.seed, made_up_share=share, place_styles=styles, place_pieces=glue)
         path = args.out / f"{split}.jsonl"
         with path.open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

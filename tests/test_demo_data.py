@@ -28,6 +28,7 @@ from demo.tools import (
     UNSEEN_CITIES,
     UNSEEN_WEATHER_QUESTIONS,
 )
+from demo.vocab import NAMES, WORDS
 
 COUNTS = dict.fromkeys(data.TASKS, 60)
 
@@ -137,6 +138,35 @@ def test_everyday_requests_name_places_the_benchmark_never_asks_about() -> None:
         assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == [(call["name"], call["arguments"])]
     assert 0.3 < single / len(records) < 0.7  # the single offered tool, as the benchmark offers it, and a choice
     assert len({r["messages"][1]["tool_calls"][0]["function"]["arguments"]["location"] for r in records}) > 650
+
+
+def test_place_styles_set_how_places_are_made_up_and_never_name_an_unseen_city() -> None:
+    unseen_words = {word for city in UNSEEN_CITIES for word in city.split()}
+    known = " ".join(WORDS + NAMES).lower()
+
+    def places(styles: tuple[float, float], pieces: list[str] | None = None) -> list[str]:
+        records = data.generate("train", {"tool_everyday": 400}, seed=0, place_styles=styles, place_pieces=pieces)
+        return [r["messages"][1]["tool_calls"][0]["function"]["arguments"]["location"] for r in records]
+
+    assert (
+        places((0.1, 0.0))
+        == places((0.1, 0.0))
+        == [  # the default: the data of the shipped stages
+            r["messages"][1]["tool_calls"][0]["function"]["arguments"]["location"]
+            for r in data.generate("train", {"tool_everyday": 400}, seed=0)
+        ]
+    )
+    glued = [w for place in places((0.0, 1.0)) for w in place.split()]
+    # Every word of two or three pieces of the pools' words, each piece of 2-4 letters.
+    assert all(4 <= len(w) <= 12 and w[:2].lower() in known for w in glued)
+    assert not set(glued) & unseen_words
+    letters = [w for place in places((1.0, 0.0)) for w in place.split()]
+    assert all(3 <= len(w) <= 8 for w in letters) and not set(letters) & unseen_words
+    pieces = ["ab", "cde", "fgh"]
+    glued = [w for place in places((0.0, 1.0), pieces) for w in place.split()]
+    assert {w.lower() for w in glued} == {a + b for a in pieces for b in pieces} | {
+        a + b + c for a in pieces for b in pieces for c in pieces
+    }  # two or three pieces, each drawn evenly: every combination turns up in 400 places
 
 
 def test_made_up_share_sets_how_many_arguments_leave_the_pool() -> None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import random
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from demo import images, tools
+from demo import images, tools, vocab
 from demo.tools import CITIES, CURRENCIES, LANGUAGES, PHRASES, STOCKS, SUBJECTS, TOOLS, TOPICS
 from demo.vocab import NAMES, WORDS, items, made_up_name, place_name, ticker
 
@@ -340,11 +340,19 @@ TRAIN_COUNTS = {"arithmetic": 45000, "string": 4000, "capital": 14000, "chat": 3
 HELDOUT_COUNTS = dict.fromkeys(TASKS, 200) | {"chat": 40}
 
 
-def generate(split: str, counts: dict[str, int], seed: int = 0, made_up_share: float | None = None) -> list[Record]:
+def generate(
+    split: str,
+    counts: dict[str, int],
+    seed: int = 0,
+    made_up_share: float | None = None,
+    place_styles: tuple[float, float] = (0.1, 0.0),
+    place_pieces: Sequence[str] | None = None,
+) -> list[Record]:
     """counts[task] records of each task that belong to `split`, drawn with `seed`; `made_up_share` of the tool
-    arguments made up (None: each argument's own share, see demo.tools)."""
+    arguments made up (None: each argument's own share, see demo.tools); place_styles and place_pieces: how
+    made-up places are spelled (see demo.vocab.place_styles)."""
     records = []
-    with tools.made_up_share(made_up_share):
+    with tools.made_up_share(made_up_share), vocab.place_styles(*place_styles, place_pieces):
         for task in TASKS:
             if counts.get(task):
                 rng = random.Random(f"{seed}|{split}|{task}")  # per task, so changing one count moves no other task

@@ -3,8 +3,11 @@ repeat-after-me), and random names made of letters, so that tool arguments canno
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import random
 import string
+from collections.abc import Iterator, Sequence
 
 
 def items(text: str) -> list[str]:
@@ -51,9 +54,45 @@ VOWELS = items("a; e; i; o; u; y; ai; au; ea; ee; ia; io; oo; ou; ua; ei")
 CODAS = items("b; ck; d; g; k; l; ll; m; n; nd; ng; nh; nk; nt; r; rd; rk; s; sh; sk; st; t; tt; x; z")
 
 
+# Shares of place words made of random letters and of glued pieces, and the pieces (None: of the pools' words).
+_place_styles: contextvars.ContextVar[tuple[float, float, Sequence[str] | None]] = contextvars.ContextVar(
+    "place_styles", default=(0.1, 0.0, None)
+)
+
+
+@contextlib.contextmanager
+def place_styles(random_letters: float, glued: float, pieces: Sequence[str] | None = None) -> Iterator[None]:
+    """Make that share of place words of random letters, and that share of two or three glued pieces, while
+    generating (the default: a tenth of random letters, nothing glued). The pieces are drawn evenly from
+    `pieces`, or (None) cut from the pools' words.
+
+    A model that copies "Tallinn" as "Taltren" let its own guess of the next piece win over the piece in the
+    question. Names glued from pieces it knows well ("Malardsun": Mallory, garden, sun) are where such guesses
+    are strongest; but a model trained on them learns which pieces such names use and guesses those ("Auckland"
+    -> "Auckpl"). Pieces drawn evenly from the tokenizer's own leave nothing to guess, only to copy.
+    """
+    token = _place_styles.set((random_letters, glued, pieces))
+    try:
+        yield
+    finally:
+        _place_styles.reset(token)
+
+
+def _word_piece(rng: random.Random) -> str:
+    word = rng.choice(WORDS + NAMES).lower()
+    size = rng.randint(2, min(4, len(word)))
+    start = rng.randint(0, len(word) - size)
+    return word[start : start + size]
+
+
 def _place_word(rng: random.Random) -> str:
-    if rng.random() < 0.1:  # no structure at all: only copying gets these right
+    letters, glued, pieces = _place_styles.get()
+    draw = rng.random()
+    if draw < letters:  # no structure at all: only copying gets these right
         return "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))).capitalize()
+    if draw < letters + glued:
+        parts = rng.randint(2, 3)
+        return "".join(rng.choice(pieces) if pieces else _word_piece(rng) for _ in range(parts)).capitalize()
     parts = rng.choices((1, 2, 3), weights=(3, 5, 2))[0]
     return "".join(_syllable(rng) for _ in range(parts)).capitalize()
 
