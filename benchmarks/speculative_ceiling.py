@@ -40,10 +40,11 @@ class OracleProposer(Proposer):
                 continue
             answer, done = self.answers[s.seq_id.split("#")[0]], len(s.tokens)  # "<request id>#<choice>"
             right = answer[done : done + self.correct]
-            # A wrong token: anything but the answer's next one (a token id the answer does not use there).
-            wrong = [(answer[done + len(right) + i] + 1) % self.vocab_size if done + len(right) + i < len(answer)
-                     else 0 for i in range(self.num_draft - len(right))]  # fmt: skip
-            drafts[s.seq_id] = right + wrong
+            # Verification stops at the first wrong draft, so only it needs to differ from the answer's next token;
+            # the rest of the chain repeats it.
+            after = done + len(right)
+            wrong = (answer[after] + 1) % self.vocab_size if after < len(answer) else 0
+            drafts[s.seq_id] = right + [wrong] * (self.num_draft - len(right))
         return drafts
 
 

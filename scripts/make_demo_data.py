@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from demo.data import HELDOUT_COUNTS, TASKS, TRAIN_COUNTS, generate
+from demo.vocab import DEFAULT_PLACE_STYLES
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
         "--place-styles",
         type=float,
         nargs=2,
-        default=(0.1, 0.0),
+        default=DEFAULT_PLACE_STYLES,
         metavar=("RANDOM_LETTERS", "GLUED"),
         help="shares of the training split's made-up place words of random letters and of glued pieces "
         "(default: 0.1 0; the rest from letter clusters); the held-out split always uses the default",
@@ -63,7 +64,7 @@ def main() -> None:
         vocab = json.loads(args.place_pieces.read_text(encoding="utf-8"))["model"]["vocab"]
         pieces = sorted(p for p in vocab if p.isascii() and p.isalpha() and p.islower() and 2 <= len(p) <= 5)
     splits = [("train", train_counts, args.made_up_share, tuple(args.place_styles), pieces),
-              ("heldout", HELDOUT_COUNTS, None, (0.1, 0.0), None)]  # fmt: skip
+              ("heldout", HELDOUT_COUNTS, None, DEFAULT_PLACE_STYLES, None)]  # fmt: skip
     for split, counts, share, styles, glue in splits:
         records = generate(split, counts, seed=args.seed, made_up_share=share, place_styles=styles, place_pieces=glue)
         path = args.out / f"{split}.jsonl"

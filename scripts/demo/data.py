@@ -345,7 +345,7 @@ def generate(
     counts: dict[str, int],
     seed: int = 0,
     made_up_share: float | None = None,
-    place_styles: tuple[float, float] = (0.1, 0.0),
+    place_styles: tuple[float, float] = vocab.DEFAULT_PLACE_STYLES,
     place_pieces: Sequence[str] | None = None,
 ) -> list[Record]:
     """counts[task] records of each task that belong to `split`, drawn with `seed`; `made_up_share` of the tool

@@ -54,10 +54,13 @@ VOWELS = items("a; e; i; o; u; y; ai; au; ea; ee; ia; io; oo; ou; ua; ei")
 CODAS = items("b; ck; d; g; k; l; ll; m; n; nd; ng; nh; nk; nt; r; rd; rk; s; sh; sk; st; t; tt; x; z")
 
 
-# Shares of place words made of random letters and of glued pieces, and the pieces (None: of the pools' words).
+# Shares of place words made of random letters and of glued pieces when nothing sets them (the shipped stages' data).
+DEFAULT_PLACE_STYLES = (0.1, 0.0)
+# Those shares, and the pieces (None: of the pools' words).
 _place_styles: contextvars.ContextVar[tuple[float, float, Sequence[str] | None]] = contextvars.ContextVar(
-    "place_styles", default=(0.1, 0.0, None)
+    "place_styles", default=(*DEFAULT_PLACE_STYLES, None)
 )
+_PIECE_WORDS = [word.lower() for word in WORDS + NAMES]
 
 
 @contextlib.contextmanager
@@ -79,7 +82,7 @@ def place_styles(random_letters: float, glued: float, pieces: Sequence[str] | No
 
 
 def _word_piece(rng: random.Random) -> str:
-    word = rng.choice(WORDS + NAMES).lower()
+    word = rng.choice(_PIECE_WORDS)
     size = rng.randint(2, min(4, len(word)))
     start = rng.randint(0, len(word) - size)
     return word[start : start + size]
