@@ -370,7 +370,7 @@ def test_draft_step_without_the_token_table_drafts_the_same(tmp_path: Path, monk
     assert drafter.draft(5, 3) == ref.chain(tokens, aux, 3)
 
 
-@pytest.mark.skipif(not cpu_packing_available(torch.device("cpu")), reason="needs oneDNN's packed linear")
+@pytest.mark.skipif(not cpu_packing_available(torch.device("cpu"), torch.bfloat16), reason="needs oneDNN's packed bf16")
 @pytest.mark.parametrize("kernel", [False, True])
 def test_packed_bf16_draft_step_stays_close_to_fp32(tmp_path: Path, kernel: bool, monkeypatch) -> None:
     """The CPU's bf16 matmuls (oneDNN's packed ones, or herd's GEMV kernel where it runs) change the draft's numbers

@@ -103,7 +103,7 @@ def test_grouped_experts_with_idle_experts() -> None:
         torch.testing.assert_close(out[t], (torch.nn.functional.silu(gate) * up) @ down[ids[t]])
 
 
-@pytest.mark.skipif(not cpu_packing_available(torch.device("cpu")), reason="needs oneDNN's packed linear")
+@pytest.mark.skipif(not cpu_packing_available(torch.device("cpu"), torch.bfloat16), reason="needs oneDNN's packed bf16")
 def test_small_experts_in_one_matmul_match_one_matmul_per_expert() -> None:
     """The CPU's all-experts form for a few rows (a verify step) gives each row exactly its own expert's output."""
     from herd.layers.moe import FusedMoE

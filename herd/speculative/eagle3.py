@@ -84,7 +84,7 @@ def load_eagle3_proposer(config, target, dtype: torch.dtype, device: torch.devic
         device=device,
         target_embedding=target.model.embed_tokens.weight,
     )
-    drafter.packed_matmuls = cpu_packing_available(device)
+    drafter.packed_matmuls = cpu_packing_available(device, torch.bfloat16)  # see DraftStep
     if config.eagle_topk > 1:
         logger.info(
             "EAGLE-3 tree drafting: %d steps, top-%d children, %d tokens verified per step (the best %d nodes + root)",

@@ -60,6 +60,11 @@ class Worker:
         self.config, self.rank = config, rank
         self.device = config.device.torch_device
         self.dtype = resolve_dtype(config.load.dtype, config.model)
+        if config.load.dtype == "auto" and self.dtype == torch.bfloat16 and not self._cpu_computes_bf16():
+            # Without AVX-512 or AVX-NE-CONVERT, oneDNN emulates bf16: a prefill's matmuls ran ~8x slower than
+            # fp32 (AMD EPYC, Zen 2/3). `--dtype bfloat16` keeps the checkpoint's dtype anyway.
+            logger.info("worker %d: this CPU computes bfloat16 slowly; serving in float32 (--dtype auto)", rank)
+            self.dtype = torch.float32
         compile_decode = config.device.enable_torch_compile
         self.backend = get_attention_backend(config.device.attention_backend)
         logger.info("worker %d: attention backend %s", rank, self.backend.name)
@@ -133,10 +138,13 @@ class Worker:
         logger.info("worker %d: %s on %s, weights %.2f GiB", rank, config.model.architecture, self.device,
                     self.weight_bytes() / 2**30)  # fmt: skip
 
+    def _cpu_computes_bf16(self) -> bool:
+        return self.device.type != "cpu" or cpu_packing_available(self.device, torch.bfloat16)
+
     def _quant_config(self) -> QuantizationConfig:
         # oneDNN's packed weights are faster on the CPU; a compiled step keeps its linear layers unpacked (it cannot
         # lower packed ones) and runs the packed experts eagerly.
-        packed = cpu_packing_available(self.device) and self.dtype != torch.float16
+        packed = cpu_packing_available(self.device, self.dtype) and self.dtype != torch.float16
         base = UnquantizedConfig(
             cpu_packed=packed,
             triton_moe=self.device.type == "cuda" and triton_available(),

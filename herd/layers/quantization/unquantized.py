@@ -9,6 +9,8 @@ and experts, packed, run eagerly inside the compiled step as one opaque op each 
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +23,8 @@ from herd.layers.quantization.base import FusedMoEMethodBase, LinearMethodBase, 
 if TYPE_CHECKING:
     from herd.layers.linear import LinearBase
     from herd.layers.moe import FusedMoE
+
+logger = logging.getLogger(__name__)
 
 # Layers left unpacked on the CPU: the vision tower runs large batches, where oneDNN's default layout suits.
 UNPACKED_PREFIXES = ("vision_model.", "multi_modal_projector.")
@@ -62,13 +66,27 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def cpu_packing_available(device: torch.device) -> bool:
+def cpu_packing_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs `dtype` weights on this CPU."""
     return (
         device.type == "cpu"
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and _packs(dtype)
     )
+
+
+@functools.cache
+def _packs(dtype: torch.dtype) -> bool:
+    # oneDNN's bf16 packing needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, which many CPUs lack (AMD before Zen 4,
+    # most laptops): there it raises, and the plain matmul serves instead.
+    try:
+        packed_linear(torch.ones(1, 16, dtype=dtype), pack(torch.ones(16, 16, dtype=dtype)))
+    except RuntimeError as e:
+        logger.info("this CPU's oneDNN does not pack %s weights (%s); using plain matmuls", dtype, str(e).strip())
+        return False
+    return True
 
 
 class CPUPackedLinearMethod(UnquantizedLinearMethod):
