@@ -13,8 +13,10 @@ import collections
 import json
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from demo.data import HELDOUT_COUNTS, TASKS, TRAIN_COUNTS, generate
-from demo.vocab import DEFAULT_PLACE_STYLES
+from demo.vocab import DEFAULT_PLACE_STYLES, TokenPieces
 
 
 def main() -> None:
@@ -45,9 +47,18 @@ def main() -> None:
         help="glue place words from the lowercase pieces of 2-5 letters of this tokenizer.json, drawn evenly "
         "(default: pieces of the pools' words)",
     )
+    parser.add_argument(
+        "--place-tokens",
+        type=Path,
+        help="glue place words from this tokenizer.json's own tokens of up to 5 letters, a capitalized one and one "
+        "or two lowercase ones, kept only when the tokenizer splits the word back into them (so each is copied "
+        "as often as any other); instead of --place-pieces",
+    )
     args = parser.parse_args()
     if not (min(args.place_styles) >= 0 and sum(args.place_styles) <= 1):
         parser.error(f"--place-styles takes two shares that add up to at most 1; got {args.place_styles}")
+    if args.place_pieces and args.place_tokens:
+        parser.error("--place-pieces and --place-tokens are two ways to glue place words; give one")
     if args.made_up_share is not None and not 0 <= args.made_up_share <= 1:
         parser.error(f"--made-up-share is a share between 0 and 1; got {args.made_up_share}")
 
@@ -59,10 +70,12 @@ def main() -> None:
         wanted[task] = int(n)
     args.out.mkdir(parents=True, exist_ok=True)
     train_counts = {task: max(1, round(n * args.scale)) if n else 0 for task, n in wanted.items()}
-    pieces = None
+    pieces: list[str] | TokenPieces | None = None
     if args.place_pieces:
         vocab = json.loads(args.place_pieces.read_text(encoding="utf-8"))["model"]["vocab"]
         pieces = sorted(p for p in vocab if p.isascii() and p.isalpha() and p.islower() and 2 <= len(p) <= 5)
+    if args.place_tokens:
+        pieces = TokenPieces.of(Tokenizer.from_file(str(args.place_tokens)))
     splits = [("train", train_counts, args.made_up_share, tuple(args.place_styles), pieces),
               ("heldout", HELDOUT_COUNTS, None, DEFAULT_PLACE_STYLES, None)]  # fmt: skip
     for split, counts, share, styles, glue in splits:

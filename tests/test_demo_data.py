@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
 
+from herd.demo import MODEL_PATH
 from herd.frontend.chat.llama4 import format_tool_calls
 from herd.frontend.tokenizer import Tokenizer, load_tokenizer
 from herd.frontend.tool_parser import get_tool_parser
@@ -28,7 +30,7 @@ from demo.tools import (
     UNSEEN_CITIES,
     UNSEEN_WEATHER_QUESTIONS,
 )
-from demo.vocab import NAMES, WORDS
+from demo.vocab import NAMES, WORDS, TokenPieces
 
 COUNTS = dict.fromkeys(data.TASKS, 60)
 
@@ -167,6 +169,25 @@ def test_place_styles_set_how_places_are_made_up_and_never_name_an_unseen_city()
     assert {w.lower() for w in glued} == {a + b for a in pieces for b in pieces} | {
         a + b + c for a in pieces for b in pieces for c in pieces
     }  # two or three pieces, each drawn evenly: every combination turns up in 400 places
+
+
+def test_token_pieces_glue_places_from_whole_tokens_of_the_tokenizer() -> None:
+    """--place-tokens: each word splits back into the tokens it was drawn as, a capitalized one first, so the
+    capitalized tokens that start real names ("Port", "Colo") are copied as answers as often as any other."""
+    tokenizer = HFTokenizer.from_file(str(MODEL_PATH / "tokenizer.json"))
+    pieces = TokenPieces.of(tokenizer)
+    assert {"Port", "Colo", "Min", "B"} <= set(pieces.first) and {"land", "gary", "ab"} <= set(pieces.rest)
+    assert not set(pieces.first) & set(pieces.rest)
+    unseen_words = {word for city in UNSEEN_CITIES for word in city.split()}
+    records = data.generate("train", {"tool_everyday": 400}, seed=0, place_styles=(0.0, 1.0), place_pieces=pieces)
+    words = [w for r in records for w in r["messages"][1]["tool_calls"][0]["function"]["arguments"]["location"].split()]
+    firsts = set()
+    for word in words:
+        tokens = tokenizer.encode(word, add_special_tokens=False).tokens
+        assert tokens[0] in pieces.first and 2 <= len(tokens) <= 3 and set(tokens[1:]) <= set(pieces.rest), word
+        firsts.add(tokens[0])
+    assert not set(words) & unseen_words
+    assert len(firsts) > len(words) / 3  # drawn evenly from hundreds, not from a favoured few
 
 
 def test_made_up_share_sets_how_many_arguments_leave_the_pool() -> None:

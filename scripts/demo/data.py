@@ -346,7 +346,7 @@ def generate(
     seed: int = 0,
     made_up_share: float | None = None,
     place_styles: tuple[float, float] = vocab.DEFAULT_PLACE_STYLES,
-    place_pieces: Sequence[str] | None = None,
+    place_pieces: Sequence[str] | vocab.TokenPieces | None = None,
 ) -> list[Record]:
     """counts[task] records of each task that belong to `split`, drawn with `seed`; `made_up_share` of the tool
     arguments made up (None: each argument's own share, see demo.tools); place_styles and place_pieces: how

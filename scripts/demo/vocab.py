@@ -7,7 +7,10 @@ import contextlib
 import contextvars
 import random
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
 
 
 def items(text: str) -> list[str]:
@@ -54,17 +57,42 @@ VOWELS = items("a; e; i; o; u; y; ai; au; ea; ee; ia; io; oo; ou; ua; ei")
 CODAS = items("b; ck; d; g; k; l; ll; m; n; nd; ng; nh; nk; nt; r; rd; rk; s; sh; sk; st; t; tt; x; z")
 
 
+@dataclass(frozen=True)
+class TokenPieces:
+    """A tokenizer's own letter tokens to glue place words from: a capitalized one starts a word, lowercase ones go
+    on, and `split` (the tokenizer's) keeps only words that split back into the tokens they were glued from."""
+
+    first: Sequence[str]
+    rest: Sequence[str]
+    split: Callable[[str], list[str]]
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> TokenPieces:
+        """The tokenizer's tokens of up to five letters that it also gives for themselves alone: capitalized ones
+        to start a word, lowercase ones of two letters or more to go on."""
+
+        def split(word: str) -> list[str]:
+            return tokenizer.encode(word, add_special_tokens=False).tokens
+
+        letters = [t for t in tokenizer.get_vocab() if t.isascii() and t.isalpha() and len(t) <= 5 and split(t) == [t]]
+        first = sorted(t for t in letters if t[0].isupper() and (len(t) == 1 or t[1:].islower()))
+        rest = sorted(t for t in letters if t.islower() and len(t) >= 2)
+        return cls(first, rest, split)
+
+
 # Shares of place words made of random letters and of glued pieces when nothing sets them (the shipped stages' data).
 DEFAULT_PLACE_STYLES = (0.1, 0.0)
 # Those shares, and the pieces (None: of the pools' words).
-_place_styles: contextvars.ContextVar[tuple[float, float, Sequence[str] | None]] = contextvars.ContextVar(
+_place_styles: contextvars.ContextVar[tuple[float, float, Sequence[str] | TokenPieces | None]] = contextvars.ContextVar(
     "place_styles", default=(*DEFAULT_PLACE_STYLES, None)
 )
 _PIECE_WORDS = [word.lower() for word in WORDS + NAMES]
 
 
 @contextlib.contextmanager
-def place_styles(random_letters: float, glued: float, pieces: Sequence[str] | None = None) -> Iterator[None]:
+def place_styles(
+    random_letters: float, glued: float, pieces: Sequence[str] | TokenPieces | None = None
+) -> Iterator[None]:
     """Make that share of place words of random letters, and that share of two or three glued pieces, while
     generating (the default: a tenth of random letters, nothing glued). The pieces are drawn evenly from
     `pieces`, or (None) cut from the pools' words.
@@ -73,6 +101,11 @@ def place_styles(random_letters: float, glued: float, pieces: Sequence[str] | No
     question. Names glued from pieces it knows well ("Malardsun": Mallory, garden, sun) are where such guesses
     are strongest; but a model trained on them learns which pieces such names use and guesses those ("Auckland"
     -> "Auckpl"). Pieces drawn evenly from the tokenizer's own leave nothing to guess, only to copy.
+
+    Glued lowercase pieces still split into other tokens once glued ("auck" + "land" is "au", "ck", "land"), and
+    capitalized tokens ("Port", "Colo") start almost none of them: a model seeing a token a few times as an
+    answer cannot copy it ("Portland" -> "Sever"). TokenPieces words are made of the tokens they were drawn as,
+    so every letter token of the tokenizer is copied as often as any other.
     """
     token = _place_styles.set((random_letters, glued, pieces))
     try:
@@ -93,11 +126,20 @@ def _place_word(rng: random.Random) -> str:
     draw = rng.random()
     if draw < letters:  # no structure at all: only copying gets these right
         return "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))).capitalize()
+    if draw < letters + glued and isinstance(pieces, TokenPieces):
+        return _token_word(rng, pieces)
     if draw < letters + glued:
         parts = rng.randint(2, 3)
         return "".join(rng.choice(pieces) if pieces else _word_piece(rng) for _ in range(parts)).capitalize()
     parts = rng.choices((1, 2, 3), weights=(3, 5, 2))[0]
     return "".join(_syllable(rng) for _ in range(parts)).capitalize()
+
+
+def _token_word(rng: random.Random, pieces: TokenPieces) -> str:
+    while True:
+        drawn = [rng.choice(pieces.first), *rng.choices(pieces.rest, k=rng.randint(1, 2))]
+        if pieces.split("".join(drawn)) == drawn:
+            return "".join(drawn)
 
 
 def _syllable(rng: random.Random) -> str:
