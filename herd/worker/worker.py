@@ -61,8 +61,8 @@ class Worker:
         self.device = config.device.torch_device
         self.dtype = resolve_dtype(config.load.dtype, config.model)
         if config.load.dtype == "auto" and self.dtype == torch.bfloat16 and not self._cpu_computes_bf16():
-            # Without AVX-512 or AVX-NE-CONVERT, oneDNN emulates bf16: a prefill's matmuls ran ~8x slower than
-            # fp32 (AMD EPYC, Zen 2/3). `--dtype bfloat16` keeps the checkpoint's dtype anyway.
+            # Without AVX-512 or AVX-NE-CONVERT, oneDNN emulates bf16: matmuls of 16-128 rows ran 5-10x slower
+            # than fp32, the demo model's batch 5x (benchmarks/RESULTS.md). `--dtype bfloat16` keeps bf16 anyway.
             logger.info("worker %d: this CPU computes bfloat16 slowly; serving in float32 (--dtype auto)", rank)
             self.dtype = torch.float32
         compile_decode = config.device.enable_torch_compile
