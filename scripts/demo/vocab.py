@@ -102,9 +102,9 @@ def place_styles(
     are strongest; but a model trained on them learns which pieces such names use and guesses those ("Auckland"
     -> "Auckpl"). Pieces drawn evenly from the tokenizer's own leave nothing to guess, only to copy.
 
-    Glued lowercase pieces still split into other tokens once glued ("auck" + "land" is "au", "ck", "land"), and
-    capitalized tokens ("Port", "Colo") start almost none of them: a model seeing a token a few times as an
-    answer cannot copy it ("Portland" -> "Sever"). TokenPieces words are made of the tokens they were drawn as,
+    Glued lowercase pieces still split into other tokens once glued and capitalized ("bel" + "gar" is "B", "el",
+    "gar"), so capitalized tokens ("Port", "Colo") start almost none of them: a model seeing a token a few times
+    as an answer cannot copy it ("Portland" -> "Sever"). TokenPieces words are made of the tokens they were drawn as,
     so every letter token of the tokenizer is copied as often as any other.
     """
     token = _place_styles.set((random_letters, glued, pieces))
