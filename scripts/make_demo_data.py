@@ -72,7 +72,7 @@ def main() -> None:
     train_counts = {task: max(1, round(n * args.scale)) if n else 0 for task, n in wanted.items()}
     pieces: list[str] | TokenPieces | None = None
     if args.place_pieces:
-        vocab = json.loads(args.place_pieces.read_text(encoding="utf-8"))["model"]["vocab"]
+        vocab = Tokenizer.from_file(str(args.place_pieces)).get_vocab()
         pieces = sorted(p for p in vocab if p.isascii() and p.isalpha() and p.islower() and 2 <= len(p) <= 5)
     if args.place_tokens:
         pieces = TokenPieces.of(Tokenizer.from_file(str(args.place_tokens)))
