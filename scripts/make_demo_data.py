@@ -16,7 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from demo.data import HELDOUT_COUNTS, TASKS, TRAIN_COUNTS, generate
-from demo.vocab import DEFAULT_PLACE_STYLES, TokenPieces
+from demo.vocab import DEFAULT_PLACE_STYLES, DEFAULT_TWO_WORD_PLACES, TokenPieces
 
 
 def main() -> None:
@@ -54,11 +54,21 @@ def main() -> None:
         "or two lowercase ones, kept only when the tokenizer splits the word back into them (so each is copied "
         "as often as any other); instead of --place-pieces",
     )
+    parser.add_argument(
+        "--two-word-places",
+        type=float,
+        default=DEFAULT_TWO_WORD_PLACES,
+        metavar="SHARE",
+        help=f"share of the training split's made-up places of two words (default: {DEFAULT_TWO_WORD_PLACES}); "
+        "the held-out split always uses the default",
+    )
     args = parser.parse_args()
     if not (min(args.place_styles) >= 0 and sum(args.place_styles) <= 1):
         parser.error(f"--place-styles takes two shares that add up to at most 1; got {args.place_styles}")
     if args.place_pieces and args.place_tokens:
         parser.error("--place-pieces and --place-tokens are two ways to glue place words; give one")
+    if not 0 <= args.two_word_places <= 1:
+        parser.error(f"--two-word-places is a share between 0 and 1; got {args.two_word_places}")
     if args.made_up_share is not None and not 0 <= args.made_up_share <= 1:
         parser.error(f"--made-up-share is a share between 0 and 1; got {args.made_up_share}")
 
@@ -76,10 +86,18 @@ def main() -> None:
         pieces = sorted(p for p in vocab if p.isascii() and p.isalpha() and p.islower() and 2 <= len(p) <= 5)
     if args.place_tokens:
         pieces = TokenPieces.of(Tokenizer.from_file(str(args.place_tokens)))
-    splits = [("train", train_counts, args.made_up_share, tuple(args.place_styles), pieces),
-              ("heldout", HELDOUT_COUNTS, None, DEFAULT_PLACE_STYLES, None)]  # fmt: skip
-    for split, counts, share, styles, glue in splits:
-        records = generate(split, counts, seed=args.seed, made_up_share=share, place_styles=styles, place_pieces=glue)
+    splits = [("train", train_counts, args.made_up_share, tuple(args.place_styles), pieces, args.two_word_places),
+              ("heldout", HELDOUT_COUNTS, None, DEFAULT_PLACE_STYLES, None, DEFAULT_TWO_WORD_PLACES)]  # fmt: skip
+    for split, counts, share, styles, glue, two_words in splits:
+        records = generate(
+            split,
+            counts,
+            seed=args.seed,
+            made_up_share=share,
+            place_styles=styles,
+            place_pieces=glue,
+            two_word_places=two_words,
+        )
         path = args.out / f"{split}.jsonl"
         with path.open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -190,6 +190,16 @@ def test_token_pieces_glue_places_from_whole_tokens_of_the_tokenizer() -> None:
     assert len(firsts) > len(words) / 3  # drawn evenly from hundreds, not from a favoured few
 
 
+def test_two_word_places_sets_the_share_of_made_up_places_of_two_words() -> None:
+    def words_per_place(two_words: float) -> set[int]:
+        records = data.generate("train", {"tool_everyday": 300}, seed=0, made_up_share=1.0, two_word_places=two_words)
+        return {len(r["messages"][1]["tool_calls"][0]["function"]["arguments"]["location"].split()) for r in records}
+
+    assert words_per_place(0.0) == {1}
+    assert words_per_place(0.15) == {1, 2}
+    assert words_per_place(1.0) == {2}
+
+
 def test_made_up_share_sets_how_many_arguments_leave_the_pool() -> None:
     before = data.generate("train", {"tool_call": 50}, seed=1)
 

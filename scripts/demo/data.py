@@ -347,12 +347,13 @@ def generate(
     made_up_share: float | None = None,
     place_styles: tuple[float, float] = vocab.DEFAULT_PLACE_STYLES,
     place_pieces: Sequence[str] | vocab.TokenPieces | None = None,
+    two_word_places: float = vocab.DEFAULT_TWO_WORD_PLACES,
 ) -> list[Record]:
     """counts[task] records of each task that belong to `split`, drawn with `seed`; `made_up_share` of the tool
-    arguments made up (None: each argument's own share, see demo.tools); place_styles and place_pieces: how
-    made-up places are spelled (see demo.vocab.place_styles)."""
+    arguments made up (None: each argument's own share, see demo.tools); place_styles, place_pieces and
+    two_word_places: how made-up places are spelled (see demo.vocab.place_styles)."""
     records = []
-    with tools.made_up_share(made_up_share), vocab.place_styles(*place_styles, place_pieces):
+    with tools.made_up_share(made_up_share), vocab.place_styles(*place_styles, place_pieces, two_word_places):
         for task in TASKS:
             if counts.get(task):
                 rng = random.Random(f"{seed}|{split}|{task}")  # per task, so changing one count moves no other task

@@ -82,16 +82,21 @@ class TokenPieces:
 
 # Shares of place words made of random letters and of glued pieces when nothing sets them (the shipped stages' data).
 DEFAULT_PLACE_STYLES = (0.1, 0.0)
-# Those shares, and the pieces (None: of the pools' words).
-_place_styles: contextvars.ContextVar[tuple[float, float, Sequence[str] | TokenPieces | None]] = contextvars.ContextVar(
-    "place_styles", default=(*DEFAULT_PLACE_STYLES, None)
+# Share of made-up places of two words ("Phuong Darik") when nothing sets it.
+DEFAULT_TWO_WORD_PLACES = 0.15
+# Those shares, the pieces (None: of the pools' words) and the share of two-word places.
+_place_styles: contextvars.ContextVar[tuple[float, float, Sequence[str] | TokenPieces | None, float]] = (
+    contextvars.ContextVar("place_styles", default=(*DEFAULT_PLACE_STYLES, None, DEFAULT_TWO_WORD_PLACES))
 )
 _PIECE_WORDS = [word.lower() for word in WORDS + NAMES]
 
 
 @contextlib.contextmanager
 def place_styles(
-    random_letters: float, glued: float, pieces: Sequence[str] | TokenPieces | None = None
+    random_letters: float,
+    glued: float,
+    pieces: Sequence[str] | TokenPieces | None = None,
+    two_words: float = DEFAULT_TWO_WORD_PLACES,
 ) -> Iterator[None]:
     """Make that share of place words of random letters, and that share of two or three glued pieces, while
     generating (the default: a tenth of random letters, nothing glued). The pieces are drawn evenly from
@@ -106,8 +111,11 @@ def place_styles(
     "gar"), so capitalized tokens ("Port", "Colo") start almost none of them: a model seeing a token a few times
     as an answer cannot copy it ("Portland" -> "Sever"). TokenPieces words are made of the tokens they were drawn as,
     so every letter token of the tokenizer is copied as often as any other.
+
+    `two_words` is the share of places of two words. A model that has seen many after words of up to three tokens
+    guesses a second word after a longer one ("Fukuoka Coco").
     """
-    token = _place_styles.set((random_letters, glued, pieces))
+    token = _place_styles.set((random_letters, glued, pieces, two_words))
     try:
         yield
     finally:
@@ -122,7 +130,7 @@ def _word_piece(rng: random.Random) -> str:
 
 
 def _place_word(rng: random.Random) -> str:
-    letters, glued, pieces = _place_styles.get()
+    letters, glued, pieces, _ = _place_styles.get()
     draw = rng.random()
     if draw < letters:  # no structure at all: only copying gets these right
         return "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))).capitalize()
@@ -149,7 +157,8 @@ def _syllable(rng: random.Random) -> str:
 def place_name(rng: random.Random, avoid: frozenset[str] = frozenset()) -> str:
     """A made-up place of one word or, now and then, two ("Tbesk", "Phuong Darik"), no word of it in `avoid`."""
     while True:
-        words = [_place_word(rng) for _ in range(1 if rng.random() < 0.85 else 2)]
+        two_words = _place_styles.get()[3]
+        words = [_place_word(rng) for _ in range(1 if rng.random() < 1 - two_words else 2)]
         name = " ".join(words)
         if len(name) > 2 and not avoid.intersection(words):
             return name
