@@ -27,6 +27,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=MODEL_PATH, help="model folder (default: the packaged one)")
     parser.add_argument("--data", type=Path, default=Path("/tmp/herd-demo/data"), help="folder with heldout.jsonl")
     parser.add_argument("--backend", choices=["transformers", "herd"], default="transformers")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="herd's --dtype (auto: the model's, but float32 on a CPU that cannot pack bfloat16); transformers "
+        "always runs float32",
+    )
     parser.add_argument("--tasks", nargs="*", help="only these tasks (default: all)")
     parser.add_argument("--limit", type=int, default=None, help="records per task")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -44,8 +51,10 @@ def main() -> None:
             per_task[record["task"]] += 1
             records.append(record)
     prompts = [prompt_of(r) for r in records]
-    generate = generate_transformers if args.backend == "transformers" else generate_herd
-    answers = generate(args.model, prompts, args.max_new_tokens)
+    if args.backend == "transformers":
+        answers = generate_transformers(args.model, prompts, args.max_new_tokens)
+    else:
+        answers = generate_herd(args.model, prompts, args.max_new_tokens, dtype=args.dtype)
     if args.output:
         with args.output.open("w", encoding="utf-8") as f:
             for record, answer in zip(records, answers, strict=True):
@@ -57,7 +66,8 @@ def main() -> None:
             shown[record["task"]] += 1
             expected = record["messages"][-1].get("content") or record["messages"][-1].get("tool_calls")
             print(f"[{record['task']}] {prompt_of(record).text[-120:]!r}\n  got {answer!r}\n  want {expected!r}")
-    print(f"backend: {args.backend}, model: {args.model}")
+    dtype = "float32" if args.backend == "transformers" else args.dtype
+    print(f"backend: {args.backend}, dtype: {dtype}, model: {args.model}")
     print(format_table(evaluate(records, answers)))
 
 
