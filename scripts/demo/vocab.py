@@ -112,8 +112,8 @@ def place_styles(
     as an answer cannot copy it ("Portland" -> "Sever"). TokenPieces words are made of the tokens they were drawn as,
     so every letter token of the tokenizer is copied as often as any other.
 
-    `two_words` is the share of places of two words. A model that has seen many after words of up to three tokens
-    guesses a second word after a longer one ("Fukuoka Coco").
+    `two_words` is the share of places of two words. Glued words are of up to three tokens, so a model that saw
+    many two-word places guesses a second word after a longer city ("Fukuoka Coco").
     """
     token = _place_styles.set((random_letters, glued, pieces, two_words))
     try:
@@ -156,8 +156,8 @@ def _syllable(rng: random.Random) -> str:
 
 def place_name(rng: random.Random, avoid: frozenset[str] = frozenset()) -> str:
     """A made-up place of one word or, now and then, two ("Tbesk", "Phuong Darik"), no word of it in `avoid`."""
+    two_words = _place_styles.get()[3]
     while True:
-        two_words = _place_styles.get()[3]
         words = [_place_word(rng) for _ in range(1 if rng.random() < 1 - two_words else 2)]
         name = " ".join(words)
         if len(name) > 2 and not avoid.intersection(words):
