@@ -144,7 +144,7 @@ class Worker:
     def _quant_config(self) -> QuantizationConfig:
         # oneDNN's packed weights are faster on the CPU; a compiled step keeps its linear layers unpacked (it cannot
         # lower packed ones) and runs the packed experts eagerly.
-        packed = cpu_packing_available(self.device, self.dtype) and self.dtype != torch.float16
+        packed = self.dtype != torch.float16 and cpu_packing_available(self.device, self.dtype)
         base = UnquantizedConfig(
             cpu_packed=packed,
             triton_moe=self.device.type == "cuda" and triton_available(),
