@@ -84,10 +84,18 @@ class TokenPieces:
 DEFAULT_PLACE_STYLES = (0.1, 0.0)
 # Share of made-up places of two words ("Phuong Darik") when nothing sets it.
 DEFAULT_TWO_WORD_PLACES = 0.15
-# Those shares, the pieces (None: of the pools' words) and the share of two-word places.
-_place_styles: contextvars.ContextVar[tuple[float, float, Sequence[str] | TokenPieces | None, float]] = (
-    contextvars.ContextVar("place_styles", default=(*DEFAULT_PLACE_STYLES, None, DEFAULT_TWO_WORD_PLACES))
-)
+
+
+@dataclass(frozen=True)
+class _PlaceStyles:
+    random_letters: float
+    glued: float
+    pieces: Sequence[str] | TokenPieces | None  # None: cut from the pools' words
+    two_words: float
+
+
+_DEFAULT_STYLES = _PlaceStyles(*DEFAULT_PLACE_STYLES, None, DEFAULT_TWO_WORD_PLACES)  # frozen: safe to share
+_place_styles: contextvars.ContextVar[_PlaceStyles] = contextvars.ContextVar("place_styles", default=_DEFAULT_STYLES)
 _PIECE_WORDS = [word.lower() for word in WORDS + NAMES]
 
 
@@ -115,7 +123,7 @@ def place_styles(
     `two_words` is the share of places of two words. Glued words are of up to three tokens, so a model that saw
     many two-word places guesses a second word after a longer city ("Fukuoka Coco").
     """
-    token = _place_styles.set((random_letters, glued, pieces, two_words))
+    token = _place_styles.set(_PlaceStyles(random_letters, glued, pieces, two_words))
     try:
         yield
     finally:
@@ -130,7 +138,8 @@ def _word_piece(rng: random.Random) -> str:
 
 
 def _place_word(rng: random.Random) -> str:
-    letters, glued, pieces, _ = _place_styles.get()
+    styles = _place_styles.get()
+    letters, glued, pieces = styles.random_letters, styles.glued, styles.pieces
     draw = rng.random()
     if draw < letters:  # no structure at all: only copying gets these right
         return "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))).capitalize()
@@ -156,7 +165,7 @@ def _syllable(rng: random.Random) -> str:
 
 def place_name(rng: random.Random, avoid: frozenset[str] = frozenset()) -> str:
     """A made-up place of one word or, now and then, two ("Tbesk", "Phuong Darik"), no word of it in `avoid`."""
-    two_words = _place_styles.get()[3]
+    two_words = _place_styles.get().two_words
     while True:
         words = [_place_word(rng) for _ in range(1 if rng.random() < 1 - two_words else 2)]
         name = " ".join(words)
